@@ -1,0 +1,38 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+DEMO_DATA      ?= data/demo
+DEMO_IDS       ?= 1000
+DEMO_IMAGES    ?= 20
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch is pinned in pyproject.toml; installing it in the same pip call keeps any other
+# package from pulling a different (multi-GB) build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+$(DEMO_DATA)/val.bin: | $(STAMP)
+	$(VENV)/bin/facetrain synth --identities $(DEMO_IDS) --images-per-id $(DEMO_IMAGES) \
+	    --val-identities 200 --val-pairs 3000 --out $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)/val.bin
+	$(VENV)/bin/facetrain train configs/demo_cpu.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf output data/demo

@@ -1,0 +1,203 @@
+"""``facetrain``: the command-line entry point.
+
+Subcommands: train, synth, pack, eval, export. ``train`` validates the config and the pack
+before any process starts; when it is not already running under a launcher (torchrun, the
+DeepSpeed launcher, srun) and more than one process is asked for, it starts torchrun itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher import env as launch_env
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optimizer.lr=0.05 (repeatable)",
+    )
+    p.add_argument("--nproc", type=int, default=None, help="processes on this node (dist.nproc)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate, print the resolved plan and exit"
+    )
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="generate a synthetic identity dataset (pack + val.bin)")
+    p.add_argument("--identities", type=int, required=True, help="training identities")
+    p.add_argument("--images-per-id", type=int, required=True, help="images per identity")
+    p.add_argument("--val-identities", type=int, default=200, help="held-out identities")
+    p.add_argument("--val-images-per-id", type=int, default=10)
+    p.add_argument("--val-pairs", type=int, default=3000, help="verification pairs (even)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", required=True, help="output folder (train/ and val.bin)")
+
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="pack an image folder (a folder per identity) as RecordIO")
+    p.add_argument("image_dir", help="folder of identity folders, or a list file 'path label'")
+    p.add_argument("--out", required=True, help="output folder (train.rec, train.idx, property)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle images within identities")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="k-fold verification of a checkpoint or ONNX model")
+    p.add_argument("model", help="checkpoint (step-N folder or run folder) or .onnx file")
+    p.add_argument("--bin", nargs="+", required=True, help="insightface .bin verification sets")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--nfolds", type=int, default=10)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint's backbone to ONNX (parity-checked)")
+    p.add_argument("checkpoint", help="step-N folder or run folder")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facetrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_synth, _add_pack, _add_eval, _add_export):
+        add(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------------ train
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import dump_config, load_config
+    from trainer.loop import read_pack_facts
+
+    overrides = list(args.overrides)
+    if args.nproc is not None:
+        overrides.append(f"dist.nproc={args.nproc}")
+    config = load_config(args.config, overrides)  # fails here, before any process starts
+    facts = read_pack_facts(config)
+    if args.dry_run:
+        print(dump_config(config))
+        print(f"pack: {facts.num_classes} classes, {facts.num_images} images, {facts.image_size}")
+        return 0
+    if launch_env.under_launcher() or config.dist.nproc == 1:
+        from launcher.worker import run_worker
+
+        run_worker(config)
+        return 0
+    return _spawn_torchrun(args.config, overrides, config.dist.nproc)
+
+
+def _spawn_torchrun(config_path: str, overrides: list[str], nproc: int) -> int:
+    """Start ``nproc`` workers on this node under torchrun's elastic agent."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "launcher.worker",
+        config_path,
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    print(f"facetrain: starting {nproc} processes under torchrun", flush=True)
+    return subprocess.call(cmd)
+
+
+# ------------------------------------------------------------------------------- data tools
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dataio.synth import write_synthetic_dataset
+
+    info = write_synthetic_dataset(
+        args.out,
+        identities=args.identities,
+        images_per_id=args.images_per_id,
+        val_identities=args.val_identities,
+        val_images_per_id=args.val_images_per_id,
+        val_pairs=args.val_pairs,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    print(
+        f"synth: {info.num_images} images of {info.num_classes} identities -> {info.train_dir}; "
+        f"{info.num_val_pairs} held-out pairs -> {info.val_path}"
+    )
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from dataio.pack import pack_image_folder
+
+    info = pack_image_folder(
+        args.image_dir, args.out, shuffle=args.shuffle, seed=args.seed, workers=args.workers
+    )
+    print(
+        f"pack: {info.num_images} images of {info.num_classes} identities, "
+        f"{info.image_size[0]}x{info.image_size[1]} -> {info.out_dir}"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval/export
+def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.tools import evaluate_model
+
+    results = evaluate_model(args.model, args.bin, args.batch_size, args.nfolds)
+    print(f"{'set':<20} {'accuracy':>18} {'threshold':>10} {'VAL@FAR=1e-3':>13}")
+    for name, r in results.items():
+        acc = f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f}"
+        print(f"{name:<20} {acc:>18} {r['best_threshold']:>10.3f} {r['val_mean']:>13.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.tools import export_checkpoint
+
+    res = export_checkpoint(args.checkpoint, args.out, args.opset, args.tolerance)
+    print(
+        f"export: {res.path} (opset {res.opset}), max |onnxruntime - torch| = {res.max_abs_diff:.2e}"
+    )
+    return 0
+
+
+_COMMANDS = {
+    "train": cmd_train,
+    "synth": cmd_synth,
+    "pack": cmd_pack,
+    "eval": cmd_eval,
+    "export": cmd_export,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dataio.pack import PackError
+    from trainer.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, PackError, FileNotFoundError) as exc:
+        print(f"facetrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The one place that reads the process environment: torchrun, DeepSpeed launcher or Slurm.
+
+``dist_context_from_env`` turns the variables a launcher sets into a DistContext; every other
+package gets its rank, world size and device from that object.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from trainer.context import DistContext
+
+# (rank, world size, local rank, local world size) under each launcher, in order of preference.
+_LAUNCHER_VARS = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),  # torchrun, deepspeed
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),  # srun
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPI
+)
+
+
+class LaunchError(RuntimeError):
+    """The environment does not describe a consistent distributed job."""
+
+
+def under_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """True when a launcher (torchrun, deepspeed, srun with tasks) started this process."""
+    env = os.environ if environ is None else environ
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None:
+        if default is None:
+            raise LaunchError(f"environment variable {name} is not set")
+        return default
+    try:
+        # SLURM_NTASKS_PER_NODE may look like "2(x3)"; the count is the leading number.
+        return int(raw.split("(")[0])
+    except ValueError as exc:
+        raise LaunchError(f"environment variable {name}={raw!r} is not an integer") from exc
+
+
+def resolve_device(kind: str, local_rank: int) -> torch.device:
+    """ "auto" -> cuda:<local_rank> when CUDA is available, else cpu."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchError("dist.device is cuda but torch.cuda.is_available() is False")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def dist_context_from_env(
+    device: str = "auto", backend: str = "auto", environ: Mapping[str, str] | None = None
+) -> DistContext:
+    """Build this process's DistContext from the launcher's environment variables.
+
+    Without any launcher variables the process is a single rank with no process group.
+    """
+    env = os.environ if environ is None else environ
+    names = next((n for n in _LAUNCHER_VARS if n[0] in env and n[1] in env), None)
+    if names is None:
+        dev = resolve_device(device, 0)
+        return DistContext(0, 1, 0, 1, dev, "none")
+    rank, world = _int(env, names[0]), _int(env, names[1])
+    local_rank = _int(env, names[2], default=0)
+    local_world = _int(env, names[3], default=1)
+    dev = resolve_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    return DistContext(rank, world, local_rank, local_world, dev, backend)
+
+
+def init_process_group(ctx: DistContext, timeout_s: float = 1800.0) -> None:
+    """Join the job's process group (MASTER_ADDR/MASTER_PORT come from the launcher)."""
+    if not ctx.distributed or dist.is_initialized():
+        return
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    dist.init_process_group(
+        backend=ctx.backend,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

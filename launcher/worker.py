@@ -1,0 +1,80 @@
+"""One training process: environment -> DistContext -> process group -> Trainer.
+
+Run by ``facetrain train`` directly (one process) or as ``python -m launcher.worker CONFIG``
+by torchrun / srun for each rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from launcher import env as launch_env
+from trainer.config import Config, load_config
+from trainer.loop import Trainer
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The demo's closing report: what training bought, and where the artifacts are."""
+    lines = ["", "=" * 72, "facetrain summary", "=" * 72]
+    d = summary.get("derived", {})
+    t = summary.get("train", {})
+    world = max(d.get("world_size", 1), 1)
+    lines.append(
+        f"data      : {d.get('num_images')} images, {d.get('num_classes')} classes; "
+        f"{world} ranks x batch {d.get('global_batch_size', 0) // world}"
+    )
+    lines.append(
+        f"training  : {t.get('steps')} steps in {t.get('seconds')} s "
+        f"({t.get('samples_per_sec')} samples/s), final loss {t.get('final_loss')}"
+    )
+    before = summary.get("eval_before", {})
+    after = summary.get("eval_after", {})
+    baseline = summary.get("pixel_baseline", {})
+    for name, res in after.items():
+        lines.append(f"verification on held-out '{name}' (10-fold accuracy):")
+        if name in baseline:
+            lines.append(f"  raw-pixel cosine baseline : {100 * baseline[name]:6.2f}%")
+        if name in before:
+            lines.append(f"  before training (random)  : {100 * before[name]['accuracy']:6.2f}%")
+        lines.append(
+            f"  after training            : {100 * res['accuracy']:6.2f}% "
+            f"+- {100 * res['accuracy_std']:.2f}   (VAL@FAR=1e-3 {res['val_at_far_1e-3']:.4f})"
+        )
+    onnx = summary.get("onnx")
+    if onnx:
+        lines.append(
+            f"onnx      : {onnx['path']} (opset {onnx['opset']}), "
+            f"max |onnxruntime - torch| = {onnx['max_abs_diff']:.2e}"
+        )
+    lines.append(f"checkpoint: {summary.get('checkpoint')}")
+    lines.append(f"wandb run : {summary.get('wandb_run')}")
+    lines.append("=" * 72)
+    return "\n".join(lines)
+
+
+def run_worker(config: Config) -> dict[str, Any]:
+    """Train on this process's rank; rank 0 prints the summary."""
+    ctx = launch_env.dist_context_from_env(config.dist.device, config.dist.backend)
+    launch_env.init_process_group(ctx)
+    try:
+        summary = Trainer(config, ctx).fit()
+        if ctx.is_main:
+            print(format_summary(summary), flush=True)
+        return summary
+    finally:
+        launch_env.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launcher.worker")
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    run_worker(load_config(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Collectives used by Partial FC, safe to call without a process group.
+
+Every function here degrades to an identity (or a no-op) when ``torch.distributed`` is not
+available, not initialised, or the group has a single rank. That lets single-process training
+and unit tests run the exact same code path as a multi-rank job.
+
+Batch sizes may differ between ranks (the last batch of an epoch, uneven sharding), so the
+gathers first exchange the per-rank sizes, pad every rank's tensor to the largest size (the
+gloo and NCCL ``all_gather`` need equal shapes) and trim the padding afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_no_grad",
+    "all_gather_with_grad",
+    "all_reduce_inplace",
+    "get_rank",
+    "get_world_size",
+]
+
+ProcessGroup = Any  # torch's ProcessGroup type; kept loose so None (the default group) fits.
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size(group: ProcessGroup | None = None) -> int:
+    """World size of ``group``, or 1 when there is no initialised process group."""
+    if not _dist_ready():
+        return 1
+    return dist.get_world_size(group)
+
+
+def get_rank(group: ProcessGroup | None = None) -> int:
+    """Rank of this process in ``group``, or 0 when there is no initialised process group."""
+    if not _dist_ready():
+        return 0
+    return dist.get_rank(group)
+
+
+def all_reduce_inplace(
+    tensor: torch.Tensor, op: str = "sum", group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """All-reduce ``tensor`` in place with ``op`` in {"sum", "max"}; a no-op for one rank.
+
+    Not differentiable: use it on detached tensors only (softmax statistics, metrics).
+    Returns ``tensor`` for chaining.
+    """
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    if get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=ops[op], group=group)
+    return tensor
+
+
+def _gather_sizes(tensor: torch.Tensor, group: ProcessGroup | None, world: int) -> list[int]:
+    """Dim-0 size of ``tensor`` on every rank of ``group``, in rank order."""
+    local = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=group)
+    return [int(s.item()) for s in sizes]
+
+
+def _gather_padded(
+    tensor: torch.Tensor, group: ProcessGroup | None, world: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate ``tensor`` [B_r, ...] of all ranks along dim 0 -> ([sum B_r, ...], sizes)."""
+    sizes = _gather_sizes(tensor, group, world)
+    max_size = max(sizes)
+    tensor = tensor.contiguous()
+    if tensor.shape[0] < max_size:
+        pad = tensor.new_zeros((max_size - tensor.shape[0], *tensor.shape[1:]))
+        padded = torch.cat([tensor, pad], dim=0)  # [max B_r, ...]
+    else:
+        padded = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    out = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)  # [sum B_r, ...]
+    return out, sizes
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Autograd wrapper around the variable-size all-gather; see ``all_gather_with_grad``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, tensor: torch.Tensor, group: ProcessGroup | None, ddp_scale: bool
+    ) -> torch.Tensor:
+        world = get_world_size(group)
+        out, sizes = _gather_padded(tensor, group, world)
+        rank = get_rank(group)
+        ctx.group = group
+        ctx.offset = sum(sizes[:rank])
+        ctx.size = sizes[rank]
+        ctx.scale = float(world) if ddp_scale else 1.0
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        # Each rank's loss only covers its own shard of the classifier, so the gradient wrt the
+        # gathered batch is the SUM of every rank's partial gradient. Clone: the incoming
+        # gradient buffer may be shared with other graph branches and must not be modified.
+        grad = grad_output.contiguous().clone()  # [sum B_r, ...]
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        local = grad[ctx.offset : ctx.offset + ctx.size]  # [B_r, ...]
+        if ctx.scale != 1.0:
+            local = local * ctx.scale
+        return local, None, None
+
+
+def all_gather_with_grad(
+    tensor: torch.Tensor, group: ProcessGroup | None = None, ddp_scale: bool = True
+) -> torch.Tensor:
+    """Gather ``tensor`` [B_r, ...] from all ranks into [sum_r B_r, ...], differentiably.
+
+    Rows come in rank order, so rank r's rows start at ``sum(B_0..B_{r-1})``. Ranks may hold
+    different ``B_r``.
+
+    Backward all-reduces (SUM) the incoming gradient over ranks and returns this rank's rows:
+    every rank computes the same global loss ``L`` but only through its own classifier shard,
+    so the true ``dL/de_r`` is the sum of all ranks' partial gradients.
+
+    ``ddp_scale=True`` multiplies that gradient by ``world_size``. DDP *averages* backbone
+    gradients over ranks, i.e. divides the sum by ``world_size``; the sum over ranks of
+    ``world_size * dL/de_r * de_r/dtheta`` divided by ``world_size`` is exactly ``dL/dtheta``,
+    the gradient of the global mean loss. Use ``ddp_scale=False`` when the backbone gradients
+    are summed instead of averaged (or for testing the raw gradient).
+
+    Identity (and plain autograd pass-through) with one rank or no process group.
+    """
+    world = get_world_size(group)
+    if world == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor, group, ddp_scale)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Gather ``tensor`` [B_r, ...] from all ranks into [sum_r B_r, ...] without autograd.
+
+    Meant for labels and other integer / detached data; ranks may hold different ``B_r``.
+    Identity with one rank or no process group.
+    """
+    world = get_world_size(group)
+    if world == 1:
+        return tensor
+    with torch.no_grad():
+        out, _ = _gather_padded(tensor.detach(), group, world)
+    return out

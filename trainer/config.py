@@ -1,0 +1,243 @@
+"""Typed run configuration: YAML file + ``--set a.b=value`` overrides, validated up front.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelled key or a value of
+the wrong type fails when the config is loaded -- before any process starts -- with a message
+naming the file and the dotted key. Facts the dataset knows (number of classes and images,
+image size) are not configured: the trainer reads them from the pack and, where the config
+states them anyway, checks that they agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    """Run name: the wandb run name and the folder under ``output_dir``."""
+    output_dir: str = "output"
+    """Root folder for runs; the run writes to ``output_dir/name``."""
+    seed: int = 0
+    """Seed of model init, classifier sampling, data order and augmentation."""
+
+
+class DataConfig(_Section):
+    train: str
+    """Folder of the training pack (train.rec, train.idx, property)."""
+    val: list[str] = Field(default_factory=list)
+    """Verification sets (insightface .bin) evaluated during and after training."""
+    loader: Literal["torch"] = "torch"
+    """Training data loader."""
+    workers: int = Field(1, ge=0)
+    """Decoding worker processes per rank (0 decodes in the training process)."""
+    flip: bool = True
+    """Random horizontal flip of training images."""
+    num_classes: int | None = Field(None, ge=1)
+    """Optional: the number of classes you expect. Read from the pack; if set, must agree."""
+    num_images: int | None = Field(None, ge=1)
+    """Optional: the number of images you expect. Read from the pack; if set, must agree."""
+
+
+class ModelConfig(_Section):
+    backbone: str = "iresnet50"
+    """Registered backbone name (see ``backbones.list_backbones()``)."""
+    embedding_size: int = Field(512, ge=2)
+    """Dimension of the face embedding."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments of the backbone builder (e.g. dropout, widths)."""
+
+
+class PartialFCConfig(_Section):
+    margin: str = "arcface"
+    """Margin head name (arcface, cosface, combined, normface)."""
+    margin_kwargs: dict[str, float] = Field(default_factory=dict)
+    """Margin parameters overriding the head's defaults (s, m1, m2, m3)."""
+    sample_rate: float = Field(1.0, gt=0.0, le=1.0)
+    """Fraction of each shard's class centres used per step (positives always kept)."""
+    init_std: float = Field(0.01, gt=0.0)
+    """Standard deviation of the normal init of the class centres."""
+    lr: float | None = Field(None, gt=0.0)
+    """Classifier learning rate; defaults to optimizer.lr."""
+    weight_decay: float | None = Field(None, ge=0.0)
+    """Classifier weight decay; defaults to optimizer.weight_decay."""
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    """Peak learning rate (after warmup), for the global batch."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum."""
+    weight_decay: float = Field(5e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+
+class ScheduleConfig(_Section):
+    kind: Literal["polynomial", "cosine", "constant"] = "polynomial"
+    """Decay after warmup: polynomial (power below) to 0, cosine to 0, or constant."""
+    power: float = Field(2.0, gt=0.0)
+    """Exponent of the polynomial decay (1 = linear)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 over this many optimizer steps."""
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    """Images per rank per step."""
+    epochs: float = Field(20.0, gt=0.0)
+    """Length of the run in epochs (fractions allowed); the step count is derived."""
+    max_steps: int | None = Field(None, ge=1)
+    """If set, stop after this many steps (overrides epochs)."""
+    log_every: int = Field(10, ge=1)
+    """Steps between metric logs."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between evaluations on data.val (0: only before and after training)."""
+    eval_at_start: bool = True
+    """Evaluate the untrained model, to show what training bought."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many step-N checkpoints to keep."""
+    threads_per_process: int = Field(1, ge=1)
+    """torch intra-op threads per process on CPU."""
+    progress: bool = True
+    """Console progress bar on rank 0."""
+
+
+class DistConfig(_Section):
+    nproc: int = Field(1, ge=1)
+    """Processes per node started by ``facetrain train`` when not under a launcher."""
+    engine: Literal["ddp"] = "ddp"
+    """How the backbone is replicated."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available, else cpu."""
+
+
+class WandbConfig(_Section):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    """online needs WANDB_API_KEY in the environment; offline writes a local run to sync later."""
+    project: str = "facetrain"
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class ExportConfig(_Section):
+    onnx: bool = True
+    """Export the backbone to ONNX at the end of training and check onnxruntime parity."""
+    opset: int = Field(17, ge=17)
+    tolerance: float = Field(1e-4, gt=0.0)
+    """Largest accepted |onnxruntime - torch| on a random batch."""
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    nfolds: int = Field(10, ge=2)
+    pixel_baseline: bool = True
+    """Also report the verification accuracy of raw-pixel cosine similarity."""
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    partialfc: PartialFCConfig = Field(default_factory=PartialFCConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Config:
+        if self.dist.backend == "nccl" and self.dist.device == "cpu":
+            raise ValueError("dist.backend: nccl needs dist.device cuda (or auto on a GPU machine)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optimizer.lr=0.05")
+    # YAML parsing gives numbers, booleans, lists ([a, b]) and null the obvious types.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from exc
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply ``--set`` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"
+        )
+    apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path))
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (what a checkpoint stores and `--dry-run` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

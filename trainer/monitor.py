@@ -1,0 +1,104 @@
+"""What the user sees: a console progress bar and wandb, both on rank 0 only."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.config import WandbConfig
+
+
+class WandbRun:
+    """A thin wrapper over a wandb run with an explicit step; a no-op when disabled."""
+
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        run_dir: Path,
+        name: str,
+        config: dict[str, Any],
+        enabled: bool,
+    ) -> None:
+        self.run = None
+        self.path: str | None = None
+        if not enabled or cfg.mode == "disabled":
+            return
+        import wandb  # heavy import, only on the logging rank
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=name,
+            tags=cfg.tags,
+            mode=cfg.mode,
+            dir=str(run_dir),
+            config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        self.path = str(Path(self.run.dir).parent)
+
+    @property
+    def id(self) -> str | None:
+        return None if self.run is None else self.run.id
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for key, value in values.items():
+                self.run.summary[key] = value
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class Progress:
+    """Rank-0 console progress: a tqdm bar with loss, lr, samples/s and the ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
+
+    def update(self, steps: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Throughput:
+    """Samples per second over the interval since the last call."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+
+    def rate(self, samples: int) -> float:
+        now = time.perf_counter()
+        rate = samples / max(now - self._t, 1e-9)
+        self._t = now
+        return rate

@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules, built from the config.
+
+The backbone and the Partial FC shard get separate optimizers: the shard is not replicated
+(each rank owns different rows), so it must not go through DDP's gradient averaging, and its
+learning rate / weight decay may differ from the backbone's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from trainer.config import OptimizerConfig, ScheduleConfig
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    cfg: OptimizerConfig,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over ``params``; ``lr``/``weight_decay`` override the config's."""
+    params = [p for p in params if p.requires_grad]
+    lr = cfg.lr if lr is None else lr
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=wd)
+
+
+def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
+
+    Linear warmup from 0 over ``warmup_steps`` (the first step already gets a non-zero rate),
+    then polynomial or cosine decay to 0 at ``total_steps``, or constant.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = min(cfg.warmup_steps, total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.kind == "constant":
+        return 1.0
+    decay_steps = max(total_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / decay_steps, 1.0)
+    if cfg.kind == "polynomial":
+        return (1.0 - progress) ** cfg.power
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that applies :func:`lr_factor`; call ``.step()`` once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg)
+    )
