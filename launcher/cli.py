@@ -173,7 +173,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     res = export_checkpoint(args.checkpoint, args.out, args.opset, args.tolerance)
     print(
-        f"export: {res.path} (opset {res.opset}), max |onnxruntime - torch| = {res.max_abs_diff:.2e}"
+        f"export: {res.path} (opset {res.opset}), "
+        f"max |onnxruntime - torch| = {res.max_abs_diff:.2e}"
     )
     return 0
 

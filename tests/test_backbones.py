@@ -23,7 +23,8 @@ LAYERS = {
     "iresnet_nano": (1, 1, 1, 1),
 }
 FULL_WIDTHS = (64, 128, 256, 512)
-NANO_WIDTHS = (16, 32, 64, 128)
+NANO_WIDTHS = (16, 24, 48, 96)
+SMALL_WIDTHS = (16, 32, 64, 128)  # 4 stages of a stride-1-stem test model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -172,7 +173,8 @@ def test_deeper_models_map_images_to_embeddings(name: str) -> None:
 def test_state_dict_has_insightface_keys_and_shapes(name: str, published: int | None) -> None:
     model = built(name)
     if name == "iresnet_nano":
-        expected = expected_state_shapes(LAYERS[name], NANO_WIDTHS, embedding=128)
+        # nano: stride-2 stem, so 112 -> 56 -> 28 -> 14 -> 7 -> 4
+        expected = expected_state_shapes(LAYERS[name], NANO_WIDTHS, embedding=128, fmap=(4, 4))
     else:
         expected = expected_state_shapes(LAYERS[name])
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -219,12 +221,27 @@ def test_iresnet18_strict_load_rejects_wrong_layout() -> None:
     ("input_size", "fmap"), [(112, (7, 7)), (128, (8, 8)), ((96, 112), (6, 7)), (100, (7, 7))]
 )
 def test_fc_input_follows_input_size(input_size, fmap) -> None:
-    model = create_backbone("iresnet_nano", input_size=input_size).eval()
+    model = create_backbone(
+        "iresnet_nano", input_size=input_size, stem_stride=1, widths=SMALL_WIDTHS
+    ).eval()
     assert model.fc.in_features == 128 * fmap[0] * fmap[1]
     assert model.feature_map_size == fmap
     hw = (input_size, input_size) if isinstance(input_size, int) else input_size
     with torch.no_grad():
         assert model(torch.randn(2, 3, *hw)).shape == (2, 128)
+
+
+@pytest.mark.parametrize(("input_size", "fmap"), [(112, (4, 4)), ((96, 112), (3, 4))])
+def test_stride2_stem_halves_once_more(input_size, fmap) -> None:
+    model = create_backbone("iresnet_nano", input_size=input_size).eval()
+    assert model.conv1.stride == (2, 2)
+    assert model.feature_map_size == fmap
+    assert model.fc.in_features == NANO_WIDTHS[3] * fmap[0] * fmap[1]
+    hw = (input_size, input_size) if isinstance(input_size, int) else input_size
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, *hw)).shape == (2, 128)
+    with pytest.raises(ValueError, match="stem_stride"):
+        create_backbone("iresnet_nano", stem_stride=3)
 
 
 def test_wrong_input_shape_is_a_clear_error() -> None:
@@ -238,8 +255,8 @@ def test_wrong_input_shape_is_a_clear_error() -> None:
 def test_widths_and_width_mult() -> None:
     model = create_backbone("iresnet_nano", width_mult=0.5, embedding_size=32)
     assert model.conv1.weight.shape == (8, 3, 3, 3)
-    assert model.layer4[0].conv2.weight.shape == (64, 64, 3, 3)
-    assert model.fc.weight.shape == (32, 64 * 49)
+    assert model.layer4[0].conv2.weight.shape == (48, 48, 3, 3)
+    assert model.fc.weight.shape == (32, 48 * 16)
     model = create_backbone("r18", widths=(8, 8, 16, 16), embedding_size=16)
     assert model.layer2[0].downsample[0].weight.shape == (8, 8, 1, 1)
     assert model.layer3[1].conv1.weight.shape == (16, 16, 3, 3)
@@ -278,7 +295,7 @@ def test_insightface_init_and_batchnorm_settings() -> None:
 @pytest.mark.parametrize("training", [True, False])
 def test_zero_init_residual_makes_blocks_identities(training: bool) -> None:
     torch.manual_seed(0)
-    model = IResNet((1, 2, 1, 1), widths=NANO_WIDTHS, embedding_size=8, zero_init_residual=True)
+    model = IResNet((1, 2, 1, 1), widths=SMALL_WIDTHS, embedding_size=8, zero_init_residual=True)
     model.train(training)
     x = torch.randn(2, 16, 56, 56)
     plain_block = model.layer2[1]
@@ -290,7 +307,7 @@ def test_zero_init_residual_makes_blocks_identities(training: bool) -> None:
     for m in model.modules():
         if hasattr(m, "bn3"):
             assert torch.count_nonzero(m.bn3.weight) == 0
-    default = IResNet((1, 2, 1, 1), widths=NANO_WIDTHS, embedding_size=8)
+    default = IResNet((1, 2, 1, 1), widths=SMALL_WIDTHS, embedding_size=8)
     with torch.no_grad():
         assert not torch.allclose(default.layer2[1](h), h)
 

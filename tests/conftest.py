@@ -1,0 +1,32 @@
+"""Shared fixtures: small synthetic packs built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 identities x 4 images (train pack) + 20 held-out pairs, as `facetrain synth` writes."""
+    from dataio.synth import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("tiny_synth")
+    write_synthetic_dataset(
+        str(out),
+        identities=6,
+        images_per_id=4,
+        val_identities=5,
+        val_images_per_id=4,
+        val_pairs=20,
+        seed=3,
+        workers=1,
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pack(tiny_dataset: Path) -> Path:
+    return tiny_dataset / "train"

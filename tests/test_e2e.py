@@ -1,0 +1,124 @@
+"""End to end: `facetrain train` under torchrun with 2 gloo processes, then eval and export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones import create_backbone
+from evaluation.wandb_offline import find_run_log, read_history
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _facetrain(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"facetrain {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("e2e")
+    proc = _facetrain(
+        "train",
+        str(REPO / "configs" / "demo_cpu.yaml"),
+        "--set",
+        f"data.train={tiny_dataset / 'train'}",
+        "--set",
+        f"data.val=[{tiny_dataset / 'val.bin'}]",
+        "--set",
+        f"run.output_dir={work}",
+        "--set",
+        "run.name=e2e",
+        "--set",
+        "data.workers=0",
+        "--set",
+        "train.batch_size=4",  # 24 images / (2 ranks x 4) = 3 steps per epoch
+        "--set",
+        "train.max_steps=5",  # crosses an epoch boundary
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.keep_checkpoints=2",
+        "--set",
+        "schedule.warmup_steps=2",
+        "--set",
+        "eval.batch_size=16",
+        cwd=work,
+    )
+    return {"run_dir": work / "e2e", "stdout": proc.stdout, "stderr": proc.stderr, "work": work}
+
+
+def test_two_process_run_prints_summary(trained_run: dict) -> None:
+    out = trained_run["stdout"]
+    assert "starting 2 processes under torchrun" in out
+    assert "facetrain summary" in out
+    assert "raw-pixel cosine baseline" in out and "before training" in out
+
+
+def test_summary_json(trained_run: dict) -> None:
+    summary = json.loads((trained_run["run_dir"] / "summary.json").read_text())
+    assert summary["derived"]["world_size"] == 2
+    assert summary["derived"]["num_classes"] == 6  # read from the pack, not the config
+    assert summary["derived"]["steps_per_epoch"] == 3
+    assert summary["train"]["steps"] == 5
+    for key in ("eval_before", "eval_after"):
+        assert 0.0 <= summary[key]["val"]["accuracy"] <= 1.0
+    assert summary["onnx"]["max_abs_diff"] < 1e-4
+    assert Path(summary["onnx"]["path"]).is_file()
+
+
+def test_checkpoint_holds_every_shard(trained_run: dict) -> None:
+    run_dir = trained_run["run_dir"]
+    steps = sorted(p.name for p in run_dir.glob("step-*"))
+    assert steps == ["step-4", "step-5"]  # saved at 2, 4 and the end; keep the last 2
+    assert (run_dir / "latest").read_text().strip() == "step-5"
+    step = run_dir / "step-5"
+    rows = []
+    for rank in (0, 1):
+        shard = torch.load(step / f"classifier-rank{rank}.pt", weights_only=True)
+        assert shard["weight"].shape == (shard["num_local"], 128)
+        rows.append((shard["class_start"], shard["num_local"]))
+    assert rows == [(0, 3), (3, 3)]
+    meta = json.loads((step / "meta.json").read_text())
+    model = create_backbone(meta["backbone"], **meta["backbone_kwargs"])
+    model.load_state_dict(torch.load(step / "backbone.pt", weights_only=True), strict=True)
+
+
+def test_wandb_offline_log_has_metrics(trained_run: dict) -> None:
+    history = read_history(find_run_log(trained_run["run_dir"]))
+    train_rows = [r for r in history if "train/loss" in r]
+    assert [r["_step"] for r in train_rows] == [2, 4, 5]
+    for key in ("train/lr", "train/samples_per_sec", "angles/target_angle_mean_deg"):
+        assert all(key in r for r in train_rows), key
+    eval_steps = [r["_step"] for r in history if "eval/val/accuracy" in r]
+    assert eval_steps == [0, 5]
+
+
+def test_eval_and_export_commands_agree(trained_run: dict, tiny_dataset: Path) -> None:
+    work, run_dir = trained_run["work"], trained_run["run_dir"]
+    val = str(tiny_dataset / "val.bin")
+    onnx_path = work / "exported.onnx"
+    out = _facetrain("export", str(run_dir), "--out", str(onnx_path), cwd=work).stdout
+    assert "max |onnxruntime - torch|" in out and onnx_path.is_file()
+    _facetrain("eval", str(run_dir), "--bin", val, "--json", str(work / "t.json"), cwd=work)
+    _facetrain("eval", str(onnx_path), "--bin", val, "--json", str(work / "o.json"), cwd=work)
+    torch_res = json.loads((work / "t.json").read_text())["val"]
+    onnx_res = json.loads((work / "o.json").read_text())["val"]
+    assert torch_res["accuracy_mean"] == pytest.approx(onnx_res["accuracy_mean"], abs=1e-9)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert torch_res["accuracy_mean"] == pytest.approx(summary["eval_after"]["val"]["accuracy"])

@@ -1,0 +1,106 @@
+"""DistContext from launcher environments, and the design rule that only launcher/ reads them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.env import LaunchError, dist_context_from_env, under_launcher
+from trainer.context import DistContext
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_no_launcher_is_single_process() -> None:
+    ctx = dist_context_from_env("cpu", "auto", environ={})
+    assert (ctx.rank, ctx.world_size, ctx.backend) == (0, 1, "none")
+    assert not ctx.distributed and ctx.is_main
+    assert not under_launcher({})
+
+
+def test_torchrun_variables() -> None:
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    ctx = dist_context_from_env("cpu", "auto", environ=env)
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size) == (3, 4, 1, 2)
+    assert ctx.backend == "gloo" and ctx.device == torch.device("cpu")
+    assert not ctx.is_main and under_launcher(env)
+
+
+def test_slurm_variables() -> None:
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS_PER_NODE": "4(x2)",
+    }
+    ctx = dist_context_from_env("cpu", "auto", environ=env)
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size) == (5, 8, 1, 4)
+
+
+def test_inconsistent_environment_is_rejected() -> None:
+    with pytest.raises(LaunchError, match="WORLD_SIZE"):
+        dist_context_from_env("cpu", "auto", environ={"RANK": "0", "WORLD_SIZE": "two"})
+    with pytest.raises(ValueError, match="rank 4"):
+        dist_context_from_env("cpu", "auto", environ={"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_cuda_request_without_cuda_fails_clearly() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(LaunchError, match="cuda"):
+        dist_context_from_env("cuda", "auto", environ={})
+
+
+def test_single_context_helper() -> None:
+    ctx = DistContext.single()
+    assert ctx.world_size == 1 and ctx.device.type == "cpu"
+
+
+BELOW_LAUNCHER = ("trainer", "partialfc", "dataio", "backbones", "evaluation")
+
+
+def _sources(packages: tuple[str, ...]) -> list[Path]:
+    return [p for pkg in packages for p in sorted((REPO / pkg).rglob("*.py"))]
+
+
+def test_only_launcher_reads_the_environment() -> None:
+    pattern = re.compile(r"os\.environ|getenv\(")
+    offenders = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _sources(BELOW_LAUNCHER)
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, f"environment read below launcher/: {offenders}"
+
+
+def test_no_hard_coded_cuda_calls() -> None:
+    offenders = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _sources(("launcher", *BELOW_LAUNCHER))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if ".cuda()" in line
+    ]
+    assert not offenders, f".cuda() instead of ctx.device: {offenders}"
+
+
+def test_packages_import_downward() -> None:
+    """partialfc/dataio/backbones/evaluation never import trainer or launcher."""
+    pattern = re.compile(r"^\s*(from|import)\s+(trainer|launcher)\b")
+    offenders = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _sources(("partialfc", "dataio", "backbones", "evaluation"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders
+    trainer_up = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _sources(("trainer",))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"^\s*(from|import)\s+launcher\b", line)
+    ]
+    assert not trainer_up, trainer_up
