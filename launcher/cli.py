@@ -8,8 +8,10 @@ DeepSpeed launcher, srun) and more than one process is asked for, it starts torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="override a config value, e.g. --set optimizer.lr=0.05 (repeatable)",
     )
     p.add_argument("--nproc", type=int, default=None, help="processes on this node (dist.nproc)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="auto: continue from the run's latest complete checkpoint; or a checkpoint path",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="validate, print the resolved plan and exit"
     )
@@ -88,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.nproc is not None:
         overrides.append(f"dist.nproc={args.nproc}")
+    if args.resume is not None:
+        overrides.append(f"run.resume={args.resume}")
     config = load_config(args.config, overrides)  # fails here, before any process starts
     facts = read_pack_facts(config)
     if args.dry_run:
@@ -99,17 +109,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         run_worker(config)
         return 0
-    return _spawn_torchrun(args.config, overrides, config.dist.nproc)
+    return _spawn_torchrun(args.config, overrides, config.dist.nproc, config.dist.max_restarts)
 
 
-def _spawn_torchrun(config_path: str, overrides: list[str], nproc: int) -> int:
-    """Start ``nproc`` workers on this node under torchrun's elastic agent."""
+def _spawn_torchrun(config_path: str, overrides: list[str], nproc: int, max_restarts: int) -> int:
+    """Start ``nproc`` workers on this node under torchrun's elastic agent.
+
+    SIGTERM / SIGUSR1 sent to this process are passed on to the workers as SIGUSR1 (each
+    finishes its step, checkpoints and exits 0), not to the agent, which would kill them.
+    """
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
         "-m",
         "launcher.worker",
         config_path,
@@ -117,7 +132,30 @@ def _spawn_torchrun(config_path: str, overrides: list[str], nproc: int) -> int:
     for item in overrides:
         cmd += ["--set", item]
     print(f"facetrain: starting {nproc} processes under torchrun", flush=True)
-    return subprocess.call(cmd)
+    agent = subprocess.Popen(cmd)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in _workers(agent.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return agent.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _workers(pid: int) -> list[int]:
+    """The training workers: the torchrun agent's direct children (not their DataLoader
+    workers, which a SIGUSR1 would kill)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=False)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 # ------------------------------------------------------------------------------- data tools

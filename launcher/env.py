@@ -46,6 +46,12 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
         raise LaunchError(f"environment variable {name}={raw!r} is not an integer") from exc
 
 
+def restart_count(environ: Mapping[str, str] | None = None) -> int:
+    """How many times torchrun's elastic agent has restarted this worker group."""
+    env = os.environ if environ is None else environ
+    return _int(env, "TORCHELASTIC_RESTART_COUNT", default=0)
+
+
 def resolve_device(kind: str, local_rank: int) -> torch.device:
     """ "auto" -> cuda:<local_rank> when CUDA is available, else cpu."""
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):

@@ -7,12 +7,16 @@ by torchrun / srun for each rank.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
 from launcher import env as launch_env
 from trainer.config import Config, load_config
-from trainer.loop import Trainer
+from trainer.loop import StopFlag, Trainer
+
+# What Slurm (--signal=B:USR1@T), torchrun's agent and `kill` send before stopping a job.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -54,14 +58,36 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def install_stop_handlers(stop: StopFlag) -> None:
+    """SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit cleanly (no traceback)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set(f"received {signal.Signals(signum).name}")
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
 def run_worker(config: Config) -> dict[str, Any]:
     """Train on this process's rank; rank 0 prints the summary."""
+    if config.run.resume is None and launch_env.restart_count() > 0:
+        # torchrun restarted us after a failure: continue from the latest checkpoint.
+        config = config.model_copy(update={"run": config.run.model_copy(update={"resume": "auto"})})
     ctx = launch_env.dist_context_from_env(config.dist.device, config.dist.backend)
+    stop = StopFlag()
+    install_stop_handlers(stop)
     launch_env.init_process_group(ctx)
     try:
-        summary = Trainer(config, ctx).fit()
+        summary = Trainer(config, ctx, stop).fit()
         if ctx.is_main:
-            print(format_summary(summary), flush=True)
+            if "stopped" in summary:
+                print(
+                    f"facetrain: {summary['stopped']}; checkpoint {summary['checkpoint']}; "
+                    "resume with --resume auto",
+                    flush=True,
+                )
+            else:
+                print(format_summary(summary), flush=True)
         return summary
     finally:
         launch_env.destroy_process_group()
@@ -71,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher.worker")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", default=None)
     args = parser.parse_args(argv)
-    run_worker(load_config(args.config, args.overrides))
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    run_worker(load_config(args.config, overrides))
     return 0
 
 

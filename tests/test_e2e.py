@@ -91,7 +91,8 @@ def test_checkpoint_holds_every_shard(trained_run: dict) -> None:
     rows = []
     for rank in (0, 1):
         shard = torch.load(step / f"classifier-rank{rank}.pt", weights_only=True)
-        assert shard["weight"].shape == (shard["num_local"], 128)
+        assert shard["module"]["weight"].shape == (shard["num_local"], 128)
+        assert shard["optimizer_state"]["weight"]["momentum_buffer"].shape == (3, 128)
         rows.append((shard["class_start"], shard["num_local"]))
     assert rows == [(0, 3), (3, 3)]
     meta = json.loads((step / "meta.json").read_text())

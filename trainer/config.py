@@ -31,6 +31,8 @@ class RunConfig(_Section):
     """Root folder for runs; the run writes to ``output_dir/name``."""
     seed: int = 0
     """Seed of model init, classifier sampling, data order and augmentation."""
+    resume: str | None = None
+    """"auto" (latest complete checkpoint of this run, if any), a checkpoint path, or null."""
 
 
 class DataConfig(_Section):
@@ -72,6 +74,8 @@ class PartialFCConfig(_Section):
     """Classifier learning rate; defaults to optimizer.lr."""
     weight_decay: float | None = Field(None, ge=0.0)
     """Classifier weight decay; defaults to optimizer.weight_decay."""
+    clip_grad_norm: float | None = Field(None, gt=0.0)
+    """Clip the classifier shard's gradient norm (per rank); null: no clipping."""
 
 
 class OptimizerConfig(_Section):
@@ -101,6 +105,19 @@ class TrainConfig(_Section):
     """Length of the run in epochs (fractions allowed); the step count is derived."""
     max_steps: int | None = Field(None, ge=1)
     """If set, stop after this many steps (overrides epochs)."""
+    stop_at_step: int | None = Field(None, ge=1)
+    """Stop (checkpoint, exit as if preempted) once this step is done, keeping the schedule of
+    the full run: for jobs split into time-limited stages. null: run to the end."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (the loss is divided by this number)."""
+    clip_grad_norm: float | None = Field(5.0, gt=0.0)
+    """Clip the backbone's gradient norm; null: no clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of backbone and logits (softmax stays fp32). fp16 needs CUDA."""
+    max_nonfinite_steps: int = Field(10, ge=1)
+    """Abort after this many consecutive steps with a non-finite loss (each one is skipped)."""
+    histogram_every: int = Field(100, ge=0)
+    """Steps between wandb histograms of target angles (0: never)."""
     log_every: int = Field(10, ge=1)
     """Steps between metric logs."""
     eval_every: int = Field(0, ge=0)
@@ -126,6 +143,9 @@ class DistConfig(_Section):
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available, else cpu."""
+    max_restarts: int = Field(0, ge=0)
+    """torchrun restarts after a worker failure; a restarted job resumes from the latest
+    checkpoint automatically."""
 
 
 class WandbConfig(_Section):
@@ -168,6 +188,8 @@ class Config(_Section):
     def _check_cross_fields(self) -> Config:
         if self.dist.backend == "nccl" and self.dist.device == "cpu":
             raise ValueError("dist.backend: nccl needs dist.device cuda (or auto on a GPU machine)")
+        if self.train.precision == "fp16" and self.dist.device == "cpu":
+            raise ValueError("train.precision: fp16 needs CUDA; use bf16 on the CPU")
         return self
 
     @property

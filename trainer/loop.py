@@ -9,10 +9,12 @@ One step on every rank::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,9 @@ from dataio.torch_loader import build_train_loader
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
-from partialfc import PartialFC, build_margin
+from partialfc import PartialFC, all_gather_no_grad, build_margin
 from trainer import checkpoint as ckpt
+from trainer import state as train_state
 from trainer.config import Config, ConfigError, dump_config
 from trainer.context import DistContext
 from trainer.monitor import Progress, Throughput, WandbRun
@@ -39,6 +42,22 @@ from trainer.optim import build_optimizer, build_scheduler
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite)."""
+
+
+class StopFlag:
+    """Set (e.g. by a SIGTERM/SIGUSR1 handler the launcher installs) to ask for a clean stop:
+    the trainer finishes the current step, saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "stop requested") -> None:
+        self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
 
 
 @dataclasses.dataclass
@@ -91,11 +110,11 @@ def _load_eval_sets(paths: list[str]) -> list[EvalSet]:
 class Trainer:
     """Builds every part from the config on this rank and runs the job."""
 
-    def __init__(self, config: Config, ctx: DistContext) -> None:
+    def __init__(self, config: Config, ctx: DistContext, stop: StopFlag | None = None) -> None:
         self.config = config
         self.ctx = ctx
+        self.stop = stop or StopFlag()
         self.run_dir = config.run_dir
-        self.group = None
         torch.set_num_threads(config.train.threads_per_process)
         _seed_everything(config.run.seed, ctx.rank)
 
@@ -137,11 +156,13 @@ class Trainer:
             flip=config.data.flip,
             drop_last=True,
         )
-        self.steps_per_epoch = len(self.loader)
+        self.accum = tcfg.grad_accum_steps
+        self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch < 1:
             raise ConfigError(
-                f"train.batch_size: {tcfg.batch_size} per rank x {ctx.world_size} ranks is more "
-                f"than the {self.facts.num_images} images of {config.data.train}"
+                f"train.batch_size: {tcfg.batch_size} per rank x {ctx.world_size} ranks x "
+                f"{self.accum} accumulation steps is more than the {self.facts.num_images} "
+                f"images of {config.data.train}"
             )
         self.total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * self.steps_per_epoch))
 
@@ -152,30 +173,49 @@ class Trainer:
         )
         self.sched_backbone = build_scheduler(self.opt_backbone, self.total_steps, config.schedule)
         self.sched_fc = build_scheduler(self.opt_fc, self.total_steps, config.schedule)
+        # fp16 autocast needs loss scaling; one scaler covers both optimizers (CUDA only).
+        self.scaler = torch.amp.GradScaler("cuda") if tcfg.precision == "fp16" else None
         self.step = 0
         self.epoch = 0
-        self.eval_sets = _load_eval_sets(config.data.val) if ctx.is_main else []
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.wandb_id: str | None = None
+        self.resumed_from: Path | None = None
+        self.eval_sets = _load_eval_sets(config.data.val)
 
     # ------------------------------------------------------------------------------ running
     def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps``; evaluate, checkpoint and export; return the summary."""
+        """Train to ``total_steps``; evaluate, checkpoint and export; return the summary.
+
+        If the stop flag is raised (preemption signal), finish the step, save a checkpoint
+        and return early with ``summary["stopped"]`` set.
+        """
         cfg, ctx = self.config, self.ctx
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._maybe_resume()
         wandb_run = WandbRun(
             cfg.wandb,
             self.run_dir,
             cfg.run.name,
             {**cfg.model_dump(mode="json"), "derived": self.derived()},
             enabled=ctx.is_main,
+            run_id=self.wandb_id,
         )
+        self.wandb_id = wandb_run.id
         summary: dict[str, Any] = {"derived": self.derived()}
+        if self.resumed_from is not None:
+            summary["resumed_from"] = str(self.resumed_from)
         progress = Progress(self.total_steps, self.step, ctx.is_main and cfg.train.progress)
         try:
-            if cfg.train.eval_at_start:
+            if cfg.train.eval_at_start and self.resumed_from is None:
                 summary["eval_before"] = self.evaluate(wandb_run, progress)
             summary["train"] = self._train_steps(wandb_run, progress)
             progress.close()
             summary["checkpoint"] = str(self.save_checkpoint())
+            if self.stop.is_set() and self.step < self.total_steps:
+                summary["stopped"] = self.stop.reason or "stop requested"
+                return summary
             summary["eval_after"] = self.evaluate(wandb_run, progress)
             if ctx.is_main:
                 if cfg.eval.pixel_baseline:
@@ -202,120 +242,236 @@ class Trainer:
             "num_classes": self.facts.num_classes,
             "num_images": self.facts.num_images,
             "image_size": list(self.facts.image_size),
-            "global_batch_size": self.config.train.batch_size * self.ctx.world_size,
+            "global_batch_size": self.config.train.batch_size * self.ctx.world_size * self.accum,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "classifier_rows_this_rank": self.partial_fc.num_local,
         }
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.ctx.device.type, dtype=dtype)
+
+    def _batches(self):
+        """Micro-batches from the current position on, across epochs, with epoch bookkeeping."""
+        while True:
+            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            for batch in self.loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
     def _train_steps(self, wandb_run: WandbRun, progress: Progress) -> dict[str, Any]:
         cfg, ctx = self.config, self.ctx
         tcfg = cfg.train
-        global_batch = tcfg.batch_size * ctx.world_size
+        global_batch = tcfg.batch_size * ctx.world_size * self.accum
         meter = Throughput()
         start_time = time.perf_counter()
-        last = {"loss": float("nan")}
+        start_step = self.step
+        last: dict[str, float] = {}
         steps_since_log = 0
         self.model.train()
+        batches = self._batches()
         while self.step < self.total_steps:
-            self.loader.set_epoch(self.epoch)
-            for images, labels in self.loader:
-                images = images.to(ctx.device, non_blocking=True)
-                labels = labels.to(ctx.device, non_blocking=True)
-                embeddings = self.model(images)  # [B, D]
-                loss, stats = self.partial_fc(embeddings, labels)
-                if not torch.isfinite(loss):
+            loss, stats, finite = self._one_step(batches)
+            self.step += 1
+            steps_since_log += 1
+            if not finite:
+                self.nonfinite_total += 1
+                self.nonfinite_streak += 1
+                progress.write(
+                    f"[step {self.step}] non-finite loss: step skipped "
+                    f"({self.nonfinite_streak} in a row, {self.nonfinite_total} in all)"
+                )
+                if self.nonfinite_streak >= tcfg.max_nonfinite_steps:
                     raise TrainingError(
-                        f"step {self.step}: loss is {loss.item()} (check lr / margin settings)"
+                        f"loss was non-finite for {self.nonfinite_streak} consecutive steps "
+                        f"(train.max_nonfinite_steps) at step {self.step}: lower optimizer.lr, "
+                        "check the margin settings or the data"
                     )
-                self.opt_backbone.zero_grad(set_to_none=True)
-                self.opt_fc.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), max_norm=5.0)
-                self.opt_backbone.step()
-                self.opt_fc.step()
-                self.sched_backbone.step()
-                self.sched_fc.step()
-                self.step += 1
-                steps_since_log += 1
-                if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
-                    last = self._log(loss, stats, grad_norm, meter, global_batch, steps_since_log)
-                    wandb_run.log(last, step=self.step)
-                    progress.update(
-                        steps_since_log,
-                        loss=f"{last['train/loss']:.3f}",
-                        lr=f"{last['train/lr']:.4f}",
-                        ips=f"{last['train/samples_per_sec']:.0f}",
-                        epoch=self.epoch,
-                    )
-                    steps_since_log = 0
-                if tcfg.eval_every and self.step % tcfg.eval_every == 0:
-                    self.evaluate(wandb_run, progress)
-                if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self.step >= self.total_steps:
-                    break
             else:
-                self.epoch += 1
+                self.nonfinite_streak = 0
+            if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
+                last = self._log(loss, stats, meter, global_batch, steps_since_log)
+                if tcfg.histogram_every and self.step % tcfg.histogram_every == 0:
+                    last = {**last, **self._histogram(stats)}
+                wandb_run.log(last, step=self.step)
+                progress.update(
+                    steps_since_log,
+                    loss=f"{last['train/loss']:.3f}",
+                    lr=f"{last['train/lr']:.4f}",
+                    ips=f"{last['train/samples_per_sec']:.0f}",
+                    epoch=self.epoch,
+                )
+                steps_since_log = 0
+            if tcfg.eval_every and self.step % tcfg.eval_every == 0:
+                self.evaluate(wandb_run, progress)
+            if tcfg.stop_at_step is not None and self.step >= tcfg.stop_at_step:
+                self.stop.set(f"train.stop_at_step={tcfg.stop_at_step} reached")
+            if self._stop_requested():
+                progress.write(f"[step {self.step}] {self.stop.reason}: saving a checkpoint")
+                break
+            if (
+                tcfg.checkpoint_every
+                and self.step % tcfg.checkpoint_every == 0
+                and self.step < self.total_steps
+            ):
+                self.save_checkpoint()
         elapsed = time.perf_counter() - start_time
+        done = self.step - start_step
         return {
             "steps": self.step,
+            "steps_this_run": done,
             "seconds": round(elapsed, 2),
-            "samples_per_sec": round(self.step * global_batch / max(elapsed, 1e-9), 1),
+            "samples_per_sec": round(done * global_batch / max(elapsed, 1e-9), 1),
             "final_loss": last.get("train/loss"),
+            "nonfinite_steps": self.nonfinite_total,
         }
+
+    def _one_step(self, batches) -> tuple[torch.Tensor, dict[str, Any], bool]:
+        """One optimizer step over ``accum`` micro-batches. Returns (loss, stats, finite).
+
+        The loss is the global-batch mean on every rank (distributed CE), so every rank takes
+        the same branch when it is non-finite and skips the step: no rank is left waiting in a
+        gradient all-reduce.
+        """
+        ctx, tcfg = self.ctx, self.config.train
+        self.opt_backbone.zero_grad(set_to_none=True)
+        self.opt_fc.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=ctx.device)
+        stats: dict[str, Any] = {}
+        for micro in range(self.accum):
+            images, labels = next(batches)
+            images = images.to(ctx.device, non_blocking=True)
+            labels = labels.to(ctx.device, non_blocking=True)
+            last_micro = micro == self.accum - 1
+            sync = (
+                self.model.no_sync()
+                if isinstance(self.model, DistributedDataParallel) and not last_micro
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with self._autocast():
+                    embeddings = self.model(images)  # [B, D]
+                    loss, stats = self.partial_fc(embeddings, labels)
+                if not torch.isfinite(loss):
+                    # Drop what earlier micro-batches accumulated, and the rest of this step.
+                    for _ in range(self.accum - 1 - micro):
+                        next(batches)
+                    self.opt_backbone.zero_grad(set_to_none=True)
+                    self.opt_fc.zero_grad(set_to_none=True)
+                    return loss.detach(), stats, False
+                scaled = loss / self.accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            total += loss.detach() / self.accum
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt_backbone)
+            self.scaler.unscale_(self.opt_fc)
+        if tcfg.clip_grad_norm is not None:
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(
+                self.backbone.parameters(), tcfg.clip_grad_norm
+            )
+        if self.config.partialfc.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(
+                self.partial_fc.parameters(), self.config.partialfc.clip_grad_norm
+            )
+        if self.scaler is not None:
+            self.scaler.step(self.opt_backbone)  # skipped on overflow, for both optimizers
+            self.scaler.step(self.opt_fc)
+            self.scaler.update()
+        else:
+            self.opt_backbone.step()
+            self.opt_fc.step()
+        self.sched_backbone.step()
+        self.sched_fc.step()
+        return total, stats, True
+
+    def _stop_requested(self) -> bool:
+        """True on every rank if any rank received a stop signal (one tiny all-reduce)."""
+        flag = torch.tensor([1.0 if self.stop.is_set() else 0.0], device=self.ctx.device)
+        if self.ctx.distributed and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and not self.stop.is_set():
+            self.stop.set("stop requested on another rank")
+        return flag.item() > 0
 
     def _log(
         self,
         loss: torch.Tensor,
         stats: dict[str, Any],
-        grad_norm: torch.Tensor,
         meter: Throughput,
         global_batch: int,
         steps: int,
     ) -> dict[str, float]:
         # The distributed CE already returns the global-batch mean on every rank.
         out = {
-            "train/loss": float(loss.detach()),
+            "train/loss": float(loss),
             "train/lr": self.opt_backbone.param_groups[0]["lr"],
             "train/samples_per_sec": meter.rate(steps * global_batch),
-            "train/grad_norm": float(grad_norm),
             "train/epoch": self.epoch,
+            "train/nonfinite_steps": self.nonfinite_total,
         }
-        for key in (
-            "target_angle_mean_deg",
-            "target_angle_std_deg",
-            "hardest_negative_angle_mean_deg",
-        ):
-            if key in stats:
-                out[f"angles/{key}"] = float(stats[key])
+        if "grad_norm" in stats:
+            out["train/grad_norm"] = float(stats["grad_norm"])
+        for key, value in stats.items():
+            if key.endswith("_deg") and (not torch.is_tensor(value) or value.dim() == 0):
+                out[f"angles/{key}"] = float(value)
         return out
+
+    def _histogram(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """A wandb histogram of this step's target angles (a sample PartialFC returns)."""
+        sample = next(
+            (v for k, v in stats.items() if torch.is_tensor(v) and v.dim() == 1 and "angle" in k),
+            None,
+        )
+        if sample is None or self.ctx.rank != 0:
+            return {}
+        import wandb
+
+        return {"angles/target_angle_hist": wandb.Histogram(sample.detach().float().cpu().numpy())}
 
     # ------------------------------------------------------------------- eval / save / export
     def evaluate(self, wandb_run: WandbRun, progress: Progress) -> dict[str, dict[str, float]]:
-        """Rank 0 evaluates every verification set; the others wait at a barrier."""
+        """Every rank embeds a contiguous slice of each set; rank 0 gathers and scores.
+
+        Splitting the work keeps every rank busy for the same short time, so none waits in a
+        collective for long (a rank-0-only evaluation of a large set can hit the collective
+        timeout of the others).
+        """
         results: dict[str, dict[str, float]] = {}
-        if self.ctx.is_main:
-            for s in self.eval_sets:
-                emb = extract_embeddings(
-                    self.backbone, s.images, self.config.eval.batch_size, self.ctx.device
-                )
-                res = kfold_verification(emb, s.issame, nfolds=self.config.eval.nfolds)
-                d = res.as_dict()
-                results[s.name] = {
-                    "accuracy": d["accuracy_mean"],
-                    "accuracy_std": d["accuracy_std"],
-                    "best_threshold": d["best_threshold"],
-                    "val_at_far_1e-3": d["val_mean"],
-                }
-                wandb_run.log(
-                    {f"eval/{s.name}/{k}": v for k, v in results[s.name].items()}, step=self.step
-                )
-                progress.write(
-                    f"[eval step {self.step}] {s.name}: accuracy "
-                    f"{100 * d['accuracy_mean']:.2f}% +- {100 * d['accuracy_std']:.2f}"
-                )
-        self._barrier()
+        world, rank = self.ctx.world_size, self.ctx.rank
+        for s in self.eval_sets:
+            bounds = np.linspace(0, len(s.images), world + 1).astype(int)
+            mine = s.images[bounds[rank] : bounds[rank + 1]]
+            emb = extract_embeddings(
+                self.backbone, mine, self.config.eval.batch_size, self.ctx.device
+            )
+            emb_t = torch.from_numpy(emb).to(self.ctx.device)
+            if self.ctx.distributed and dist.is_initialized():
+                emb_t = all_gather_no_grad(emb_t)
+            if not self.ctx.is_main:
+                continue
+            res = kfold_verification(emb_t.cpu().numpy(), s.issame, nfolds=self.config.eval.nfolds)
+            d = res.as_dict()
+            results[s.name] = {
+                "accuracy": d["accuracy_mean"],
+                "accuracy_std": d["accuracy_std"],
+                "best_threshold": d["best_threshold"],
+                "val_at_far_1e-3": d["val_mean"],
+            }
+            wandb_run.log(
+                {f"eval/{s.name}/{k}": v for k, v in results[s.name].items()}, step=self.step
+            )
+            progress.write(
+                f"[eval step {self.step}] {s.name}: accuracy "
+                f"{100 * d['accuracy_mean']:.2f}% +- {100 * d['accuracy_std']:.2f}"
+            )
         return results
 
     def save_checkpoint(self) -> Path:
@@ -326,21 +482,16 @@ class Trainer:
         self._barrier()
         r = self.ctx.rank
         pfc = self.partial_fc
-        ckpt.save_torch(
-            {
-                "class_start": pfc.class_start,
-                "num_local": pfc.num_local,
-                "num_classes": self.facts.num_classes,
-                "weight": pfc.weight.detach().cpu(),
-                "optimizer": self.opt_fc.state_dict(),
-                "scheduler": self.sched_fc.state_dict(),
-            },
-            tmp / f"classifier-rank{r}.pt",
-        )
+        payload = train_state.classifier_payload(pfc, self.opt_fc, pfc.class_start, pfc.num_local)
+        payload["scheduler"] = self.sched_fc.state_dict()
+        ckpt.save_torch(payload, tmp / f"classifier-rank{r}.pt")
         ckpt.save_torch(
             {
                 "optimizer": self.opt_backbone.state_dict(),
                 "scheduler": self.sched_backbone.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": train_state.capture_rng(),
+                "sample_generator": pfc.sample_generator.get_state(),
             },
             tmp / f"trainer-rank{r}.pt",
         )
@@ -352,7 +503,11 @@ class Trainer:
             meta = {
                 "step": self.step,
                 "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
                 "world_size": self.ctx.world_size,
+                "batch_size": self.config.train.batch_size,
+                "nonfinite_steps": self.nonfinite_total,
+                "wandb_id": self.wandb_id,
                 "backbone": self.config.model.backbone,
                 "backbone_kwargs": self.backbone_kwargs,
                 "derived": self.derived(),
@@ -361,6 +516,58 @@ class Trainer:
             final = ckpt.finalize(self.run_dir, self.step, meta, self.config.train.keep_checkpoints)
         self._barrier()
         return final
+
+    def _maybe_resume(self) -> None:
+        """Load ``run.resume`` ("auto": the latest complete checkpoint of this run, if any)."""
+        spec = self.config.run.resume
+        if spec is None:
+            return
+        if spec == "auto":
+            if not ckpt.step_dirs(self.run_dir):
+                return
+            step_dir = ckpt.resolve_checkpoint(self.run_dir)
+        else:
+            step_dir = ckpt.resolve_checkpoint(spec)
+        self.load_checkpoint(step_dir)
+
+    def load_checkpoint(self, step_dir: Path) -> None:
+        """Restore everything; the classifier is re-sharded if the world size changed."""
+        meta = ckpt.read_meta(step_dir)
+        saved_world = int(meta["world_size"])
+        same_world = saved_world == self.ctx.world_size
+        self.backbone.load_state_dict(ckpt.load_torch(step_dir / "backbone.pt"), strict=True)
+        pfc = self.partial_fc
+        train_state.load_classifier(
+            step_dir, saved_world, pfc, self.opt_fc, pfc.class_start, pfc.num_local
+        )
+        fc_sched = ckpt.load_torch(step_dir / "classifier-rank0.pt")["scheduler"]
+        own = step_dir / f"trainer-rank{self.ctx.rank if same_world else 0}.pt"
+        trainer_state = ckpt.load_torch(own)
+        self.opt_backbone.load_state_dict(trainer_state["optimizer"])
+        self.sched_backbone.load_state_dict(trainer_state["scheduler"])
+        self.sched_fc.load_state_dict(fc_sched)
+        if self.scaler is not None and trainer_state.get("scaler"):
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        self.step = int(meta["step"])
+        self.epoch = int(meta["epoch"])
+        self.nonfinite_total = int(meta.get("nonfinite_steps", 0))
+        self.wandb_id = meta.get("wandb_id")
+        if same_world and meta.get("batch_size") == self.config.train.batch_size:
+            # Exact: this rank's RNG streams and data position continue where they stopped.
+            train_state.restore_rng(trainer_state["rng"])
+            pfc.sample_generator.set_state(trainer_state["sample_generator"])
+            self.batch_in_epoch = int(meta["batch_in_epoch"])
+        else:
+            # New world size: the same global number of samples of this epoch is skipped (to
+            # within one global batch); per-rank random streams restart from a seed that
+            # depends on (seed, rank, step) so the run stays reproducible.
+            consumed = int(meta["batch_in_epoch"]) * int(meta["batch_size"]) * saved_world
+            per_batch = self.config.train.batch_size * self.ctx.world_size
+            self.batch_in_epoch = min(consumed // per_batch, len(self.loader))
+            seed = hash((self.config.run.seed, self.ctx.rank, self.step)) & (2**63 - 1)
+            pfc.sample_generator.manual_seed(seed)
+            torch.manual_seed(seed)
+        self.resumed_from = step_dir
 
     def export(self) -> dict[str, Any]:
         """Rank 0: ONNX export of the backbone with an onnxruntime parity check."""

@@ -10,7 +10,10 @@ from trainer.config import WandbConfig
 
 
 class WandbRun:
-    """A thin wrapper over a wandb run with an explicit step; a no-op when disabled."""
+    """A thin wrapper over a wandb run with an explicit step; a no-op when disabled.
+
+    The API key, if any, comes from the environment (WANDB_API_KEY), never from the config.
+    """
 
     def __init__(
         self,
@@ -19,6 +22,7 @@ class WandbRun:
         name: str,
         config: dict[str, Any],
         enabled: bool,
+        run_id: str | None = None,
     ) -> None:
         self.run = None
         self.path: str | None = None
@@ -35,6 +39,9 @@ class WandbRun:
             mode=cfg.mode,
             dir=str(run_dir),
             config=config,
+            # A resumed training job continues the same wandb run (id saved in checkpoints).
+            id=run_id,
+            resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", silent=True),
         )
         self.path = str(Path(self.run.dir).parent)

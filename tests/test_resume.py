@@ -1,0 +1,168 @@
+"""Checkpoint/resume: exact continuation, re-sharding onto another world size, preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo_cpu.yaml"
+
+
+def _args(tiny_dataset: Path, out: Path, name: str, *extra: str) -> list[str]:
+    base = {
+        "data.train": str(tiny_dataset / "train"),
+        "data.val": "[]",
+        "data.workers": "0",
+        "run.output_dir": str(out),
+        "run.name": name,
+        "train.batch_size": "2",
+        "train.log_every": "1",
+        "train.eval_at_start": "false",
+        "train.progress": "false",
+        "schedule.warmup_steps": "2",
+        "wandb.mode": "disabled",
+        "export.onnx": "false",
+        "eval.pixel_baseline": "false",
+    }
+    cmd = [sys.executable, "-m", "launcher.cli", "train", str(DEMO)]
+    for key, value in base.items():
+        cmd += ["--set", f"{key}={value}"]
+    for item in extra:
+        cmd += ["--set", item] if "=" in item else [item]
+    return cmd
+
+
+def _train(tiny_dataset: Path, out: Path, name: str, *extra: str) -> str:
+    proc = subprocess.run(
+        _args(tiny_dataset, out, name, *extra),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=out,
+    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _state(step_dir: Path, world: int) -> dict[str, torch.Tensor]:
+    """Backbone tensors plus the full classifier (rows concatenated by class id)."""
+    out = dict(torch.load(step_dir / "backbone.pt", weights_only=True))
+    shards = sorted(
+        (torch.load(step_dir / f"classifier-rank{r}.pt", weights_only=True) for r in range(world)),
+        key=lambda s: s["class_start"],
+    )
+    out["fc.weight"] = torch.cat([s["module"]["weight"] for s in shards])
+    out["fc.momentum"] = torch.cat(
+        [s["optimizer_state"]["weight"]["momentum_buffer"] for s in shards]
+    )
+    return out
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_resume_is_bit_exact(tiny_dataset: Path, tmp_path: Path) -> None:
+    """7 steps straight == 4 steps, stop, resume, 3 more (crossing an epoch boundary)."""
+    total = "train.max_steps=7"
+    _train(tiny_dataset, tmp_path, "straight", total, "data.workers=1")
+    out = _train(tiny_dataset, tmp_path, "staged", total, "train.stop_at_step=4", "data.workers=1")
+    assert "resume with --resume auto" in out
+    assert (tmp_path / "staged" / "latest").read_text().strip() == "step-4"
+    _train(tiny_dataset, tmp_path, "staged", total, "--resume", "auto", "data.workers=1")
+    straight = _state(tmp_path / "straight" / "step-7", 2)
+    staged = _state(tmp_path / "staged" / "step-7", 2)
+    _assert_identical(straight, staged)
+    # And the run did learn something: the classifier moved away from its init.
+    assert not torch.equal(
+        _state(tmp_path / "staged" / "step-4", 2)["fc.weight"], staged["fc.weight"]
+    )
+
+
+@pytest.mark.parametrize(("old", "new"), [(4, 2), (2, 3)])
+def test_reshard_onto_another_world_size(
+    tiny_dataset: Path, tmp_path: Path, old: int, new: int
+) -> None:
+    # sample_rate 1: with 6 classes on 4 ranks a shard has 1 class (sampling is tested in
+    # partialfc's own tests; here the point is moving rows between world sizes).
+    full = "partialfc.sample_rate=1.0"
+    _train(tiny_dataset, tmp_path, "a", f"dist.nproc={old}", "train.max_steps=3", full)
+    saved = _state(tmp_path / "a" / "step-3", old)
+    # Resume with the same number of steps: nothing trains, the checkpoint is re-written by
+    # the new world size -> rows and optimizer state must be exactly the saved ones.
+    ckpt = str(tmp_path / "a" / "step-3")
+    _train(
+        tiny_dataset,
+        tmp_path,
+        "b",
+        f"dist.nproc={new}",
+        "train.max_steps=3",
+        full,
+        "--resume",
+        ckpt,
+    )
+    resharded = _state(tmp_path / "b" / "step-3", new)
+    _assert_identical(saved, resharded)
+    ranges = [
+        torch.load(tmp_path / "b" / "step-3" / f"classifier-rank{r}.pt", weights_only=True)
+        for r in range(new)
+    ]
+    assert sum(s["num_local"] for s in ranges) == 6
+    # And training continues from there on the new world size.
+    _train(
+        tiny_dataset,
+        tmp_path,
+        "c",
+        f"dist.nproc={new}",
+        "train.max_steps=5",
+        full,
+        "--resume",
+        ckpt,
+    )
+    meta = json.loads((tmp_path / "c" / "step-5" / "meta.json").read_text())
+    assert meta["world_size"] == new and meta["step"] == 5
+    assert not torch.equal(_state(tmp_path / "c" / "step-5", new)["fc.weight"], saved["fc.weight"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_and_resumes(
+    tiny_dataset: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A preemption signal to `facetrain train`: the step finishes, a checkpoint is saved,
+    the job exits 0; `--resume auto` then finishes the run."""
+    cmd = _args(tiny_dataset, tmp_path, "pre", "train.max_steps=100000", "train.checkpoint_every=0")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    # Wait for training to be under way: the first checkpoint-free steps log to stdout only
+    # at the end, so watch for the process tree instead (agent + 2 workers running).
+    import psutil
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        if len(kids) >= 3 and all(k.cpu_times().user > 3.0 for k in kids[1:3]):
+            break
+        time.sleep(0.5)
+    time.sleep(3.0)
+    os.kill(proc.pid, sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "received SIGUSR1" in output  # the launcher forwards SIGTERM as SIGUSR1
+    latest = (tmp_path / "pre" / "latest").read_text().strip()
+    step = int(latest.split("-")[1])
+    assert step >= 1
+    _train(tiny_dataset, tmp_path, "pre", f"train.max_steps={step + 2}", "--resume", "auto")
+    meta = json.loads((tmp_path / "pre" / f"step-{step + 2}" / "meta.json").read_text())
+    assert meta["step"] == step + 2
