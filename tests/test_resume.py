@@ -166,3 +166,16 @@ def test_signal_checkpoints_and_resumes(
     _train(tiny_dataset, tmp_path, "pre", f"train.max_steps={step + 2}", "--resume", "auto")
     meta = json.loads((tmp_path / "pre" / f"step-{step + 2}" / "meta.json").read_text())
     assert meta["step"] == step + 2
+
+
+def test_resumed_run_continues_the_same_wandb_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    from evaluation.wandb_offline import read_history
+
+    common = ("wandb.mode=offline", "train.max_steps=4", "train.log_every=1")
+    _train(tiny_dataset, tmp_path, "w", *common, "train.stop_at_step=2")
+    _train(tiny_dataset, tmp_path, "w", *common, "--resume", "auto")
+    logs = sorted((tmp_path / "w").rglob("run-*.wandb"))
+    assert len(logs) == 2
+    assert logs[0].name == logs[1].name  # run-<id>.wandb: one id for both jobs
+    steps = [row["_step"] for log in logs for row in read_history(log) if "train/loss" in row]
+    assert sorted(steps) == [1, 2, 3, 4]

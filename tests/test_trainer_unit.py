@@ -1,0 +1,123 @@
+"""The training loop in one process (no process group): step accounting, gradient
+accumulation, non-finite losses, bf16 autocast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.context import DistContext
+from trainer.loop import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trainer(tiny_dataset: Path, tmp_path: Path, *overrides: str) -> Trainer:
+    cfg = load_config(
+        REPO / "configs" / "demo_cpu.yaml",
+        [
+            f"data.train={tiny_dataset / 'train'}",
+            "data.val=[]",
+            "data.workers=0",
+            f"run.output_dir={tmp_path}",
+            "train.batch_size=4",
+            "train.progress=false",
+            "train.eval_at_start=false",
+            "wandb.mode=disabled",
+            "export.onnx=false",
+            "dist.nproc=1",
+            "partialfc.sample_rate=1.0",
+            *overrides,
+        ],
+    )
+    return Trainer(cfg, DistContext.single())
+
+
+def _grads(trainer: Trainer) -> list[torch.Tensor]:
+    params = [*trainer.backbone.parameters(), *trainer.partial_fc.parameters()]
+    return [p.grad.clone() for p in params if p.grad is not None]
+
+
+def test_accumulation_averages_micro_batch_gradients(tiny_dataset: Path, tmp_path: Path) -> None:
+    trainer = _trainer(
+        tiny_dataset, tmp_path, "train.grad_accum_steps=2", "train.clip_grad_norm=null"
+    )
+    assert trainer.steps_per_epoch == len(trainer.loader) // 2
+    # Same config and seed: an identical second trainer as the reference.
+    reference = _trainer(
+        tiny_dataset, tmp_path, "train.grad_accum_steps=2", "train.clip_grad_norm=null"
+    )
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def record_and_skip() -> None:
+        captured["accum"] = _grads(trainer)
+
+    trainer.opt_backbone.step = record_and_skip  # type: ignore[method-assign]
+    trainer.opt_fc.step = lambda: None  # type: ignore[method-assign]
+    batches = trainer._batches()
+    loss, _, finite = trainer._one_step(batches)
+    assert finite and trainer.batch_in_epoch == 2
+
+    # The same two micro-batches, one at a time, on an identical copy.
+    ref_batches = reference._batches()
+    micro = [next(ref_batches), next(ref_batches)]
+    per_micro = []
+    for images, labels in micro:
+        reference.opt_backbone.zero_grad(set_to_none=True)
+        reference.opt_fc.zero_grad(set_to_none=True)
+        l, _ = reference.partial_fc(reference.model(images), labels)
+        l.backward()
+        per_micro.append((_grads(reference), l.detach()))
+    for acc, g1, g2 in zip(captured["accum"], per_micro[0][0], per_micro[1][0], strict=True):
+        torch.testing.assert_close(acc, (g1 + g2) / 2, rtol=1e-5, atol=1e-7)
+    assert loss.item() == pytest.approx((per_micro[0][1] + per_micro[1][1]).item() / 2, rel=1e-6)
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tiny_dataset: Path, tmp_path: Path) -> None:
+    trainer = _trainer(
+        tiny_dataset,
+        tmp_path,
+        "train.max_steps=20",
+        "train.max_nonfinite_steps=3",
+        "train.log_every=1",
+    )
+    real_forward = trainer.partial_fc.forward
+    calls = {"n": 0}
+
+    def flaky(embeddings: torch.Tensor, labels: torch.Tensor):
+        calls["n"] += 1
+        loss, stats = real_forward(embeddings, labels)
+        if calls["n"] == 2 or calls["n"] >= 4:  # one bad step, then bad for good
+            loss = loss * float("nan")
+        return loss, stats
+
+    trainer.partial_fc.forward = flaky  # type: ignore[method-assign]
+    snapshots = []
+    original_step = trainer.opt_backbone.step
+
+    def counting_step(*a, **k):
+        snapshots.append(trainer.step)
+        return original_step(*a, **k)
+
+    trainer.opt_backbone.step = counting_step  # type: ignore[method-assign]
+    with pytest.raises(TrainingError, match="3 consecutive steps"):
+        trainer.fit()
+    # Steps 1 and 3 updated the weights; step 2 and steps 4..6 were skipped.
+    assert snapshots == [0, 2]
+    assert trainer.nonfinite_total == 4 and trainer.step == 6
+
+
+def test_bf16_autocast_runs_and_loss_is_finite(tiny_dataset: Path, tmp_path: Path) -> None:
+    trainer = _trainer(tiny_dataset, tmp_path, "train.precision=bf16")
+    loss, stats, finite = trainer._one_step(trainer._batches())
+    assert finite and torch.isfinite(loss) and loss.dtype == torch.float32
+
+
+def test_fp16_on_cpu_is_a_config_error(tiny_dataset: Path, tmp_path: Path) -> None:
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.precision"):
+        _trainer(tiny_dataset, tmp_path, "train.precision=fp16", "dist.device=cpu")
