@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -80,6 +80,12 @@ def dist_context_from_env(
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     return DistContext(rank, world, local_rank, local_world, dev, backend)
+
+
+def prepare_deepspeed(ctx: DistContext, environ: MutableMapping[str, str] | None = None) -> None:
+    """DeepSpeed picks its accelerator from DS_ACCELERATOR when it is first imported."""
+    env = os.environ if environ is None else environ
+    env.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
 
 
 def init_process_group(ctx: DistContext, timeout_s: float = 1800.0) -> None:

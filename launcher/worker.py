@@ -74,6 +74,8 @@ def run_worker(config: Config) -> dict[str, Any]:
         # torchrun restarted us after a failure: continue from the latest checkpoint.
         config = config.model_copy(update={"run": config.run.model_copy(update={"resume": "auto"})})
     ctx = launch_env.dist_context_from_env(config.dist.device, config.dist.backend)
+    if config.dist.engine == "deepspeed":
+        launch_env.prepare_deepspeed(ctx)
     stop = StopFlag()
     install_stop_handlers(stop)
     launch_env.init_process_group(ctx)

@@ -137,8 +137,8 @@ class TrainConfig(_Section):
 class DistConfig(_Section):
     nproc: int = Field(1, ge=1)
     """Processes per node started by ``facetrain train`` when not under a launcher."""
-    engine: Literal["ddp"] = "ddp"
-    """How the backbone is replicated."""
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    """How the backbone is replicated: torch DDP, or a DeepSpeed engine (see `deepspeed`)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +146,14 @@ class DistConfig(_Section):
     max_restarts: int = Field(0, ge=0)
     """torchrun restarts after a worker failure; a restarted job resumes from the latest
     checkpoint automatically."""
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(1, ge=0, le=3)
+    """ZeRO stage of the backbone's optimizer state / gradients / parameters (0-3)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Extra DeepSpeed config keys, merged over the ones derived from train.* (batch size,
+    accumulation, precision, clipping)."""
 
 
 class WandbConfig(_Section):
@@ -180,6 +188,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

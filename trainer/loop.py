@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from backbones import create_backbone
 from dataio.pack import FacePack
@@ -36,6 +34,7 @@ from trainer import checkpoint as ckpt
 from trainer import state as train_state
 from trainer.config import Config, ConfigError, dump_config
 from trainer.context import DistContext
+from trainer.engine import build_engine
 from trainer.monitor import Progress, Throughput, WandbRun
 from trainer.optim import build_optimizer, build_scheduler
 
@@ -126,10 +125,6 @@ class Trainer:
             **mcfg.kwargs,
         }
         self.backbone = create_backbone(mcfg.backbone, **self.backbone_kwargs).to(ctx.device)
-        self.model: nn.Module = self.backbone
-        if ctx.distributed:
-            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.backbone, device_ids=ids)
 
         pcfg = config.partialfc
         margin = build_margin(pcfg.margin, **pcfg.margin_kwargs)
@@ -173,8 +168,9 @@ class Trainer:
         )
         self.sched_backbone = build_scheduler(self.opt_backbone, self.total_steps, config.schedule)
         self.sched_fc = build_scheduler(self.opt_fc, self.total_steps, config.schedule)
-        # fp16 autocast needs loss scaling; one scaler covers both optimizers (CUDA only).
-        self.scaler = torch.amp.GradScaler("cuda") if tcfg.precision == "fp16" else None
+        # DDP or DeepSpeed around the backbone; it also steps the classifier (loss scaling).
+        self.engine = build_engine(self.backbone, self.opt_backbone, ctx, config)
+        self.backbone = self.engine.module
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
@@ -274,7 +270,7 @@ class Trainer:
         start_step = self.step
         last: dict[str, float] = {}
         steps_since_log = 0
-        self.model.train()
+        self.engine.model.train()
         batches = self._batches()
         while self.step < self.total_steps:
             loss, stats, finite = self._one_step(batches)
@@ -339,8 +335,8 @@ class Trainer:
         the same branch when it is non-finite and skips the step: no rank is left waiting in a
         gradient all-reduce.
         """
-        ctx, tcfg = self.ctx, self.config.train
-        self.opt_backbone.zero_grad(set_to_none=True)
+        ctx, engine = self.ctx, self.engine
+        engine.zero_grad()
         self.opt_fc.zero_grad(set_to_none=True)
         total = torch.zeros((), device=ctx.device)
         stats: dict[str, Any] = {}
@@ -349,45 +345,24 @@ class Trainer:
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
             last_micro = micro == self.accum - 1
-            sync = (
-                self.model.no_sync()
-                if isinstance(self.model, DistributedDataParallel) and not last_micro
-                else contextlib.nullcontext()
-            )
-            with sync:
+            with engine.micro_context(last_micro):
                 with self._autocast():
-                    embeddings = self.model(images)  # [B, D]
+                    embeddings = engine(images)  # [B, D]
                     loss, stats = self.partial_fc(embeddings, labels)
                 if not torch.isfinite(loss):
                     # Drop what earlier micro-batches accumulated, and the rest of this step.
                     for _ in range(self.accum - 1 - micro):
                         next(batches)
-                    self.opt_backbone.zero_grad(set_to_none=True)
+                    engine.zero_grad()
                     self.opt_fc.zero_grad(set_to_none=True)
                     return loss.detach(), stats, False
-                scaled = loss / self.accum
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+                engine.backward(loss / self.accum, last_micro)
             total += loss.detach() / self.accum
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt_backbone)
-            self.scaler.unscale_(self.opt_fc)
-        if tcfg.clip_grad_norm is not None:
-            stats["grad_norm"] = nn.utils.clip_grad_norm_(
-                self.backbone.parameters(), tcfg.clip_grad_norm
-            )
-        if self.config.partialfc.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(
-                self.partial_fc.parameters(), self.config.partialfc.clip_grad_norm
-            )
-        if self.scaler is not None:
-            self.scaler.step(self.opt_backbone)  # skipped on overflow, for both optimizers
-            self.scaler.step(self.opt_fc)
-            self.scaler.update()
-        else:
-            self.opt_backbone.step()
-            self.opt_fc.step()
+        grad_norm = engine.step(
+            self.opt_fc, self.partial_fc.parameters(), self.config.partialfc.clip_grad_norm
+        )
+        if grad_norm is not None:
+            stats["grad_norm"] = grad_norm
         self.sched_backbone.step()
         self.sched_fc.step()
         return total, stats, True
@@ -412,7 +387,7 @@ class Trainer:
         # The distributed CE already returns the global-batch mean on every rank.
         out = {
             "train/loss": float(loss),
-            "train/lr": self.opt_backbone.param_groups[0]["lr"],
+            "train/lr": self.sched_backbone.get_last_lr()[0],
             "train/samples_per_sec": meter.rate(steps * global_batch),
             "train/epoch": self.epoch,
             "train/nonfinite_steps": self.nonfinite_total,
@@ -487,16 +462,17 @@ class Trainer:
         ckpt.save_torch(payload, tmp / f"classifier-rank{r}.pt")
         ckpt.save_torch(
             {
-                "optimizer": self.opt_backbone.state_dict(),
+                "engine": self.engine.state_dict(),
                 "scheduler": self.sched_backbone.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": train_state.capture_rng(),
                 "sample_generator": pfc.sample_generator.get_state(),
             },
             tmp / f"trainer-rank{r}.pt",
         )
+        self.engine.save_extra(tmp)  # collective (DeepSpeed partitions)
+        backbone_state = self.engine.full_state_dict()  # collective under ZeRO-3
         if self.ctx.is_main:
-            ckpt.save_torch(self.backbone.state_dict(), tmp / "backbone.pt")
+            ckpt.save_torch(backbone_state, tmp / "backbone.pt")
         self._barrier()
         final = self.run_dir / f"step-{self.step}"
         if self.ctx.is_main:
@@ -505,6 +481,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch,
                 "world_size": self.ctx.world_size,
+                "engine": self.engine.name,
                 "batch_size": self.config.train.batch_size,
                 "nonfinite_steps": self.nonfinite_total,
                 "wandb_id": self.wandb_id,
@@ -543,11 +520,18 @@ class Trainer:
         fc_sched = ckpt.load_torch(step_dir / "classifier-rank0.pt")["scheduler"]
         own = step_dir / f"trainer-rank{self.ctx.rank if same_world else 0}.pt"
         trainer_state = ckpt.load_torch(own)
-        self.opt_backbone.load_state_dict(trainer_state["optimizer"])
+        same_engine = meta.get("engine", "ddp") == self.engine.name
+        if same_engine and same_world:
+            self.engine.load_state_dict(trainer_state["engine"])
+        elif same_engine and self.engine.name == "ddp":
+            # DDP's optimizer state is replicated: any rank's copy fits any world size.
+            self.engine.load_state_dict(trainer_state["engine"])
+        loaded = self.engine.load_extra(step_dir, same_world and same_engine)
+        if self.engine.name == "deepspeed" and not loaded:
+            # ZeRO partitions do not move to another world size: weights only.
+            self.backbone.load_state_dict(ckpt.load_torch(step_dir / "backbone.pt"))
         self.sched_backbone.load_state_dict(trainer_state["scheduler"])
         self.sched_fc.load_state_dict(fc_sched)
-        if self.scaler is not None and trainer_state.get("scaler"):
-            self.scaler.load_state_dict(trainer_state["scaler"])
         self.step = int(meta["step"])
         self.epoch = int(meta["epoch"])
         self.nonfinite_total = int(meta.get("nonfinite_steps", 0))

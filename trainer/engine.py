@@ -1,0 +1,230 @@
+"""Backbone engines: how the replicated backbone is wrapped, back-propagated and stepped.
+
+Partial FC is never inside an engine: its shard differs on every rank, so it must not be
+averaged like a replicated model. Each engine therefore also steps the classifier optimizer,
+because the two share loss scaling:
+
+* ``DDPEngine``: torch DDP; with fp16 (CUDA) one GradScaler scales the loss and unscales both
+  optimizers, and skips both steps on overflow; bf16 and fp32 need no scaling.
+* ``DeepSpeedEngine``: a DeepSpeed engine (ZeRO stage 0-3, extra DeepSpeed keys passed
+  through). With fp16 DeepSpeed scales the loss by its dynamic loss scale; the classifier's
+  gradients are divided by that scale here and its step is skipped when DeepSpeed reports an
+  overflow.
+
+One optimizer step = ``accum`` micro-batches; the caller divides each micro-batch loss by
+``accum`` and calls ``backward(loss, last_micro)``, then ``step(...)`` once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.config import Config
+from trainer.context import DistContext
+
+
+def _clip(params: Any, max_norm: float | None) -> torch.Tensor | None:
+    if max_norm is None:
+        return None
+    return nn.utils.clip_grad_norm_(params, max_norm)
+
+
+class DDPEngine:
+    """The backbone under DistributedDataParallel (or bare in a single process)."""
+
+    name = "ddp"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ctx: DistContext,
+        config: Config,
+    ) -> None:
+        self.module = backbone
+        self.optimizer = optimizer
+        self.model: nn.Module = backbone
+        if ctx.distributed:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.model = DistributedDataParallel(backbone, device_ids=ids)
+        # fp16 autocast needs loss scaling; one scaler covers both optimizers (CUDA only).
+        self.scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
+        self.clip = config.train.clip_grad_norm
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def micro_context(self, last_micro: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        if isinstance(self.model, DistributedDataParallel) and not last_micro:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(
+        self, fc_optimizer: torch.optim.Optimizer, fc_params: Any, fc_clip: float | None
+    ) -> torch.Tensor | None:
+        """Unscale (fp16), clip, step both optimizers. Returns the backbone grad norm."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(fc_optimizer)
+        grad_norm = _clip(self.module.parameters(), self.clip)
+        _clip(fc_params, fc_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # both skipped on overflow
+            self.scaler.step(fc_optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+            fc_optimizer.step()
+        return grad_norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save_extra(self, folder: Path) -> None:
+        """Nothing beyond the per-rank trainer file for DDP."""
+
+    def load_extra(self, folder: Path, same_world: bool) -> bool:
+        return False
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+class DeepSpeedEngine:
+    """The backbone inside a DeepSpeed engine (ZeRO 0-3)."""
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ctx: DistContext,
+        config: Config,
+    ) -> None:
+        import deepspeed  # the launcher set DS_ACCELERATOR before this import
+
+        tcfg, dcfg = config.train, config.deepspeed
+        ds_config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": tcfg.batch_size,
+            "gradient_accumulation_steps": tcfg.grad_accum_steps,
+            "zero_optimization": {"stage": dcfg.zero_stage},
+            # Plain SGD is not on DeepSpeed's list of ZeRO-tested optimizers; it works.
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": tcfg.precision == "bf16"},
+            "fp16": {"enabled": tcfg.precision == "fp16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        # Explicit 0 when off: DeepSpeed's own default would otherwise apply.
+        ds_config["gradient_clipping"] = tcfg.clip_grad_norm or 0.0
+        ds_config = _merge(ds_config, dcfg.config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=backbone, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+        self.module = self.engine.module
+        self.model = self.engine
+        self.zero_stage = dcfg.zero_stage
+        self.fp16 = tcfg.precision == "fp16"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.engine(images)
+
+    def micro_context(self, last_micro: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        # The caller already divided by the accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not last_micro:
+            self.engine.step()  # a no-op step that advances DeepSpeed's micro-step counter
+
+    def zero_grad(self) -> None:
+        """DeepSpeed zeroes the backbone gradients itself after each boundary step."""
+
+    def step(
+        self, fc_optimizer: torch.optim.Optimizer, fc_params: Any, fc_clip: float | None
+    ) -> torch.Tensor | None:
+        fc_params = [p for p in fc_params if p.grad is not None]
+        overflow = False
+        if self.fp16:
+            scale = float(self.optimizer.cur_scale)
+            for p in fc_params:
+                p.grad.div_(scale)
+            overflow = not all(bool(torch.isfinite(p.grad).all()) for p in fc_params)
+        self.engine.step()
+        overflow = overflow or bool(getattr(self.optimizer, "overflow", False))
+        _clip(fc_params, fc_clip)
+        if not overflow:
+            fc_optimizer.step()
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(float(norm))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # DeepSpeed's own checkpoint holds the optimizer (partitioned under ZeRO)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See :meth:`load_extra`."""
+
+    def save_extra(self, folder: Path) -> None:
+        """Collective: every rank writes its ZeRO partition under ``folder/deepspeed``."""
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+
+    def load_extra(self, folder: Path, same_world: bool) -> bool:
+        """Restore DeepSpeed's optimizer partitions when the world size is unchanged.
+
+        ZeRO partitions do not map onto another world size; then only the weights are loaded
+        (from backbone.pt) and the backbone optimizer starts afresh. Returns whether the
+        DeepSpeed state was loaded.
+        """
+        if not same_world or not (folder / "deepspeed").is_dir():
+            return False
+        self.engine.load_checkpoint(
+            str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False
+        )
+        return True
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective under ZeRO-3 (parameters are gathered); a plain state_dict otherwise."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict()
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_engine(
+    backbone: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext, config: Config
+) -> DDPEngine | DeepSpeedEngine:
+    if config.dist.engine == "deepspeed":
+        return DeepSpeedEngine(backbone, optimizer, ctx, config)
+    return DDPEngine(backbone, optimizer, ctx, config)
