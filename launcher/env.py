@@ -88,17 +88,42 @@ def prepare_deepspeed(ctx: DistContext, environ: MutableMapping[str, str] | None
     env.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
 
 
-def init_process_group(ctx: DistContext, timeout_s: float = 1800.0) -> None:
-    """Join the job's process group (MASTER_ADDR/MASTER_PORT come from the launcher)."""
+def init_process_group(
+    ctx: DistContext, timeout_s: float = 1800.0, environ: Mapping[str, str] | None = None
+) -> None:
+    """Join the job's process group (MASTER_ADDR/MASTER_PORT come from the launcher).
+
+    Under torchrun the store's keys are prefixed with the restart attempt: after an elastic
+    restart the agent's store still holds the previous attempt's gloo addresses, and a new
+    worker reading those would fail to connect to peers that no longer exist.
+    """
     if not ctx.distributed or dist.is_initialized():
         return
+    env = os.environ if environ is None else environ
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "TORCHELASTIC_RESTART_COUNT" in env and "MASTER_ADDR" in env:
+        agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        base = dist.TCPStore(
+            env["MASTER_ADDR"],
+            _int(env, "MASTER_PORT"),
+            ctx.world_size,
+            is_master=not agent_store and ctx.rank == 0,
+            timeout=timeout,
+            multi_tenant=not agent_store,
+        )
+        store = dist.PrefixStore(f"facetrain/attempt_{restart_count(env)}", base)
+        dist.init_process_group(
+            backend=ctx.backend,
+            store=store,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            timeout=timeout,
+        )
+        return
     dist.init_process_group(
-        backend=ctx.backend,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        backend=ctx.backend, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout
     )
 
 

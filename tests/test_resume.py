@@ -179,3 +179,49 @@ def test_resumed_run_continues_the_same_wandb_run(tiny_dataset: Path, tmp_path: 
     assert logs[0].name == logs[1].name  # run-<id>.wandb: one id for both jobs
     steps = [row["_step"] for log in logs for row in read_history(log) if "train/loss" in row]
     assert sorted(steps) == [1, 2, 3, 4]
+
+
+def test_truncated_shard_falls_back_to_previous_checkpoint(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    steps = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    _train(tiny_dataset, tmp_path, "t", *steps, "train.stop_at_step=4")
+    shard = tmp_path / "t" / "step-4" / "classifier-rank1.pt"
+    shard.write_bytes(shard.read_bytes()[:100])  # a shard cut short (disk full, crash)
+    out = _train(tiny_dataset, tmp_path, "t", *steps, "--resume", "auto")
+    assert "cannot resume from" in out and "step-4" in out
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-2")
+    assert summary["train"]["steps"] == 6 and summary["train"]["steps_this_run"] == 4
+
+
+def test_torchrun_restart_resumes_from_latest_checkpoint(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """A worker killed mid-run: torchrun (dist.max_restarts=1) restarts the group, which
+    resumes from the latest checkpoint by itself and finishes."""
+    import psutil
+
+    cmd = _args(
+        tiny_dataset,
+        tmp_path,
+        "r",
+        "train.max_steps=400",
+        "train.checkpoint_every=3",
+        "dist.max_restarts=1",
+    )
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "r" / "latest").exists():
+        time.sleep(0.5)
+    assert (tmp_path / "r" / "latest").exists(), "no checkpoint appeared"
+    agent = psutil.Process(proc.pid).children()[0]
+    workers = agent.children()
+    assert len(workers) == 2
+    workers[1].kill()  # SIGKILL: no chance to checkpoint
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert "resumed_from" in summary and summary["train"]["steps"] == 400

@@ -495,17 +495,44 @@ class Trainer:
         return final
 
     def _maybe_resume(self) -> None:
-        """Load ``run.resume`` ("auto": the latest complete checkpoint of this run, if any)."""
+        """Load ``run.resume``: "auto" = the newest complete checkpoint of this run that every
+        rank can read (a truncated or missing file falls back to the one before), or a path.
+        """
         spec = self.config.run.resume
         if spec is None:
             return
         if spec == "auto":
-            if not ckpt.step_dirs(self.run_dir):
+            candidates = [d for _, d in reversed(ckpt.step_dirs(self.run_dir))]
+            if not candidates:
                 return
-            step_dir = ckpt.resolve_checkpoint(self.run_dir)
         else:
-            step_dir = ckpt.resolve_checkpoint(spec)
-        self.load_checkpoint(step_dir)
+            candidates = [ckpt.resolve_checkpoint(spec)]
+        errors = []
+        for step_dir in candidates:
+            try:
+                self.load_checkpoint(step_dir)
+                ok = 1.0
+            except ckpt.CheckpointError as exc:
+                errors.append(str(exc))
+                ok = 0.0
+            # Every rank must resume from the same checkpoint.
+            flag = torch.tensor([ok], device=self.ctx.device)
+            if self.ctx.distributed and dist.is_initialized():
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() > 0:
+                if errors and self.ctx.is_main:
+                    print(
+                        f"facetrain: resumed from {step_dir} after skipping: {errors}", flush=True
+                    )
+                return
+            if self.ctx.is_main:
+                print(
+                    f"facetrain: cannot resume from {step_dir}; trying an older checkpoint",
+                    flush=True,
+                )
+        tried = [str(c) for c in candidates]
+        reason = errors or "another rank could not read its files"
+        raise ckpt.CheckpointError(f"no usable checkpoint among {tried}: {reason}")
 
     def load_checkpoint(self, step_dir: Path) -> None:
         """Restore everything; the classifier is re-sharded if the world size changed."""
