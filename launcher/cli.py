@@ -15,8 +15,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher import env as launch_env
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +35,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="override a config value, e.g. --set optimizer.lr=0.05 (repeatable)",
     )
     p.add_argument("--nproc", type=int, default=None, help="processes on this node (dist.nproc)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one agent each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank in [0, nnodes)")
+    p.add_argument(
+        "--rdzv", default=None, metavar="HOST:PORT", help="rendezvous endpoint (first node)"
+    )
+    p.add_argument("--engine", choices=["ddp", "deepspeed"], default=None, help="dist.engine")
     p.add_argument(
         "--resume",
         default=None,
@@ -90,48 +100,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------ train
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.config import dump_config, load_config
-    from trainer.loop import read_pack_facts
+    from trainer.config import ConfigError, dump_config, load_config
+    from trainer.plan import format_plan, light_pack_facts, plan_run
 
     overrides = list(args.overrides)
     if args.nproc is not None:
         overrides.append(f"dist.nproc={args.nproc}")
     if args.resume is not None:
         overrides.append(f"run.resume={args.resume}")
+    if args.engine is not None:
+        overrides.append(f"dist.engine={args.engine}")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} outside [0, --nnodes {args.nnodes})")
+    if args.nnodes > 1 and not args.rdzv:
+        raise ConfigError("--nnodes > 1 needs --rdzv HOST:PORT (the first node's address)")
     config = load_config(args.config, overrides)  # fails here, before any process starts
-    facts = read_pack_facts(config)
+    world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
+    plan = plan_run(config, world, light_pack_facts(config.data.train))
     if args.dry_run:
         print(dump_config(config))
-        print(f"pack: {facts.num_classes} classes, {facts.num_images} images, {facts.image_size}")
+        print(format_plan(plan))
         return 0
-    if launch_env.under_launcher() or config.dist.nproc == 1:
+    if launch_env.under_launcher() or (config.dist.nproc == 1 and args.nnodes == 1):
         from launcher.worker import run_worker
 
         run_worker(config)
         return 0
-    return _spawn_torchrun(args.config, overrides, config.dist.nproc, config.dist.max_restarts)
+    return _spawn_torchrun(args, overrides, config)
 
 
-def _spawn_torchrun(config_path: str, overrides: list[str], nproc: int, max_restarts: int) -> int:
-    """Start ``nproc`` workers on this node under torchrun's elastic agent.
+def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Config) -> int:
+    """Start ``dist.nproc`` workers on this node under torchrun's elastic agent: standalone
+    on one node, or one agent per node meeting at the ``--rdzv`` endpoint (c10d).
 
     SIGTERM / SIGUSR1 sent to this process are passed on to the workers as SIGUSR1 (each
     finishes its step, checkpoints and exits 0), not to the agent, which would kill them.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
+    nproc = config.dist.nproc
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if args.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={args.nnodes}",
+            f"--node-rank={args.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv}",
+            f"--rdzv-id={config.run.name}",
+        ]
+    cmd += [
         f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}",
+        f"--max-restarts={config.dist.max_restarts}",
         "-m",
         "launcher.worker",
-        config_path,
+        args.config,
     ]
     for item in overrides:
         cmd += ["--set", item]
-    print(f"facetrain: starting {nproc} processes under torchrun", flush=True)
+    where = f" (node {args.node_rank} of {args.nnodes})" if args.nnodes > 1 else ""
+    print(f"facetrain: starting {nproc} processes under torchrun{where}", flush=True)
     agent = subprocess.Popen(cmd)
 
     def forward(signum: int, _frame: object) -> None:

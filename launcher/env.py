@@ -46,6 +46,14 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
         raise LaunchError(f"environment variable {name}={raw!r} is not an integer") from exc
 
 
+def planned_world_size(nproc: int, nnodes: int, environ: Mapping[str, str] | None = None) -> int:
+    """The job's world size: the launcher's WORLD_SIZE when under one, else nproc x nnodes."""
+    env = os.environ if environ is None else environ
+    if under_launcher(env):
+        return _int(env, "WORLD_SIZE")
+    return nproc * nnodes
+
+
 def restart_count(environ: Mapping[str, str] | None = None) -> int:
     """How many times torchrun's elastic agent has restarted this worker group."""
     env = os.environ if environ is None else environ

@@ -40,8 +40,8 @@ class DataConfig(_Section):
     """Folder of the training pack (train.rec, train.idx, property)."""
     val: list[str] = Field(default_factory=list)
     """Verification sets (insightface .bin) evaluated during and after training."""
-    loader: Literal["torch"] = "torch"
-    """Training data loader."""
+    loader: Literal["torch", "dali"] = "torch"
+    """Training data loader: PyTorch workers, or NVIDIA DALI (GPU decode on CUDA, CPU otherwise)."""
     workers: int = Field(1, ge=0)
     """Decoding worker processes per rank (0 decodes in the training process)."""
     flip: bool = True
@@ -96,6 +96,20 @@ class ScheduleConfig(_Section):
     """Exponent of the polynomial decay (1 = linear)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 over this many optimizer steps."""
+    warmup_epochs: float | None = Field(None, ge=0.0)
+    """Warmup length in epochs instead (converted with the data's steps per epoch)."""
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> ScheduleConfig:
+        if self.warmup_epochs is not None and self.warmup_steps:
+            raise ValueError("schedule.warmup_steps and schedule.warmup_epochs: set only one")
+        return self
+
+    def resolve_warmup(self, steps_per_epoch: int) -> int:
+        """Warmup in optimizer steps for a run with ``steps_per_epoch`` steps per epoch."""
+        if self.warmup_epochs is not None:
+            return round(self.warmup_epochs * steps_per_epoch)
+        return self.warmup_steps
 
 
 class TrainConfig(_Section):

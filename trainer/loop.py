@@ -166,8 +166,11 @@ class Trainer:
         self.opt_fc = build_optimizer(
             self.partial_fc.parameters(), ocfg, lr=pcfg.lr, weight_decay=pcfg.weight_decay
         )
-        self.sched_backbone = build_scheduler(self.opt_backbone, self.total_steps, config.schedule)
-        self.sched_fc = build_scheduler(self.opt_fc, self.total_steps, config.schedule)
+        self.warmup_steps = config.schedule.resolve_warmup(self.steps_per_epoch)
+        self.sched_backbone, self.sched_fc = (
+            build_scheduler(opt, self.total_steps, config.schedule, self.warmup_steps)
+            for opt in (self.opt_backbone, self.opt_fc)
+        )
         # DDP or DeepSpeed around the backbone; it also steps the classifier (loss scaling).
         self.engine = build_engine(self.backbone, self.opt_backbone, ctx, config)
         self.backbone = self.engine.module
@@ -241,6 +244,7 @@ class Trainer:
             "global_batch_size": self.config.train.batch_size * self.ctx.world_size * self.accum,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
             "classifier_rows_this_rank": self.partial_fc.num_local,
         }
 

@@ -30,15 +30,17 @@ def build_optimizer(
     return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=wd)
 
 
-def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def lr_factor(
+    step: int, total_steps: int, cfg: ScheduleConfig, warmup_steps: int | None = None
+) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
 
-    Linear warmup from 0 over ``warmup_steps`` (the first step already gets a non-zero rate),
-    then polynomial or cosine decay to 0 at ``total_steps``, or constant.
+    Linear warmup from 0 over ``warmup_steps`` (default: the config's; the first step already
+    gets a non-zero rate), then polynomial or cosine decay to 0 at ``total_steps``, or constant.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    warmup = min(cfg.warmup_steps, total_steps)
+    warmup = min(cfg.warmup_steps if warmup_steps is None else warmup_steps, total_steps)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.kind == "constant":
@@ -51,9 +53,12 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    cfg: ScheduleConfig,
+    warmup_steps: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR that applies :func:`lr_factor`; call ``.step()`` once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg)
+        optimizer, lambda step: lr_factor(step, total_steps, cfg, warmup_steps)
     )
