@@ -90,10 +90,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4)
 
 
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="render the sbatch script for a config and submit it")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="0: CPU (dist.nproc ranks)")
+    p.add_argument("--partition")
+    p.add_argument("--time", dest="time_limit", help="time limit, e.g. 2-00:00:00")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before the end")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facetrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_synth, _add_pack, _add_eval, _add_export):
+    for add in (_add_train, _add_synth, _add_pack, _add_eval, _add_export, _add_submit):
         add(sub)
     return parser
 
@@ -159,7 +174,9 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
         cmd += ["--set", item]
     where = f" (node {args.node_rank} of {args.nnodes})" if args.nnodes > 1 else ""
     print(f"facetrain: starting {nproc} processes under torchrun{where}", flush=True)
-    agent = subprocess.Popen(cmd)
+    # A session of its own: a signal sent to this process's group (srun and slurmstepd signal
+    # whole groups) must not kill the agent; the workers get it from `forward` instead.
+    agent = subprocess.Popen(cmd, start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
         for pid in _workers(agent.pid):
@@ -183,6 +200,36 @@ def _workers(pid: int) -> list[int]:
         return [p.pid for p in psutil.Process(pid).children(recursive=False)]
     except psutil.NoSuchProcess:
         return []
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.submit import render_sbatch, submit
+    from trainer.config import load_config
+    from trainer.plan import light_pack_facts, plan_run
+
+    config = load_config(args.config, args.overrides)
+    nproc = args.gpus_per_node or config.dist.nproc
+    plan_run(config, nproc * args.nodes, light_pack_facts(config.data.train))  # fail early
+    script = render_sbatch(
+        args.config,
+        args.overrides,
+        config,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        partition=args.partition,
+        time_limit=args.time_limit,
+        account=args.account,
+        qos=args.qos,
+        cpus_per_task=args.cpus_per_task,
+        signal_seconds=args.signal_seconds,
+    )
+    if args.dry_run:
+        print(script)
+        return 0
+    job = submit(script, config.run_dir.resolve())
+    print(f"facetrain: submitted job {job}; log {config.run_dir.resolve()}/slurm-{job}.out")
+    print(job)
+    return 0
 
 
 # ------------------------------------------------------------------------------- data tools
@@ -250,17 +297,20 @@ _COMMANDS = {
     "pack": cmd_pack,
     "eval": cmd_eval,
     "export": cmd_export,
+    "submit": cmd_submit,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     from dataio.pack import PackError
+    from launcher.submit import SubmitError
+    from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, PackError, FileNotFoundError) as exc:
+    except (ConfigError, PackError, CheckpointError, SubmitError, FileNotFoundError) as exc:
         print(f"facetrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -85,6 +85,8 @@ def dist_context_from_env(
     local_rank = _int(env, names[2], default=0)
     local_world = _int(env, names[3], default=1)
     dev = resolve_device(device, local_rank)
+    if world == 1:  # e.g. a one-task srun: nothing to synchronise with
+        return DistContext(rank, 1, local_rank, max(local_world, 1), dev, "none")
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     return DistContext(rank, world, local_rank, local_world, dev, backend)

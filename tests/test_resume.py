@@ -225,3 +225,42 @@ def test_torchrun_restart_resumes_from_latest_checkpoint(
     assert proc.returncode == 0, output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert "resumed_from" in summary and summary["train"]["steps"] == 400
+
+
+def test_two_nodes_on_one_machine_train_together(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Two torchrun agents (one "node" each, 1 process each) meet at one c10d rendezvous."""
+    from _dist import free_port
+
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            _args(
+                tiny_dataset,
+                tmp_path,
+                "nodes",
+                "train.max_steps=3",
+                "dist.nproc=1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv",
+                f"127.0.0.1:{port}",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    assert "node 1 of 2" in outputs[1]
+    meta = json.loads((tmp_path / "nodes" / "step-3" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    shards = [
+        torch.load(tmp_path / "nodes" / "step-3" / f"classifier-rank{r}.pt", weights_only=True)
+        for r in (0, 1)
+    ]
+    assert [(s["class_start"], s["num_local"]) for s in shards] == [(0, 3), (3, 3)]

@@ -205,7 +205,9 @@ class Trainer:
         summary: dict[str, Any] = {"derived": self.derived()}
         if self.resumed_from is not None:
             summary["resumed_from"] = str(self.resumed_from)
-        progress = Progress(self.total_steps, self.step, ctx.is_main and cfg.train.progress)
+        progress = Progress(
+            self.total_steps, self.step, ctx.is_main and cfg.train.progress, echo=ctx.is_main
+        )
         try:
             if cfg.train.eval_at_start and self.resumed_from is None:
                 summary["eval_before"] = self.evaluate(wandb_run, progress)

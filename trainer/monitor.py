@@ -68,8 +68,10 @@ class WandbRun:
 class Progress:
     """Rank-0 console progress: a tqdm bar with loss, lr, samples/s and the ETA."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, echo: bool = True) -> None:
+        """``enabled``: draw the bar; ``echo``: print messages (rank 0 only) when there is none."""
         self.bar = None
+        self.echo = echo
         if enabled:
             from tqdm import tqdm
 
@@ -90,7 +92,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif self.echo:
             print(text, flush=True)
 
     def close(self) -> None:
