@@ -58,6 +58,8 @@ def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "schedule.warmup_steps=2",
         "--set",
         "eval.batch_size=16",
+        "--set",
+        "train.eval_every=4",  # mid-run evaluation: every rank embeds a slice
         cwd=work,
     )
     return {"run_dir": work / "e2e", "stdout": proc.stdout, "stderr": proc.stderr, "work": work}
@@ -107,7 +109,7 @@ def test_wandb_offline_log_has_metrics(trained_run: dict) -> None:
     for key in ("train/lr", "train/samples_per_sec", "angles/target_angle_mean_deg"):
         assert all(key in r for r in train_rows), key
     eval_steps = [r["_step"] for r in history if "eval/val/accuracy" in r]
-    assert eval_steps == [0, 5]
+    assert eval_steps == [0, 4, 5]
 
 
 def test_eval_and_export_commands_agree(trained_run: dict, tiny_dataset: Path) -> None:
