@@ -16,41 +16,72 @@ Vocabulary used throughout this package:
 - **sampled index**: sorted positions (local rows of the shard) that take part this step,
   ``[S]``: every positive of the global batch plus random negatives. A row's target column is
   the position of its label in the sampled index, or -1 when the label is on another rank.
+- **rows / cols**: the ``R`` global rows whose class is among this rank's sampled columns,
+  and those columns (``target[rows]``).
+- **replicated** term: computed identically on every rank from the gathered batch (batch
+  losses); **sharded** term: each rank adds its own classes and the value is all-reduced.
 
 Modules: ``partition`` (the pure shard arithmetic), ``collectives`` (autograd all-gather and
-reductions that are identities without a process group), ``margins`` (the combined-margin
-heads and their registry), ``partial_fc`` (the ``PartialFC`` module and the distributed
-softmax cross-entropy).
+reductions that are identities without a process group), ``context`` (what a head sees),
+``margins`` (head interface, combined-margin family), ``heads`` (the rest of the zoo),
+``aux_losses`` (auxiliary embedding losses), ``registry`` (``build_margin``), ``fused`` (the
+cosine / softmax kernels), ``optim`` (the shard's row-sparse optimizer), ``partial_fc``
+(the ``PartialFC`` module).
 """
 
+from partialfc.aux_losses import AuxLoss, aux_loss_names, build_aux_loss
 from partialfc.collectives import (
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_inplace,
+    all_reduce_value,
+    all_reduce_with_grad,
     get_rank,
     get_world_size,
+    replicated_term,
+    sync_grad,
 )
-from partialfc.margins import CombinedMargin, build_margin, margin_names
+from partialfc.context import MarginContext, ShardSpec
+from partialfc.fused import Workspace, distributed_cross_entropy, gather_rows
+from partialfc.margins import CombinedMargin, MarginHead
+from partialfc.optim import ShardOptimizer, clip_grad_norm_
 from partialfc.partial_fc import (
     INIT_BLOCK_ROWS,
+    UPDATE_MODES,
     PartialFC,
-    distributed_cross_entropy,
     init_class_centers,
 )
 from partialfc.partition import class_range
+from partialfc.registry import build_margin, margin_defaults, margin_names
 
 __all__ = [
     "INIT_BLOCK_ROWS",
+    "UPDATE_MODES",
+    "AuxLoss",
     "CombinedMargin",
+    "MarginContext",
+    "MarginHead",
     "PartialFC",
+    "ShardOptimizer",
+    "ShardSpec",
+    "Workspace",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "all_reduce_inplace",
+    "all_reduce_value",
+    "all_reduce_with_grad",
+    "aux_loss_names",
+    "build_aux_loss",
     "build_margin",
     "class_range",
+    "clip_grad_norm_",
     "distributed_cross_entropy",
+    "gather_rows",
     "get_rank",
     "get_world_size",
     "init_class_centers",
+    "margin_defaults",
     "margin_names",
+    "replicated_term",
+    "sync_grad",
 ]

@@ -20,8 +20,13 @@ __all__ = [
     "all_gather_no_grad",
     "all_gather_with_grad",
     "all_reduce_inplace",
+    "all_reduce_value",
+    "all_reduce_with_grad",
     "get_rank",
+    "gather_sizes",
     "get_world_size",
+    "replicated_term",
+    "sync_grad",
 ]
 
 ProcessGroup = Any  # torch's ProcessGroup type; kept loose so None (the default group) fits.
@@ -69,11 +74,32 @@ def _gather_sizes(tensor: torch.Tensor, group: ProcessGroup | None, world: int) 
     return [int(s.item()) for s in sizes]
 
 
+def gather_sizes(tensor: torch.Tensor, group: ProcessGroup | None = None) -> list[int] | None:
+    """Dim-0 size of ``tensor`` on every rank (one small collective), or None with one rank.
+
+    Pass the result as ``sizes`` to several gathers of tensors with the same dim-0 size (the
+    embeddings and the labels of a batch) to exchange the sizes only once.
+    """
+    world = get_world_size(group)
+    if world == 1:
+        return None
+    return _gather_sizes(tensor, group, world)
+
+
 def _gather_padded(
-    tensor: torch.Tensor, group: ProcessGroup | None, world: int
+    tensor: torch.Tensor,
+    group: ProcessGroup | None,
+    world: int,
+    sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Concatenate ``tensor`` [B_r, ...] of all ranks along dim 0 -> ([sum B_r, ...], sizes)."""
-    sizes = _gather_sizes(tensor, group, world)
+    if sizes is None:
+        sizes = _gather_sizes(tensor, group, world)
+    elif len(sizes) != world or sizes[get_rank(group)] != tensor.shape[0]:
+        raise ValueError(
+            f"sizes {sizes} do not match this rank's tensor of {tensor.shape[0]} rows "
+            f"in a group of {world}"
+        )
     max_size = max(sizes)
     tensor = tensor.contiguous()
     if tensor.shape[0] < max_size:
@@ -92,10 +118,14 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, tensor: torch.Tensor, group: ProcessGroup | None, ddp_scale: bool
+        ctx: Any,
+        tensor: torch.Tensor,
+        group: ProcessGroup | None,
+        ddp_scale: bool,
+        sizes: list[int] | None,
     ) -> torch.Tensor:
         world = get_world_size(group)
-        out, sizes = _gather_padded(tensor, group, world)
+        out, sizes = _gather_padded(tensor, group, world, sizes)
         rank = get_rank(group)
         ctx.group = group
         ctx.offset = sum(sizes[:rank])
@@ -104,7 +134,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None]:
         # Each rank's loss only covers its own shard of the classifier, so the gradient wrt the
         # gathered batch is the SUM of every rank's partial gradient. Clone: the incoming
         # gradient buffer may be shared with other graph branches and must not be modified.
@@ -113,11 +145,14 @@ class _AllGatherWithGrad(torch.autograd.Function):
         local = grad[ctx.offset : ctx.offset + ctx.size]  # [B_r, ...]
         if ctx.scale != 1.0:
             local = local * ctx.scale
-        return local, None, None
+        return local, None, None, None
 
 
 def all_gather_with_grad(
-    tensor: torch.Tensor, group: ProcessGroup | None = None, ddp_scale: bool = True
+    tensor: torch.Tensor,
+    group: ProcessGroup | None = None,
+    ddp_scale: bool = True,
+    sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """Gather ``tensor`` [B_r, ...] from all ranks into [sum_r B_r, ...], differentiably.
 
@@ -134,23 +169,126 @@ def all_gather_with_grad(
     the gradient of the global mean loss. Use ``ddp_scale=False`` when the backbone gradients
     are summed instead of averaged (or for testing the raw gradient).
 
+    ``sizes``: every rank's dim-0 size from ``gather_sizes`` (saves one collective).
     Identity (and plain autograd pass-through) with one rank or no process group.
     """
     world = get_world_size(group)
     if world == 1:
         return tensor
-    return _AllGatherWithGrad.apply(tensor, group, ddp_scale)
+    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes)
 
 
-def all_gather_no_grad(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+def all_gather_no_grad(
+    tensor: torch.Tensor, group: ProcessGroup | None = None, sizes: list[int] | None = None
+) -> torch.Tensor:
     """Gather ``tensor`` [B_r, ...] from all ranks into [sum_r B_r, ...] without autograd.
 
     Meant for labels and other integer / detached data; ranks may hold different ``B_r``.
+    ``sizes`` as for ``all_gather_with_grad``.
     Identity with one rank or no process group.
     """
     world = get_world_size(group)
     if world == 1:
         return tensor
     with torch.no_grad():
-        out, _ = _gather_padded(tensor.detach(), group, world)
+        out, _ = _gather_padded(tensor.detach(), group, world, sizes)
     return out
+
+
+class _AllReduceValue(torch.autograd.Function):
+    """Forward: all-reduce SUM; backward: identity. See ``all_reduce_value``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def all_reduce_value(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Sum a *sharded* partial result over ranks; the gradient stays local.
+
+    For a global quantity ``L = sum_r L_r`` where each rank computes ``L_r`` from its own
+    shard, every rank needs the value ``L`` but must back-propagate only through its own
+    ``L_r`` (the other ranks back-propagate theirs). Forward all-reduces (SUM), backward is the
+    identity. Identity with one rank or no process group.
+    """
+    if get_world_size(group) == 1:
+        return tensor
+    return _AllReduceValue.apply(tensor, group)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Forward and backward: all-reduce SUM. See ``all_reduce_with_grad``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_with_grad(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """``y = sum_r x_r`` on every rank, differentiably.
+
+    Every rank then uses its copy of ``y`` in its own part of a global loss, so the true
+    gradient wrt ``x_r`` is the sum over ranks of ``dL_r/dy``: backward all-reduces (SUM) too.
+    Identity with one rank or no process group.
+    """
+    if get_world_size(group) == 1:
+        return tensor
+    return _AllReduceWithGrad.apply(tensor, group)
+
+
+class _SyncGrad(torch.autograd.Function):
+    """Forward: identity (a copy); backward: all-reduce SUM. See ``sync_grad``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def sync_grad(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Use a *replicated* parameter in sharded computations: its gradient is summed over ranks.
+
+    A parameter held identically by every rank (e.g. DiscFace's displacement vector) but used
+    by each rank only with its own shard gets a partial gradient per rank; summing them (every
+    rank gets the same sum) keeps the copies identical after each optimizer step. Every rank
+    must use the returned tensor in its graph, or the backward collective would hang.
+    Identity with one rank or no process group.
+    """
+    if get_world_size(group) == 1:
+        return tensor
+    return _SyncGrad.apply(tensor, group)
+
+
+def replicated_term(value: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """A loss term computed identically on every rank from the gathered batch.
+
+    The embeddings' all-gather sums the gradient over ranks in backward, so a term that every
+    rank computes from the same gathered rows would be counted ``world_size`` times. This keeps
+    the value and scales the gradient by ``1 / world_size``. Identity with one rank.
+    """
+    world = get_world_size(group)
+    if world == 1:
+        return value
+    part = value / world
+    return part + (value - part).detach()

@@ -1,32 +1,57 @@
-"""Margin heads that turn the (sampled, sharded) cosine matrix into logits.
+"""Margin heads: the base interface and the combined-margin family.
 
-All heads here are instances of one formula on the target column ``y`` of each row::
+Most heads of the face-recognition literature are one formula on the target column ``y``::
 
     target logit:    s * (cos(m1 * theta_y + m2) - m3)
     other columns:   s * cos(theta_j)
 
-ArcFace is ``m1=1, m3=0``, CosFace / AM-Softmax ``m1=1, m2=0``, NormFace has no margin at all.
-Because Partial FC shards and samples the class centres, a row's target class may live on
-another rank; such rows carry ``target == -1`` and only get ``s * cos`` here.
+ArcFace is ``m1=1, m3=0``, CosFace / AM-Softmax ``m1=1, m2=0``, NormFace has no margin, the
+arccos form of SphereFace is ``m1=1.35``. Because Partial FC shards and samples the class
+centres, a row's target class may live on another rank; such rows carry ``target == -1`` and
+only get ``s * cos`` here. Heads that also reshape negatives or keep state live in
+``partialfc.heads``; auxiliary embedding losses in ``partialfc.aux_losses``; the registry of
+names in ``partialfc.registry``.
+
+The head interface (``MarginHead``):
+
+- ``logits(ctx) -> [N, S]``: the logits of this rank's sampled columns from a
+  ``MarginContext``. Every head implements it (the generic path).
+- ``fused_scale`` / ``target_logits(ctx, cos_t) -> [R]``: a head whose non-target logits are
+  exactly ``s * cos`` with a constant ``s`` says so by returning ``s`` from ``fused_scale``
+  and implements ``target_logits``. ``PartialFC`` then never materialises the logits as a
+  separate autograd tensor: the cosine matrix, the softmax and their gradients are computed
+  in one fused kernel (see ``partialfc.fused``), with only the ``[R]`` target logits going
+  through autograd.
+- ``regularizer(ctx)``: an extra loss term (MagFace's g(a), DiscFace's discrepancy), already
+  a global value on every rank.
+- ``bind(spec)``: called once by ``PartialFC`` to create per-class parameters on the shard.
+- ``aux_losses`` / ``aux_weights``: auxiliary embedding losses added with a weight.
+- ``forward(cos, target, ...)``: ``logits`` of a single-process context, for direct use.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from partialfc.context import MarginContext, ShardSpec
+
 __all__ = [
     "ARCFACE_DEFAULTS",
     "COSFACE_DEFAULTS",
     "DEFAULT_EPS",
+    "FALLBACKS",
     "NORMFACE_DEFAULTS",
+    "SPHEREFACE_ARCCOS_DEFAULTS",
     "CombinedMargin",
+    "MarginHead",
     "build_margin",
+    "check_number",
     "margin_names",
+    "monotone_psi",
 ]
 
 DEFAULT_EPS = 1e-7
@@ -48,95 +73,114 @@ COSFACE_DEFAULTS: dict[str, Any] = {"s": 64.0, "m3": 0.4}
 NORMFACE_DEFAULTS: dict[str, Any] = {"s": 64.0}
 """NormFace without margin; scale 64 to match the other heads (the paper learns/tunes s)."""
 
+SPHEREFACE_ARCCOS_DEFAULTS: dict[str, Any] = {"s": 64.0, "m1": 1.35}
+"""The arccos form of SphereFace used by insightface's combined margin: cos(1.35 * theta)."""
 
-class CombinedMargin(nn.Module):
-    """Combined angular margin ``s * (cos(m1*theta + m2) - m3)`` on the target column.
+FALLBACKS = ("auto", "thmm", "easy", "psi", "none")
+"""What the target logit does where ``m1 * theta + m2`` passes pi (see ``CombinedMargin``)."""
 
-    Args:
-        s: logit scale (> 0). Normalised cosines live in [-1, 1]; the scale sharpens the softmax.
-        m1: multiplicative angular margin (SphereFace-style, > 0; 1 = none).
-        m2: additive angular margin in radians (ArcFace, in [0, pi); 0 = none).
-        m3: additive cosine margin (CosFace; 0 = none).
-        easy_margin: ArcFace only (m1 == 1, m3 == 0, m2 > 0): apply the margin only where
-            cos > 0 instead of using the ``th/mm`` fallback.
-        eps: arccos clamp, see ``DEFAULT_EPS``.
 
-    Paths, chosen once at construction:
+def check_number(name: str, value: object, *, positive: bool = False, finite: bool = True) -> float:
+    """A real number (bools rejected) as float, or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
 
-    - ``m1 == 1 and m2 == 0`` (CosFace, NormFace): ``cos - m3``, no arccos at all, exact.
-    - ``m1 == 1 and m3 == 0 and m2 > 0`` (ArcFace): ``cos(theta + m2)`` where
-      ``cos > cos(pi - m2)``, else ``cos - m2 * sin(m2)`` (insightface's ``th/mm`` rule). Beyond
-      theta = pi - m2 the function ``cos(theta + m2)`` stops decreasing in theta, so the margin
-      would reward moving away from the centre; the fallback keeps it monotone.
-    - otherwise: ``cos(m1 * theta + m2) - m3`` with no fallback.
 
-    Only the target entries are transformed, so the arccos work is O(N), not O(N*S).
+def monotone_psi(phi: torch.Tensor) -> torch.Tensor:
+    """SphereFace's monotone extension of ``cos(phi)`` beyond pi: ``(-1)^k cos(phi) - 2k``.
+
+    ``k = floor(phi / pi)`` (no gradient). Equal to ``cos`` on [0, pi], continuous with a
+    continuous derivative at every multiple of pi, and strictly decreasing for all phi >= 0, so
+    a margin can never reward moving a sample away from its class centre.
+    """
+    k = torch.floor(phi.detach() / math.pi)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
+    return sign * torch.cos(phi) - 2.0 * k
+
+
+class MarginHead(nn.Module):
+    """Base class of all heads; see the module docstring for the interface.
+
+    Class attributes a head may override:
+        uses_classifier: False for the "none" head (auxiliary losses only, no class centres).
+        num_subcenters: K class-centre rows per class (sub-center ArcFace).
+        needs_bias: a per-class bias is created by ``bind`` and given as ``ctx.bias``.
+        needs_weight_norms: ``ctx.weight_norms`` must be provided (no weight normalisation).
     """
 
-    def __init__(
-        self,
-        s: float,
-        m1: float = 1.0,
-        m2: float = 0.0,
-        m3: float = 0.0,
-        easy_margin: bool = False,
-        eps: float = DEFAULT_EPS,
-    ) -> None:
+    uses_classifier: bool = True
+    num_subcenters: int = 1
+    needs_bias: bool = False
+    needs_weight_norms: bool = False
+
+    def __init__(self) -> None:
         super().__init__()
-        for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3), ("eps", eps)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
-        if s <= 0:
-            raise ValueError(f"s must be > 0, got {s}")
-        if m1 <= 0:
-            raise ValueError(f"m1 must be > 0, got {m1}")
-        if not 0 <= m2 < math.pi:
-            raise ValueError(f"m2 must be in [0, pi), got {m2}")
-        if not 0 < eps < 0.5:
-            raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-        self.s = float(s)
-        self.m1 = float(m1)
-        self.m2 = float(m2)
-        self.m3 = float(m3)
-        self.eps = float(eps)
-        self.easy_margin = bool(easy_margin)
-        self._no_angle = self.m1 == 1.0 and self.m2 == 0.0
-        self._arcface = self.m1 == 1.0 and self.m3 == 0.0 and self.m2 > 0.0
-        if self.easy_margin and not self._arcface:
-            raise ValueError(
-                "easy_margin only applies to the ArcFace form (m1=1, m2>0, m3=0), "
-                f"got m1={m1}, m2={m2}, m3={m3}"
-            )
-        # insightface's names: th = cos(pi - m2), mm = sin(pi - m2) * m2 = sin(m2) * m2.
-        self._th = math.cos(math.pi - self.m2)
-        self._mm = math.sin(math.pi - self.m2) * self.m2
+        self.aux_losses = nn.ModuleDict()
+        self.aux_weights: dict[str, float] = {}
 
-    def extra_repr(self) -> str:
-        return (
-            f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, "
-            f"easy_margin={self.easy_margin}, eps={self.eps}"
-        )
+    @property
+    def fused_scale(self) -> float | None:
+        """The constant scale ``s`` of the non-target logits ``s * cos``, or None."""
+        return None
 
-    def target_cos(self, cos_t: torch.Tensor) -> torch.Tensor:
-        """Margin-adjusted target cosine ``cos(m1*theta + m2) - m3`` (before scaling) [R]."""
-        if self._no_angle:
-            return cos_t - self.m3
-        theta = torch.acos(cos_t.clamp(-1.0 + self.eps, 1.0 - self.eps))  # [R]
-        with_margin = torch.cos(self.m1 * theta + self.m2) - self.m3  # [R]
-        if not self._arcface:
-            return with_margin
-        if self.easy_margin:
-            return torch.where(cos_t > 0, with_margin, cos_t)
-        return torch.where(cos_t > self._th, with_margin, cos_t - self._mm)
+    def bind(self, spec: ShardSpec) -> None:
+        """Create per-class parameters for the shard (called once by PartialFC)."""
+        for loss in self.aux_losses.values():
+            loss.bind(spec)
 
-    def forward(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Return logits [N, S] from cosines [N, S] and per-row target columns [N].
+    def add_aux_loss(self, name: str, loss: nn.Module, weight: float = 1.0) -> None:
+        """Add an auxiliary loss ``weight * loss(ctx)`` to this head's total loss."""
+        if name in self.aux_losses:
+            raise ValueError(f"auxiliary loss {name!r} is already attached")
+        if getattr(loss, "needs_classifier", False) and not self.uses_classifier:
+            raise ValueError(f"auxiliary loss {name!r} needs a classifier head, not 'none'")
+        self.aux_losses[name] = loss
+        self.aux_weights[name] = check_number(f"aux {name} weight", weight)
 
-        ``target[i]`` is the column of row i's class in ``cos``, or -1 when that class is not in
-        this rank's sampled shard. Half-precision input is upcast to float32 (float64 stays
-        float64). Neither ``cos`` nor ``target`` is modified.
+    def target_logits(self, ctx: MarginContext, cos_t: torch.Tensor) -> torch.Tensor:
+        """Scaled target logits [R] from the target cosines ``cos_t`` [R] (fused heads only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused target logit")
+
+    def logits(self, ctx: MarginContext) -> torch.Tensor:
+        """Logits [N, S] of this rank's sampled columns. Default: ``s * cos`` + target logits."""
+        scale = self.fused_scale
+        if scale is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement logits()")
+        return self._scaled_logits(ctx, scale)
+
+    def _scaled_logits(self, ctx: MarginContext, scale: float) -> torch.Tensor:
+        """``scale * cos`` with the target entries replaced by ``target_logits``."""
+        cos = ctx.require("cos", type(self).__name__)
+        new_t = self.target_logits(ctx, ctx.target_cos)  # [R]
+        # Out-of-place index_put keeps `cos` intact for autograd and for the caller.
+        return (cos * scale).index_put((ctx.rows, ctx.cols), new_t.to(cos.dtype))  # [N, S]
+
+    def regularizer(self, ctx: MarginContext) -> torch.Tensor | None:
+        """An extra loss term (global value, same on every rank), or None."""
+        return None
+
+    def forward(
+        self,
+        cos: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        feature_norms: torch.Tensor | None = None,
+        weight_norms: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        step: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
+        """Logits [N, S] from cosines [N, S] and per-row target columns [N], single process.
+
+        ``target[i]`` is the column of row i's class in ``cos``, or -1 when the class is not
+        among the columns. Half-precision input is upcast to float32 (float64 stays float64).
+        Neither ``cos`` nor ``target`` is modified. Stateful heads update their state when in
+        training mode, exactly as inside ``PartialFC``.
         """
         if cos.dim() != 2:
             raise ValueError(f"cos must be 2-D [N, S], got shape {tuple(cos.shape)}")
@@ -148,68 +192,149 @@ class CombinedMargin(nn.Module):
             raise ValueError(f"target must be torch.long, got {target.dtype}")
         if cos.dtype in (torch.float16, torch.bfloat16):
             cos = cos.float()
-        rows = torch.nonzero(target >= 0).squeeze(1)  # [R]
-        cols = target[rows]  # [R]
-        new_t = self.target_cos(cos[rows, cols])  # [R]
-        # Out-of-place index_put keeps `cos` intact for autograd and for the caller.
-        adjusted = cos.index_put((rows, cols), new_t)  # [N, S]
-        return adjusted * self.s  # [N, S]
+        ctx = MarginContext.from_cos(
+            cos,
+            target,
+            feature_norms=feature_norms,
+            weight_norms=weight_norms,
+            bias=bias,
+            labels=labels,
+            step=step,
+            training=self.training,
+        )
+        return self.logits(ctx)
 
 
-def _arcface(**kw: Any) -> CombinedMargin:
-    args = {**ARCFACE_DEFAULTS, **kw}
-    return CombinedMargin(s=args.pop("s"), m1=1.0, m3=0.0, **args)
+class CombinedMargin(MarginHead):
+    """Combined angular margin ``s * (cos(m1*theta + m2) - m3)`` on the target column.
+
+    Args:
+        s: logit scale (> 0). Normalised cosines live in [-1, 1]; the scale sharpens the softmax.
+        m1: multiplicative angular margin (SphereFace-style, > 0; 1 = none).
+        m2: additive angular margin in radians (ArcFace, in [0, pi); 0 = none).
+        m3: additive cosine margin (CosFace; 0 = none).
+        easy_margin: shorthand for ``fallback="easy"``.
+        eps: arccos clamp, see ``DEFAULT_EPS``.
+        fallback: where ``m1 * theta + m2`` would pass pi, ``cos(m1*theta + m2)`` stops
+            decreasing in theta, so the margin would reward moving away from the centre.
+            ``"thmm"`` (ArcFace, insightface's rule, needs m1 == 1): ``cos(theta + m2)`` where
+            ``cos > cos(pi - m2)``, else ``cos - m2 * sin(m2)``. ``"easy"`` (needs m1 == 1):
+            the margin only where ``cos > 0``, else plain ``cos``. ``"psi"``: SphereFace's
+            monotone continuation ``(-1)^k cos(phi) - 2k`` of ``cos(phi)``, phi = m1*theta+m2,
+            for any m1, m2. ``"none"``: the raw formula. ``"auto"`` (default): ``"thmm"`` for
+            the ArcFace form (m1 == 1, m2 > 0, m3 == 0), ``"psi"`` for every other form with
+            an angle. Irrelevant when m1 == 1 and m2 == 0 (no arccos at all, exact).
+        interclass_filtering_threshold: insightface's noisy-label filter: when > 0, every
+            non-target cosine above it is set to 0 before scaling (a "negative" that close is
+            more likely the same identity under another label). 0 = off.
+
+    Only the target entries are transformed, so the arccos work is O(N), not O(N*S); without
+    filtering the head is fused (``fused_scale == s``).
+    """
+
+    def __init__(
+        self,
+        s: float,
+        m1: float = 1.0,
+        m2: float = 0.0,
+        m3: float = 0.0,
+        easy_margin: bool = False,
+        eps: float = DEFAULT_EPS,
+        fallback: str = "auto",
+        interclass_filtering_threshold: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.s = check_number("s", s, positive=True)
+        self.m1 = check_number("m1", m1, positive=True)
+        self.m2 = check_number("m2", m2)
+        self.m3 = check_number("m3", m3)
+        self.eps = check_number("eps", eps)
+        self.interclass_filtering_threshold = check_number(
+            "interclass_filtering_threshold", interclass_filtering_threshold
+        )
+        if not 0 <= self.m2 < math.pi:
+            raise ValueError(f"m2 must be in [0, pi), got {m2}")
+        if not 0 < self.eps < 0.5:
+            raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+        if not -1.0 <= self.interclass_filtering_threshold < 1.0:
+            raise ValueError(
+                "interclass_filtering_threshold must be in [-1, 1) (0 = off), got "
+                f"{interclass_filtering_threshold}"
+            )
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        self._no_angle = self.m1 == 1.0 and self.m2 == 0.0
+        arcface_form = self.m1 == 1.0 and self.m3 == 0.0 and self.m2 > 0.0
+        if easy_margin:
+            if fallback not in ("auto", "easy"):
+                raise ValueError(f"easy_margin=True contradicts fallback={fallback!r}")
+            fallback = "easy"
+        if fallback == "auto":
+            fallback = "thmm" if arcface_form else ("psi" if not self._no_angle else "none")
+        if fallback in ("thmm", "easy") and self.m1 != 1.0:
+            raise ValueError(
+                f"fallback {fallback!r} (easy_margin) only applies to m1 == 1, got m1={m1}"
+            )
+        if fallback == "easy" and not arcface_form:
+            raise ValueError(
+                "easy_margin only applies to the ArcFace form (m1=1, m2>0, m3=0), "
+                f"got m1={m1}, m2={m2}, m3={m3}"
+            )
+        self.fallback = fallback
+        self.easy_margin = fallback == "easy"
+        # insightface's names: th = cos(pi - m2), mm = sin(pi - m2) * m2 = sin(m2) * m2.
+        self._th = math.cos(math.pi - self.m2)
+        self._mm = math.sin(math.pi - self.m2) * self.m2
+
+    def extra_repr(self) -> str:
+        return (
+            f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, fallback={self.fallback}, "
+            f"eps={self.eps}, interclass_filtering_threshold={self.interclass_filtering_threshold}"
+        )
+
+    @property
+    def fused_scale(self) -> float | None:
+        return self.s if self.interclass_filtering_threshold == 0.0 else None
+
+    def target_cos(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """Margin-adjusted target cosine ``cos(m1*theta + m2) - m3`` (before scaling) [R]."""
+        if self._no_angle:
+            return cos_t - self.m3
+        theta = torch.acos(cos_t.clamp(-1.0 + self.eps, 1.0 - self.eps))  # [R]
+        phi = self.m1 * theta + self.m2  # [R]
+        if self.fallback == "psi":
+            return monotone_psi(phi) - self.m3
+        with_margin = torch.cos(phi)  # [R]
+        if self.fallback == "thmm":
+            with_margin = torch.where(cos_t > self._th, with_margin, cos_t - self._mm)
+        elif self.fallback == "easy":
+            with_margin = torch.where(cos_t > 0, with_margin, cos_t)
+        return with_margin - self.m3
+
+    def target_logits(self, ctx: MarginContext, cos_t: torch.Tensor) -> torch.Tensor:
+        return self.target_cos(cos_t) * self.s
+
+    def logits(self, ctx: MarginContext) -> torch.Tensor:
+        if self.interclass_filtering_threshold == 0.0:
+            return self._scaled_logits(ctx, self.s)
+        cos = ctx.require("cos", type(self).__name__)
+        with torch.no_grad():
+            dirty = cos > self.interclass_filtering_threshold  # [N, S]
+            dirty[ctx.rows, ctx.cols] = False  # the target itself is never filtered
+        filtered = cos.masked_fill(dirty, 0.0)  # [N, S]
+        new_t = self.target_logits(ctx, ctx.target_cos)  # [R]
+        return (filtered * self.s).index_put((ctx.rows, ctx.cols), new_t.to(cos.dtype))
 
 
-def _cosface(**kw: Any) -> CombinedMargin:
-    args = {**COSFACE_DEFAULTS, **kw}
-    return CombinedMargin(s=args.pop("s"), m1=1.0, m2=0.0, **args)
+def build_margin(name: str, **kwargs: Any) -> MarginHead:
+    """Build a margin head by name; see ``partialfc.registry.build_margin``."""
+    from partialfc.registry import build_margin as _build  # the registry imports every head
 
-
-def _combined(**kw: Any) -> CombinedMargin:
-    missing = [k for k in ("s", "m1", "m2", "m3") if k not in kw]
-    if missing:
-        raise ValueError(f"margin 'combined' needs s, m1, m2 and m3; missing {missing}")
-    return CombinedMargin(**kw)
-
-
-def _normface(**kw: Any) -> CombinedMargin:
-    args = {**NORMFACE_DEFAULTS, **kw}
-    return CombinedMargin(s=args.pop("s"), m1=1.0, m2=0.0, m3=0.0, **args)
-
-
-# name -> (builder, accepted keyword arguments)
-_MARGINS: dict[str, tuple[Callable[..., nn.Module], frozenset[str]]] = {
-    "arcface": (_arcface, frozenset({"s", "m2", "easy_margin", "eps"})),
-    "cosface": (_cosface, frozenset({"s", "m3", "eps"})),
-    "combined": (_combined, frozenset({"s", "m1", "m2", "m3", "eps"})),
-    "normface": (_normface, frozenset({"s", "eps"})),
-}
+    return _build(name, **kwargs)
 
 
 def margin_names() -> list[str]:
     """Names accepted by ``build_margin``, sorted."""
-    return sorted(_MARGINS)
+    from partialfc.registry import margin_names as _names
 
-
-def build_margin(name: str, **kwargs: Any) -> nn.Module:
-    """Build a margin head by name; keyword arguments override the documented defaults.
-
-    - ``"arcface"``: s=64, m2=0.5, easy_margin=False (``ARCFACE_DEFAULTS``)
-    - ``"cosface"``: s=64, m3=0.4 (``COSFACE_DEFAULTS``)
-    - ``"combined"``: s, m1, m2, m3 all required (no defaults: there is no standard combo)
-    - ``"normface"``: s=64, no margin (``NORMFACE_DEFAULTS``)
-
-    Every head also accepts ``eps`` (default ``DEFAULT_EPS``).
-
-    Raises:
-        ValueError: unknown name (the message lists the known names), an argument the head
-            does not take, or a missing required argument.
-    """
-    if name not in _MARGINS:
-        raise ValueError(f"unknown margin {name!r}; known margins: {margin_names()}")
-    builder, accepted = _MARGINS[name]
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise ValueError(f"margin {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
-    return builder(**kwargs)
+    return _names()

@@ -1,0 +1,295 @@
+"""Auxiliary embedding losses on the all-gathered batch, added to a head with a weight.
+
+Each loss is a module ``loss(ctx) -> 0-dim tensor`` taking the same ``MarginContext`` as the
+heads; the value is identical on every rank and the gradient reaches every embedding once:
+
+- batch losses (contrastive, triplet, angular triplet) are computed identically on every rank
+  from the gathered batch and marked replicated (``ctx.replicated``);
+- centre losses (center loss, Intra-, Inter-loss) add the rows whose class (centre) this rank
+  holds and all-reduce the value (``ctx.sharded_sum``), like the softmax itself.
+
+Attach one with ``build_margin(name, aux={"triplet": {"weight": 0.1, "margin": 0.2}})`` or
+``head.add_aux_loss(name, loss, weight)``; ``build_margin("none", aux=...)`` uses them alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from partialfc.collectives import all_reduce_inplace, all_reduce_with_grad
+from partialfc.context import MarginContext, ShardSpec
+from partialfc.margins import DEFAULT_EPS, check_number
+
+__all__ = [
+    "AngularTripletLoss",
+    "AuxLoss",
+    "CenterLoss",
+    "ContrastiveLoss",
+    "InterLoss",
+    "IntraLoss",
+    "TripletLoss",
+    "aux_loss_names",
+    "build_aux_loss",
+]
+
+MININGS = ("semi_hard", "batch_hard")
+
+
+class AuxLoss(nn.Module):
+    """Base class: ``forward(ctx)`` returns the global value; ``bind`` creates sharded state."""
+
+    needs_classifier: bool = False
+
+    def bind(self, spec: ShardSpec) -> None:
+        """Create per-class parameters for the shard (called once by PartialFC)."""
+
+    def forward(self, ctx: MarginContext) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
+    """A 0 that still depends on ``x`` (keeps the backward collectives of every rank aligned)."""
+    return x.sum() * 0.0
+
+
+def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-identity (excluding the diagonal) and different-identity masks, [N, N]."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(labels.numel(), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def _mine(
+    dist: torch.Tensor, labels: torch.Tensor, mining: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_ap, d_an) pairs chosen by ``mining`` from a distance matrix [N, N].
+
+    ``batch_hard``: per anchor with a positive and a negative, its farthest positive and
+    closest negative. ``semi_hard`` (FaceNet): per (anchor, positive) pair with a negative,
+    the closest negative farther than the positive; if none is farther, the farthest negative.
+    Selection is done without gradient; the returned distances carry it.
+    """
+    pos, neg = _pair_masks(labels)
+    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+    with torch.no_grad():
+        d = dist.detach()
+        has_neg = neg.any(dim=1)  # [N]
+    if mining == "batch_hard":
+        with torch.no_grad():
+            ok = pos.any(dim=1) & has_neg
+            anchors = torch.nonzero(ok).squeeze(1)  # [A]
+            p_idx = torch.where(pos, d, -inf).argmax(dim=1)[anchors]
+            n_idx = torch.where(neg, d, inf).argmin(dim=1)[anchors]
+        return dist[anchors, p_idx], dist[anchors, n_idx]
+    with torch.no_grad():
+        a_idx, p_idx = torch.nonzero(pos & has_neg[:, None], as_tuple=True)  # [P] pairs
+        d_ap = d[a_idx, p_idx]  # [P]
+        d_an = d[a_idx]  # [P, N]
+        negs = neg[a_idx]  # [P, N]
+        farther = negs & (d_an > d_ap[:, None])
+        semi = torch.where(farther, d_an, inf).argmin(dim=1)
+        hardest_far = torch.where(negs, d_an, -inf).argmax(dim=1)
+        n_idx = torch.where(farther.any(dim=1), semi, hardest_far)
+    return dist[a_idx, p_idx], dist[a_idx, n_idx]
+
+
+class ContrastiveLoss(AuxLoss):
+    """DeepID2's verification loss (Sun et al. 2014) over all pairs of the gathered batch.
+
+    ``1/2 |f_i - f_j|^2`` for same-identity pairs, ``1/2 max(0, margin - |f_i - f_j|)^2`` for
+    different ones, averaged over the ``N (N - 1) / 2`` pairs. ``normalize=True`` (default)
+    uses L2-normalised embeddings, where a margin of 1.0 (default) is meaningful; the paper
+    uses raw features and tunes the margin. Replicated (no collective beyond the gather).
+    """
+
+    def __init__(self, margin: float = 1.0, normalize: bool = True) -> None:
+        super().__init__()
+        self.margin = check_number("margin", margin, positive=True)
+        self.normalize = bool(normalize)
+
+    def forward(self, ctx: MarginContext) -> torch.Tensor:
+        emb = ctx.require("normalized" if self.normalize else "embeddings", "contrastive")
+        labels = ctx.require("labels", "contrastive")
+        n = emb.shape[0]
+        if n < 2:
+            return ctx.replicated(_zero_like_graph(emb))
+        sq_norm = (emb * emb).sum(dim=1)  # [N]
+        sq = (sq_norm[:, None] + sq_norm[None, :] - 2.0 * emb @ emb.T).clamp(min=0.0)  # [N, N]
+        dist = sq.clamp(min=1e-12).sqrt()
+        same = labels[:, None] == labels[None, :]
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=emb.device), diagonal=1)
+        per_pair = torch.where(same, 0.5 * sq, 0.5 * (self.margin - dist).clamp(min=0.0) ** 2)
+        value = per_pair[upper].mean()
+        return ctx.replicated(value)
+
+
+class TripletLoss(AuxLoss):
+    """FaceNet's triplet loss (Schroff et al. 2015) with online mining on the gathered batch.
+
+    ``[|f_a - f_p|^2 - |f_a - f_n|^2 + margin]_+`` on L2-normalised embeddings (squared
+    distances, margin 0.2 as in FaceNet), averaged over the mined triplets; ``mining`` is
+    ``"semi_hard"`` (FaceNet, default) or ``"batch_hard"`` (per anchor, farthest positive and
+    closest negative). 0 when the batch has no valid triplet. Replicated.
+    """
+
+    def __init__(self, margin: float = 0.2, mining: str = "semi_hard") -> None:
+        super().__init__()
+        self.margin = check_number("margin", margin)
+        if mining not in MININGS:
+            raise ValueError(f"mining must be one of {MININGS}, got {mining!r}")
+        self.mining = mining
+
+    def distances(self, emb: torch.Tensor) -> torch.Tensor:
+        """Squared Euclidean distances [N, N] of normalised embeddings (2 - 2 cos)."""
+        cos = emb @ emb.T
+        return (2.0 - 2.0 * cos).clamp(min=0.0)
+
+    def forward(self, ctx: MarginContext) -> torch.Tensor:
+        emb = ctx.require("normalized", "triplet")
+        labels = ctx.require("labels", "triplet")
+        d_ap, d_an = _mine(self.distances(emb), labels, self.mining)
+        if d_ap.numel() == 0:
+            return ctx.replicated(_zero_like_graph(emb))
+        value = (d_ap - d_an + self.margin).clamp(min=0.0).mean()
+        return ctx.replicated(value)
+
+
+class AngularTripletLoss(TripletLoss):
+    """The ArcFace paper's Triplet-loss: ``[theta_ap + margin - theta_an]_+`` in angles.
+
+    ``theta = arccos(xhat_a . xhat_b)`` (clamped by ``eps``), margin 0.35 rad as in the
+    ArcFace paper's loss comparison; same mining options as ``TripletLoss``. Replicated.
+    """
+
+    def __init__(
+        self, margin: float = 0.35, mining: str = "semi_hard", eps: float = DEFAULT_EPS
+    ) -> None:
+        super().__init__(margin=margin, mining=mining)
+        self.eps = check_number("eps", eps, positive=True)
+
+    def distances(self, emb: torch.Tensor) -> torch.Tensor:
+        return torch.acos((emb @ emb.T).clamp(-1.0 + self.eps, 1.0 - self.eps))
+
+
+class CenterLoss(AuxLoss):
+    """Center loss (Wen et al. 2016): ``1/(2N) sum_i |x_i - c_{y_i}|^2`` on raw embeddings.
+
+    The centres are a per-class parameter sharded like the classifier (``bind`` creates this
+    rank's ``[num_local, D]`` rows, zeros) and learned by gradient with the classifier's
+    optimizer (the paper's separate centre-update rule is SGD on this loss with a per-class
+    rescaled rate). Each rank adds the rows whose class it owns; the value is all-reduced.
+    Paper weight: 0.003 (pass it as the aux ``weight``).
+    """
+
+    def bind(self, spec: ShardSpec) -> None:
+        self.class_start = spec.class_start
+        self.num_local = spec.num_local
+        self.centers = nn.Parameter(
+            torch.zeros(spec.num_local, spec.embedding_size, device=spec.device)
+        )  # [C_r, D]
+
+    def forward(self, ctx: MarginContext) -> torch.Tensor:
+        if not hasattr(self, "centers"):
+            raise ValueError("CenterLoss needs bind() (PartialFC calls it) before use")
+        emb = ctx.require("embeddings", "center")
+        labels = ctx.require("labels", "center")
+        local = labels - self.class_start
+        mine = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)  # [M]
+        classes, inverse = torch.unique(local[mine], return_inverse=True)
+        if ctx.gather_rows is not None:
+            rows = ctx.gather_rows(self.centers, classes)  # [U, D], sparse grad when configured
+        else:
+            rows = self.centers[classes]
+        diff = emb[mine] - rows[inverse].to(emb.dtype)  # [M, D]
+        local_sum = 0.5 * (diff * diff).sum()
+        return ctx.sharded_sum(local_sum) / max(ctx.num_rows, 1)
+
+
+class IntraLoss(AuxLoss):
+    """The ArcFace paper's Intra-loss: ``(1/pi) mean_i theta_{y_i}`` (pull to the centre).
+
+    Uses the target angle each rank holds for its classes; value all-reduced.
+    """
+
+    needs_classifier = True
+
+    def __init__(self, eps: float = DEFAULT_EPS) -> None:
+        super().__init__()
+        self.eps = check_number("eps", eps, positive=True)
+
+    def forward(self, ctx: MarginContext) -> torch.Tensor:
+        theta = torch.acos(ctx.target_cos.clamp(-1.0 + self.eps, 1.0 - self.eps))  # [R]
+        return ctx.sharded_sum(theta.sum()) / (math.pi * max(ctx.num_rows, 1))
+
+
+class InterLoss(AuxLoss):
+    """The ArcFace paper's Inter-loss: ``-(1/pi) mean_{i, j != y_i} arccos(W_{y_i} . W_j)``.
+
+    Pushes the other class centres away from each sample's centre, over the sampled centres
+    of all ranks (the paper's ``n - 1`` other classes become the sampled ones). Collectives:
+    the target centres ``[N, D]`` are all-reduced with gradient (each row's centre lives on
+    one rank), every rank then adds its sampled columns and the value is all-reduced, with
+    the total column count. Costs an extra ``[N, S]`` product and arccos: use on small C.
+    """
+
+    needs_classifier = True
+
+    def __init__(self, eps: float = DEFAULT_EPS) -> None:
+        super().__init__()
+        self.eps = check_number("eps", eps, positive=True)
+
+    def forward(self, ctx: MarginContext) -> torch.Tensor:
+        w_t = ctx.target_centers()  # [R, D]
+        n = ctx.num_rows
+        full = w_t.new_zeros(n, w_t.shape[1]).index_put((ctx.rows,), w_t)  # [N, D]
+        full = all_reduce_with_grad(full, ctx.group)  # every row's centre on every rank
+        w_s = ctx.sampled_centers()  # [S, D]
+        ang = torch.acos((full @ w_s.T).clamp(-1.0 + self.eps, 1.0 - self.eps))  # [N, S]
+        keep = torch.ones_like(ang, dtype=torch.bool)
+        keep[ctx.rows, ctx.cols] = False  # a centre with itself is not a pair
+        total = torch.where(keep, ang, torch.zeros_like(ang)).sum()
+        with torch.no_grad():
+            count = torch.tensor(
+                [float(keep.sum())], dtype=torch.float64, device=ang.device
+            )  # pairs on this rank
+            all_reduce_inplace(count, "sum", ctx.group)
+        return -ctx.sharded_sum(total) / (math.pi * count.clamp(min=1.0).to(ang.dtype)[0])
+
+
+_AUX: dict[str, tuple[type[AuxLoss], dict[str, Any]]] = {
+    "contrastive": (ContrastiveLoss, {"margin": 1.0, "normalize": True}),
+    "triplet": (TripletLoss, {"margin": 0.2, "mining": "semi_hard"}),
+    "angular_triplet": (AngularTripletLoss, {"margin": 0.35, "mining": "semi_hard"}),
+    "center": (CenterLoss, {}),
+    "intra": (IntraLoss, {}),
+    "inter": (InterLoss, {}),
+}
+
+
+def aux_loss_names() -> list[str]:
+    """Names accepted by ``build_aux_loss``, sorted."""
+    return sorted(_AUX)
+
+
+def build_aux_loss(name: str, **kwargs: Any) -> AuxLoss:
+    """Build an auxiliary loss by name; keyword arguments override the documented defaults.
+
+    - ``"contrastive"``: margin=1.0, normalize=True (DeepID2 on normalised embeddings)
+    - ``"triplet"``: margin=0.2, mining="semi_hard" (FaceNet)
+    - ``"angular_triplet"``: margin=0.35, mining="semi_hard" (ArcFace paper), eps
+    - ``"center"``: no arguments (weight 0.003 in the paper, given as the aux weight)
+    - ``"intra"``, ``"inter"``: eps only (ArcFace paper)
+    """
+    if name not in _AUX:
+        raise ValueError(f"unknown auxiliary loss {name!r}; known: {aux_loss_names()}")
+    cls, defaults = _AUX[name]
+    try:
+        return cls(**{**defaults, **kwargs})
+    except TypeError as exc:
+        raise ValueError(
+            f"auxiliary loss {name!r}: bad arguments {sorted(kwargs)} ({exc})"
+        ) from exc

@@ -1,0 +1,435 @@
+"""The compute kernels of Partial FC: cosine matrix, distributed softmax CE, row gathers.
+
+Two paths compute the loss of a step:
+
+- **fused** (heads whose non-target logits are ``s * cos``: ArcFace, CosFace, NormFace,
+  combined margins, AdaFace, MagFace, DiscFace): ``_FusedCosine`` computes
+  ``z = s * cos`` of the sampled columns with the local target entries masked to -inf, plus
+  the exact target cosines ``[R]``; the head turns those into target logits ``[R]`` (plain
+  autograd); ``_FusedSoftmaxCE`` finishes the distributed softmax cross-entropy. No
+  ``[N, S]`` tensor ever enters autograd, and with a ``Workspace`` the whole step touches one
+  ``[N, S]`` buffer (logits -> exp -> gradient, in place) and one ``[S, D]`` buffer of gathered
+  rows, both reused across steps. The per-step cost over the three matrix products is a few
+  O(N*S) passes and O(S*D) passes (see BENCHMARKS.md).
+- **generic** (every other head): ``gather_rows`` + plain autograd for the cosine, the head's
+  ``logits(ctx)`` and ``_DistSoftmaxCE``.
+
+Numerics: the class centres enter the product unnormalised and the column scale
+``1 / |W_j|`` is applied to the ``[N, S]`` result (cheaper than normalising ``[S, D]`` rows
+when N < D); under float16 the rows are normalised first, because raw rows with small norms
+would lose precision in float16's narrow range. The softmax is always in float32 or wider.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from partialfc.collectives import ProcessGroup, all_reduce_inplace
+
+__all__ = [
+    "NORM_EPS",
+    "Workspace",
+    "distributed_cross_entropy",
+    "fused_cosine",
+    "fused_softmax_ce",
+    "gather_rows",
+]
+
+NORM_EPS = 1e-12
+"""Smallest norm used to normalise a row (as ``F.normalize``): a zero row gives zero cosines."""
+
+
+class Workspace:
+    """Scratch buffers kept across steps, so the big per-step tensors are not re-allocated.
+
+    On CPU every large allocation is a fresh ``mmap`` whose pages fault in one by one (about
+    1 ms per MB on the development machine); on GPU the caching allocator hides that, but the
+    workspace still keeps peak memory to one ``[N, S]`` and one ``[S, D]`` buffer. Safety: the
+    buffers are views of one base, so a tensor saved for backward that is overwritten by the
+    next step's forward makes autograd raise ("modified by an inplace operation") instead of
+    silently using wrong values; run each forward's backward before the next forward.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.row_cache: tuple[Any, ...] | None = None
+
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A ``shape`` view of buffer ``name``, grown (re-allocated) when too small."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        """Bytes held by the workspace."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        """Drop every buffer (they are re-created on the next step)."""
+        self._buffers.clear()
+        self.row_cache = None
+
+
+# ------------------------------------------------------------------------------ row gathers
+
+
+class _GatherRows(torch.autograd.Function):
+    """``source[index]`` whose gradient is row-sparse (COO) or dense; see ``gather_rows``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, source: torch.Tensor, index: torch.Tensor, sparse: bool, unique: bool
+    ) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = source.shape
+        ctx.sparse = sparse
+        ctx.unique = unique
+        return source.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (index,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        if ctx.sparse:
+            out = torch.sparse_coo_tensor(
+                index[None],
+                grad,
+                ctx.shape,
+                is_coalesced=True if ctx.unique else None,
+                check_invariants=False,
+            )
+            if not ctx.unique:
+                out = out.coalesce()
+        else:
+            out = grad.new_zeros(ctx.shape).index_add_(0, index, grad)
+        return out, None, None, None
+
+
+def gather_rows(
+    source: torch.Tensor, index: torch.Tensor, sparse: bool, unique: bool = False
+) -> torch.Tensor:
+    """``source[index]`` [K, ...] with a row-sparse (``sparse=True``) or dense gradient.
+
+    A row-sparse gradient is a COO tensor holding only the gathered rows: the optimizer can
+    then update exactly those rows (see ``partialfc.optim``) and no ``[C_r, D]`` zero tensor
+    is ever built. ``unique=True`` promises sorted, duplicate-free indices (skips coalescing).
+    """
+    return _GatherRows.apply(source, index, sparse, unique)
+
+
+def _weight_grad(
+    grad_rows: torch.Tensor, index: torch.Tensor | None, shape: torch.Size, sparse: bool
+) -> torch.Tensor:
+    """Gradient of the whole shard from the gradient of its sampled rows [S, D]."""
+    if index is None:
+        return grad_rows
+    if sparse:
+        return torch.sparse_coo_tensor(
+            index[None], grad_rows, shape, is_coalesced=True, check_invariants=False
+        )
+    return grad_rows.new_zeros(shape).index_copy_(0, index, grad_rows)
+
+
+# ------------------------------------------------------------------------------ fused path
+
+
+PROJECT_CHUNK_ROWS = 1024
+"""Rows per chunk of the radial projection: keeps its temporaries small and cache-resident."""
+
+
+def _project_out_radial(grad: torch.Tensor, w: torch.Tensor, coef: torch.Tensor) -> None:
+    """In place: ``grad_j -= coef_j * (grad_j . w_j) * w_j`` for every row j of [S, D].
+
+    Chunked: a whole-matrix ``(grad * w).sum(1)`` would allocate an [S, D] temporary.
+    """
+    for lo in range(0, grad.shape[0], PROJECT_CHUNK_ROWS):
+        g = grad[lo : lo + PROJECT_CHUNK_ROWS]
+        wc = w[lo : lo + PROJECT_CHUNK_ROWS]
+        dots = (g * wc).sum(dim=1)  # [chunk]
+        g.addcmul_(wc, (-dots * coef[lo : lo + PROJECT_CHUNK_ROWS])[:, None])
+
+
+class _FusedCosine(torch.autograd.Function):
+    """``z = scale * cos`` [N, S] with local targets masked to -inf, and target cosines [R].
+
+    Inputs: ``x_hat`` [N, D] normalised gathered embeddings, ``weight`` [C_r, D] the shard,
+    ``index`` [S] sorted sampled rows (None: all rows). Its only consumer is
+    ``_FusedSoftmaxCE``, whose gradient buffer this backward reuses in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_hat: torch.Tensor,
+        weight: torch.Tensor,
+        index: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        scale: float,
+        mm_dtype: torch.dtype,
+        sparse_grad: bool,
+        workspace: Workspace | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out_dtype = x_hat.dtype
+        n, d = x_hat.shape
+        w = weight.detach()
+        if index is None:
+            w_rows = w  # [C_r, D]
+        else:
+            if workspace is not None:
+                w_rows = workspace.get("rows", (index.numel(), d), w.dtype, w.device)
+                torch.index_select(w, 0, index, out=w_rows)  # [S, D]
+                workspace.row_cache = (weight, index, w_rows, weight._version, w_rows._version)
+            else:
+                w_rows = w.index_select(0, index)  # [S, D]
+        s_cols = w_rows.shape[0]
+        w_f = w_rows if w_rows.dtype == out_dtype else w_rows.to(out_dtype)
+        inv = torch.linalg.vector_norm(w_f, dim=1).clamp_min_(NORM_EPS).reciprocal_()  # [S]
+        low = mm_dtype != out_dtype
+        prenorm = mm_dtype == torch.float16
+        x_s = x_hat * scale  # [N, D]
+        if workspace is not None:
+            # detach(): a non-differentiable alias (autograd forbids modifying views returned
+            # by a custom Function in place) that still shares the buffer's version counter.
+            z = workspace.get("logits", (n, s_cols), out_dtype, x_hat.device).detach()
+        else:
+            z = torch.empty((n, s_cols), dtype=out_dtype, device=x_hat.device)
+        b_low = None
+        if low:
+            b_low = (w_f * inv[:, None]).to(mm_dtype) if prenorm else w_f.to(mm_dtype)
+            prod = torch.mm(x_s.to(mm_dtype), b_low.T)  # [N, S] low precision
+            if prenorm:
+                z.copy_(prod)
+            else:
+                torch.mul(prod, inv, out=z)
+            del prod
+        else:
+            torch.mm(x_s, w_f.T, out=z)
+            z.mul_(inv)  # [N, S] = scale * cos
+        # Exact target cosines in the output precision (O(R * D)), whatever the matmul dtype.
+        c_t = (x_hat[rows] * w_f[cols]).sum(dim=1) * inv[cols]  # [R]
+        z.index_put_((rows, cols), torch.tensor(-math.inf, dtype=out_dtype, device=z.device))
+        ctx.save_for_backward(x_s, w_f, inv, rows, cols, b_low, index)
+        ctx.scale = float(scale)
+        ctx.low = low
+        ctx.prenorm = prenorm
+        ctx.mm_dtype = mm_dtype
+        ctx.sparse_grad = sparse_grad
+        ctx.weight_shape = weight.shape
+        ctx.weight_dtype = weight.dtype
+        return z, c_t
+
+    @staticmethod
+    def backward(ctx: Any, gz: torch.Tensor | None, gct: torch.Tensor | None) -> tuple[Any, ...]:
+        x_s, w_f, inv, rows, cols, b_low, index = ctx.saved_tensors
+        n, s_cols = x_s.shape[0], w_f.shape[0]
+        scale = ctx.scale
+        # v[i, j] = dL/dz_ij * (1/|W_j|): gz is _FusedSoftmaxCE's fresh gradient buffer.
+        v = gz if gz is not None else x_s.new_zeros(n, s_cols)  # [N, S]
+        if not v.is_contiguous():
+            v = v.contiguous()
+        if not ctx.prenorm:
+            v.mul_(inv)
+        t_grad = gct if gct is not None else x_s.new_zeros(rows.numel())
+        t_val = t_grad.to(v.dtype) / scale
+        if not ctx.prenorm:
+            t_val = t_val * inv[cols]
+        v.index_put_((rows, cols), t_val)  # the target entries' only path is c_t
+        grad_x = grad_w = None
+        if ctx.low:
+            vl = v.to(ctx.mm_dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(vl, b_low).to(x_s.dtype).mul_(scale)  # [N, D]
+            if ctx.needs_input_grad[1]:
+                bm = torch.mm(vl.T, x_s.to(ctx.mm_dtype)).to(x_s.dtype)  # [S, D]
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(v, w_f).mul_(scale)  # [N, D]
+            if ctx.needs_input_grad[1]:
+                bm = torch.mm(v.T, x_s)  # [S, D]
+        if ctx.needs_input_grad[1]:
+            if ctx.prenorm:
+                _project_out_radial(bm, w_f * inv[:, None], torch.ones_like(inv))
+                bm.mul_(inv[:, None])
+            else:
+                # dL/dW_j = b_j - (b_j . W_j) W_j / |W_j|^2 : project out the radial part.
+                _project_out_radial(bm, w_f, inv * inv)
+            grad_w = _weight_grad(bm.to(ctx.weight_dtype), index, ctx.weight_shape, ctx.sparse_grad)
+        return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+def fused_cosine(
+    x_hat: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: float,
+    mm_dtype: torch.dtype,
+    sparse_grad: bool,
+    workspace: Workspace | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale * cos [N, S] with local targets = -inf, target cos [R])``; see the module doc.
+
+    Only ``fused_softmax_ce`` may consume the first output (its backward buffer is reused).
+    """
+    return _FusedCosine.apply(
+        x_hat, weight, index, rows, cols, scale, mm_dtype, sparse_grad, workspace
+    )
+
+
+class _FusedSoftmaxCE(torch.autograd.Function):
+    """Distributed softmax CE from masked non-target logits [N, S] and target logits [R].
+
+    Forward, per global row i: ``m_i`` = max over every rank's columns and the target logit
+    (all-reduce MAX, which also yields the hardest negative for the statistics);
+    ``Z_i = sum_j exp(z_ij - m_i) + exp(f_i - m_i)`` (all-reduce SUM together with
+    ``f_i - m_i`` from the one rank holding the target); ``loss = mean_i (log Z_i - f_i + m_i)``.
+    ``z`` is overwritten in place by ``exp(z - m)`` and kept for backward; with ``in_place``
+    the backward turns it into the gradient in place too (one backward per forward).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        z: torch.Tensor,
+        f: torch.Tensor,
+        rows: torch.Tensor,
+        group: ProcessGroup | None,
+        in_place: bool,
+        extra: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = z.shape[0]
+        f_d = f.detach().to(z.dtype)  # [R]
+        if z.shape[1] > 0:
+            neg_max = z.amax(dim=1)  # [N]
+        else:
+            neg_max = z.new_full((n,), -math.inf)
+        both = torch.stack([neg_max, neg_max])  # [2, N]: stabiliser, hardest negative
+        both[0, rows] = torch.maximum(both[0, rows], f_d)
+        all_reduce_inplace(both, "max", group)
+        row_max = torch.where(torch.isfinite(both[0]), both[0], torch.zeros_like(both[0]))
+        z.sub_(row_max[:, None]).exp_()  # [N, S] exp(z - m); masked targets -> 0
+        n_extra = 0 if extra is None else extra.numel()
+        flat = z.new_zeros(2 * n + n_extra)  # sum of exp [N], shifted target logit [N], extra
+        sums = flat[: 2 * n].view(2, n)
+        sums[0] = z.sum(dim=1)
+        shifted_t = f_d - row_max[rows]  # [R]
+        e_t = shifted_t.exp()
+        sums[0, rows] += e_t
+        sums[1, rows] = shifted_t
+        if extra is not None:
+            flat[2 * n :] = extra.to(flat.dtype)
+        all_reduce_inplace(flat, "sum", group)
+        loss = (sums[0].log() - sums[1]).mean()
+        sum_exp = sums[0].clone()
+        ctx.save_for_backward(z, sum_exp, e_t, rows)
+        ctx.n = n
+        ctx.in_place = in_place
+        ctx.used = False
+        ctx.f_dtype = f.dtype
+        hardest = both[1].clone()
+        extra_out = flat[2 * n :].clone()
+        ctx.mark_non_differentiable(hardest, extra_out)
+        return loss, hardest, extra_out
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any) -> tuple[Any, ...]:
+        if ctx.in_place:
+            if ctx.used:
+                raise RuntimeError(
+                    "PartialFC(low_memory=True) supports one backward per forward; build it "
+                    "with low_memory=False for retain_graph / double backward / gradcheck"
+                )
+            ctx.used = True
+        probs, sum_exp, e_t, rows = ctx.saved_tensors
+        coef = grad_loss.to(probs.dtype) / ctx.n / sum_exp  # [N]
+        grad_z = probs.mul_(coef[:, None]) if ctx.in_place else probs * coef[:, None]
+        grad_f = (e_t / sum_exp[rows] - 1.0) * (grad_loss.to(probs.dtype) / ctx.n)  # [R]
+        return grad_z, grad_f.to(ctx.f_dtype), None, None, None, None
+
+
+def fused_softmax_ce(
+    z: torch.Tensor,
+    f: torch.Tensor,
+    rows: torch.Tensor,
+    group: ProcessGroup | None,
+    in_place: bool,
+    extra: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, hardest non-target logit per row [N], extra summed over ranks)``.
+
+    ``extra`` (optional, 1-D, no gradient) is summed over ranks in the same all-reduce as the
+    softmax normaliser, so per-step statistics cost no collective of their own.
+    See ``_FusedSoftmaxCE``.
+    """
+    return _FusedSoftmaxCE.apply(z, f, rows, group, in_place, extra)
+
+
+# ---------------------------------------------------------------------------- generic path
+
+
+class _DistSoftmaxCE(torch.autograd.Function):
+    """Softmax cross-entropy whose class dimension is split over ranks.
+
+    Forward, per row i of the global batch (every rank holds all N rows, a slice of columns):
+        m_i = max over all ranks' columns (all-reduce MAX, detached: it only stabilises exp)
+        Z_i = sum over all ranks of sum_j exp(z_ij - m_i)                  (all-reduce SUM)
+        t_i = z_iy - m_i on the one rank holding y, 0 elsewhere            (all-reduce SUM)
+        loss = mean_i (log Z_i - t_i)
+    Backward on the local columns: (softmax - onehot) / N * grad_loss.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None
+    ) -> torch.Tensor:
+        n = logits.shape[0]
+        with torch.no_grad():
+            row_max = logits.max(dim=1).values  # [N]
+            all_reduce_inplace(row_max, "max", group)
+            probs = (logits - row_max[:, None]).exp_()  # [N, S], exp(z - m)
+            rows = torch.nonzero(target >= 0).squeeze(1)  # [R]
+            cols = target[rows]  # [R]
+            sums = logits.new_zeros(2, n)
+            sums[0] = probs.sum(dim=1)
+            sums[1, rows] = logits[rows, cols] - row_max[rows]
+            all_reduce_inplace(sums, "sum", group)
+            loss = (sums[0].log() - sums[1]).mean()
+            probs.div_(sums[0][:, None])  # [N, S] softmax over the global columns
+        ctx.save_for_backward(probs, rows, cols)
+        ctx.n = n
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        probs, rows, cols = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        grad = probs * scale  # [N, S], new tensor: `probs` stays valid for retain_graph
+        grad[rows, cols] -= scale
+        return grad, None, None
+
+
+def distributed_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """Mean softmax cross-entropy over N rows whose columns are sharded over ``group``.
+
+    ``logits`` [N, S_r] are this rank's columns, ``target`` [N] the column of each row's class
+    on this rank or -1 when it lives elsewhere (exactly one rank must hold it). Every rank
+    returns the same 0-dim loss. With no process group it equals ``F.cross_entropy``.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be [N, S] and target [N]; got {tuple(logits.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    return _DistSoftmaxCE.apply(logits, target, group)
