@@ -22,25 +22,31 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import multiprocessing
 import numbers
 import os
-import struct
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from types import TracebackType
+from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from dataio.align import AlignmentError, align_face, template_for
 from dataio.recordio import (
+    CFLAG_FIRST,
+    CFLAG_WHOLE,
     IR_HEADER_SIZE,
+    MAGIC,
     IRHeader,
     RecordIOError,
     RecordReader,
     RecordWriter,
     pack_record,
+    read_record_heads,
     unpack_record,
 )
 
@@ -52,8 +58,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 """File suffixes :func:`pack_image_folder` treats as images (case-insensitive)."""
 
 _JPEG_SOI = b"\xff\xd8\xff"
-_IR_FLAG_LABEL = struct.Struct("<If")  # the first two IRHeader fields
-_FLOAT = struct.Struct("<f")
+_PART_HEAD_SIZE = 8  # magic + lrecord in front of every RecordIO part
 
 
 class PackError(ValueError):
@@ -214,22 +219,40 @@ def _label_from_header(header: IRHeader) -> float:
 class FacePack:
     """Read-only view of a face pack: image keys, labels, and per-image reads.
 
-    Labels are read once at open (from identity records when the pack has a header, else by
-    scanning every record's IRHeader). Picklable and fork-safe through :class:`RecordReader`.
+    Labels are read once at open (from identity records when the pack has a header, else from
+    every record's IRHeader in one vectorised pass). Picklable and fork-safe through
+    :class:`RecordReader`.
+
+    ``skip_corrupt``: per-record faults found at open (an index offset past the end of the
+    ``.rec``, an image key missing from the index, a malformed head or a label outside
+    ``[0, num_classes)`` in a headerless pack) raise :class:`PackError` naming the file and
+    key unless this is set; then the record is left out of :attr:`image_keys` and listed in
+    :attr:`bad_keys`. Pack-level faults (missing ``property`` or index, empty pack, broken
+    header or identity records) always raise.
     """
 
-    def __init__(self, pack_dir: str | os.PathLike[str]):
+    def __init__(self, pack_dir: str | os.PathLike[str], skip_corrupt: bool = False):
         self.pack_dir = os.fspath(pack_dir)
         if not os.path.isdir(self.pack_dir):
             raise PackError(f"{self.pack_dir}: pack directory not found")
+        self.skip_corrupt = bool(skip_corrupt)
         self.rec_path = os.path.join(self.pack_dir, REC_NAME)
         self.idx_path = os.path.join(self.pack_dir, IDX_NAME)
         self.num_classes, self.image_size = read_property(
             os.path.join(self.pack_dir, PROPERTY_NAME)
         )
-        self._reader = RecordReader(self.rec_path, self.idx_path)
+        try:
+            self._reader = RecordReader(
+                self.rec_path, self.idx_path, skip_bad_offsets=self.skip_corrupt
+            )
+        except RecordIOError as e:  # the message names the file (and key)
+            raise PackError(str(e)) from e
+        self.bad_keys: dict[int, str] = dict(self._reader.bad_keys)
+        """Records left out at open (``skip_corrupt``): key -> reason."""
         if len(self._reader) == 0:
             raise PackError(f"{self.idx_path}: empty pack (no records indexed)")
+        self._sorted_offsets: np.ndarray | None = None
+        self._image_offsets: np.ndarray | None = None
         header = self._read_pack_header()
         if header is None:
             self.has_header = False
@@ -270,8 +293,10 @@ class FacePack:
                 f"{first_id}..{end - 1}) but property says num_classes={self.num_classes}"
             )
         image_keys = np.arange(1, first_id, dtype=np.int64)
-        for key in (1, first_id - 1, first_id, end - 1):
-            if 1 <= key < end and key not in self._reader:
+        for key in sorted(k for k in self.bad_keys if first_id <= k < end):
+            raise PackError(self.bad_keys[key])  # an identity record cannot be skipped
+        for key in (first_id, end - 1):
+            if first_id <= key < end and key not in self._reader:
                 raise PackError(f"{self.idx_path}: key {key} of the header's layout is missing")
         labels = np.full(image_keys.size, -1, dtype=np.int64)
         # Identity records are tiny and stored together: one sequential pass reads them all.
@@ -305,33 +330,150 @@ class FacePack:
                 f"{self.rec_path}: image key {int(image_keys[unassigned[0]])} belongs to no "
                 f"identity record ({unassigned.size} such images)"
             )
+        present = np.fromiter(
+            (int(k) in self._reader for k in image_keys), dtype=bool, count=image_keys.size
+        )
+        if not present.all():
+            missing = image_keys[~present]
+            if not self.skip_corrupt:
+                raise PackError(
+                    f"{self.idx_path}: image key {int(missing[0])} of the header's layout is "
+                    f"missing from the index ({missing.size} missing)"
+                )
+            for key in missing.tolist():
+                self.bad_keys.setdefault(key, f"{self.idx_path}: image key {key} not indexed")
+            image_keys, labels = image_keys[present], labels[present]
         return image_keys, labels
 
     def _labels_by_scan(self) -> tuple[np.ndarray, np.ndarray]:
-        keys = self._reader.keys
-        image_keys = np.asarray(keys, dtype=np.int64)
-        labels = np.empty(len(keys), dtype=np.int64)
-        for i, key in enumerate(keys):
-            # The IRHeader plus the first float of a vector label is all we need.
-            prefix = self._reader.read_prefix(key, IR_HEADER_SIZE + 4)
-            if len(prefix) < IR_HEADER_SIZE:
-                raise PackError(
-                    f"{self.rec_path}: key {key}: record of {len(prefix)} bytes is shorter "
-                    f"than the {IR_HEADER_SIZE}-byte IRHeader"
+        keys = np.asarray(self._reader.keys, dtype=np.int64)  # [N]
+        offsets = np.fromiter(
+            (self._reader.offset(int(k)) for k in keys), dtype=np.int64, count=keys.size
+        )
+        values, bad = self._check_heads(keys, offsets, expected=None)
+        if bad:
+            if not self.skip_corrupt:
+                key = min(bad, key=lambda k: self._reader.offset(k))
+                raise PackError(bad[key])
+            self.bad_keys.update(bad)
+            keep = np.fromiter((int(k) not in bad for k in keys), dtype=bool, count=keys.size)
+            keys, values, offsets = keys[keep], values[keep], offsets[keep]
+        self._image_offsets = offsets
+        return keys, values.astype(np.int64)
+
+    def _all_sorted_offsets(self) -> np.ndarray:
+        """Offsets of every indexed record, sorted (record i ends before the next one)."""
+        if self._sorted_offsets is None:
+            self._sorted_offsets = np.sort(
+                np.fromiter(
+                    (self._reader.offset(k) for k in self._reader.keys),
+                    dtype=np.int64,
+                    count=len(self._reader),
                 )
-            flag, value = _IR_FLAG_LABEL.unpack_from(prefix, 0)
-            if flag > 0:
-                if len(prefix) < IR_HEADER_SIZE + 4:
-                    raise PackError(
-                        f"{self.rec_path}: key {key}: record declares a {flag}-float label "
-                        "but ends after the header"
+            )
+        return self._sorted_offsets
+
+    def _check_heads(
+        self, keys: np.ndarray, offsets: np.ndarray, expected: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Check the frame and IRHeader of image records -> (label values, {key: reason}).
+
+        A record is bad when its frame is broken (unaligned offset, wrong magic, a
+        continuation part where a record should start, a length running past the next
+        record or the end of the file), its IRHeader is short, it carries no image bytes, or
+        its label is not a class id (or differs from ``expected``, the identity-record label).
+        """
+        heads = read_record_heads(self.rec_path, offsets)
+        n = keys.size
+        sorted_offs = self._all_sorted_offsets()
+        nxt_i = np.searchsorted(sorted_offs, offsets, side="right")
+        size = self._reader.file_size
+        next_off = np.where(
+            nxt_i < sorted_offs.size, sorted_offs[np.minimum(nxt_i, sorted_offs.size - 1)], size
+        )
+        values = np.where(heads.flag == 0, heads.label, heads.first_value).astype(np.float64)
+        reason: list[str | None] = [None] * n
+        whole = heads.cflag == CFLAG_WHOLE
+        body_needed = IR_HEADER_SIZE + 4 * heads.flag.astype(np.int64)
+        checks = [
+            (offsets % 4 != 0, lambda i: f"offset {offsets[i]} is not 4-byte aligned"),
+            (
+                heads.available < _PART_HEAD_SIZE,
+                lambda i: f"truncated record: no part header at offset {offsets[i]}",
+            ),
+            (
+                heads.magic != MAGIC,
+                lambda i: (
+                    f"wrong magic number 0x{int(heads.magic[i]):08x} at offset "
+                    f"{offsets[i]} (expected 0x{MAGIC:08x})"
+                ),
+            ),
+            (
+                heads.cflag > CFLAG_FIRST,
+                lambda i: f"record starts with continuation flag {int(heads.cflag[i])}",
+            ),
+            (
+                whole & (offsets + _PART_HEAD_SIZE + heads.length > next_off),
+                lambda i: (
+                    f"truncated record: needs {int(heads.length[i])} bytes after offset "
+                    f"{offsets[i] + _PART_HEAD_SIZE}, "
+                    + (
+                        f"file has {size - offsets[i] - _PART_HEAD_SIZE}"
+                        if next_off[i] == size
+                        else f"next record starts at {next_off[i]}"
                     )
-                (value,) = _FLOAT.unpack_from(prefix, IR_HEADER_SIZE)
-            labels[i] = self._check_label(value, key)
-        return image_keys, labels
+                ),
+            ),
+            (
+                whole & (heads.length < body_needed),
+                lambda i: (
+                    f"record of {int(heads.length[i])} bytes is shorter than its "
+                    f"IRHeader and {int(heads.flag[i])}-float label"
+                ),
+            ),
+            (
+                whole & (heads.length == body_needed),
+                lambda i: "record holds no image bytes",
+            ),
+        ]
+        for mask, message in checks:
+            for i in np.flatnonzero(mask).tolist():
+                if reason[i] is None:
+                    reason[i] = message(i)
+        # Multi-part records with a short first part are rare: read them whole.
+        for i in np.flatnonzero(heads.cflag == CFLAG_FIRST).tolist():
+            if reason[i] is not None:
+                continue
+            key = int(keys[i])
+            try:
+                head, payload = unpack_record(self._reader.read(key))
+            except RecordIOError as e:
+                reason[i] = str(e)
+                continue
+            values[i] = _label_from_header(head)
+            if not payload:
+                reason[i] = "record holds no image bytes"
+        for i in range(n):
+            if reason[i] is not None:
+                continue
+            v = values[i]
+            is_class_id = bool(np.isfinite(v)) and v == int(v) and 0 <= v < self.num_classes
+            if not is_class_id:
+                reason[i] = f"label {v} is not a class id in [0, num_classes={self.num_classes})"
+            elif expected is not None and int(v) != expected[i]:
+                reason[i] = (
+                    f"record label {int(v)} disagrees with its identity record "
+                    f"(class {int(expected[i])})"
+                )
+        bad = {
+            int(keys[i]): f"{self.rec_path}: key {int(keys[i])}: {r}"
+            for i, r in enumerate(reason)
+            if r is not None
+        }
+        return values, bad
 
     def _check_label(self, value: float, key: int) -> int:
-        label = int(value)
+        label = int(value) if np.isfinite(value) else -1
         if label != value or not 0 <= label < self.num_classes:
             raise PackError(
                 f"{self.rec_path}: key {key}: label {value} is not a class id in "
@@ -349,6 +491,32 @@ class FacePack:
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def image_offsets(self) -> np.ndarray:
+        """Byte offset in ``train.rec`` of each image record, int64 ``[num_images]``."""
+        if self._image_offsets is None:
+            self._image_offsets = np.fromiter(
+                (self._reader.offset(int(k)) for k in self.image_keys),
+                dtype=np.int64,
+                count=self.image_keys.size,
+            )
+        return self._image_offsets
+
+    def check_records(self, positions: np.ndarray | None = None) -> dict[int, str]:
+        """Check the frame, IRHeader and label of image records without decoding them.
+
+        ``positions`` index :attr:`image_keys` (default: all images). Returns ``{key: reason}``
+        for the bad ones (each reason names the file and key); one vectorised pass over the
+        record heads, so millions of records take seconds, not minutes.
+        """
+        pos = (
+            np.arange(self.num_images)
+            if positions is None
+            else np.asarray(positions, dtype=np.int64).reshape(-1)
+        )
+        _, bad = self._check_heads(self.image_keys[pos], self.image_offsets[pos], self.labels[pos])
+        return bad
+
     def read(self, i: int) -> tuple[bytes, int]:
         """The ``i``-th image: (encoded image bytes, class label)."""
         n = self.num_images
@@ -365,6 +533,8 @@ class FacePack:
                 f"{self.rec_path}: key {key}: record label {label} disagrees with its identity "
                 f"record (class {int(self.labels[i])})"
             )
+        if not payload:
+            raise PackError(f"{self.rec_path}: key {key}: record holds no image bytes")
         return payload, label
 
     def info(self) -> PackInfo:
@@ -391,8 +561,18 @@ class FacePack:
 # packing an image folder
 
 
-def _list_folder(image_dir: str) -> tuple[list[tuple[str, int]], int]:
-    """(path, label) pairs of a folder-per-identity tree; labels follow sorted folder names."""
+class _Item(NamedTuple):
+    """One image to pack: its file, its class, and its 5 landmarks when it is to be aligned."""
+
+    path: str
+    label: int
+    landmarks: tuple[float, ...] | None
+    where: str
+    """Where the item came from (``list.txt:12`` or the file path), for error messages."""
+
+
+def _list_folder(image_dir: str) -> tuple[list[_Item], int]:
+    """Items of a folder-per-identity tree; labels follow sorted folder names."""
     classes = sorted(
         d
         for d in os.listdir(image_dir)
@@ -400,40 +580,50 @@ def _list_folder(image_dir: str) -> tuple[list[tuple[str, int]], int]:
     )
     if not classes:
         raise PackError(f"{image_dir}: no identity sub-folders found")
-    items: list[tuple[str, int]] = []
+    items: list[_Item] = []
     for label, name in enumerate(classes):
         sub = os.path.join(image_dir, name)
         for fname in sorted(os.listdir(sub)):
             if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
-                items.append((os.path.join(sub, fname), label))
+                path = os.path.join(sub, fname)
+                items.append(_Item(path, label, None, path))
     return items, len(classes)
 
 
-def _list_file(list_path: str) -> tuple[list[tuple[str, int]], int]:
-    """(path, label) pairs from lines ``"path label"``; relative paths are from the list's dir."""
+def _list_file(list_path: str) -> tuple[list[_Item], int]:
+    """Items from lines ``path label [x1 y1 ... x5 y5]``; relative paths start at the list's dir.
+
+    The optional ten numbers are the 5 landmarks (see :mod:`dataio.align`) used by
+    ``align``. Blank lines and lines starting with ``#`` are ignored.
+    """
     base = os.path.dirname(os.path.abspath(list_path))
-    items: list[tuple[str, int]] = []
+    items: list[_Item] = []
     with open(list_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            fields = line.rsplit(None, 1)
+            fields = line.split()
+            where = f"{list_path}:{lineno}"
+            landmarks: tuple[float, ...] | None = None
             try:
-                if len(fields) != 2:
+                if len(fields) == 12:
+                    landmarks = tuple(float(x) for x in fields[2:])
+                    fields = fields[:2]
+                elif len(fields) != 2:
                     raise ValueError(line)
                 label = int(fields[1])
             except ValueError:
                 raise PackError(
-                    f"{list_path}:{lineno}: expected 'path label', got {line!r}"
+                    f"{where}: expected 'path label' or 'path label x1 y1 ... x5 y5', got {line!r}"
                 ) from None
             if label < 0:
-                raise PackError(f"{list_path}:{lineno}: negative label {label}")
+                raise PackError(f"{where}: negative label {label}")
             path = fields[0] if os.path.isabs(fields[0]) else os.path.join(base, fields[0])
-            items.append((path, label))
+            items.append(_Item(path, label, landmarks, where))
     if not items:
         raise PackError(f"{list_path}: list file has no entries")
-    return items, max(lbl for _, lbl in items) + 1
+    return items, max(item.label for item in items) + 1
 
 
 def _load_image(path: str, jpeg_quality: int) -> tuple[bytes, tuple[int, int]]:
@@ -448,13 +638,44 @@ def _load_image(path: str, jpeg_quality: int) -> tuple[bytes, tuple[int, int]]:
         if colorspace not in ("CMYK", "YCCK"):
             return data, (int(h), int(w))
     # Not a JPEG (or a CMYK one that decoders disagree on): decode and re-encode as RGB JPEG.
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise PackError(f"{path}: not a readable image: {e}") from e
+    rgb = _read_rgb(path, data)
     jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=jpeg_quality, colorspace="RGB")
     return jpeg, (int(rgb.shape[0]), int(rgb.shape[1]))
+
+
+def _read_rgb(path: str, data: bytes) -> np.ndarray:
+    """Decode any image file's bytes to uint8 ``[H, W, 3]`` RGB (PackError naming the file)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise PackError(f"{path}: not a readable image: {e}") from e
+
+
+def _load_item(
+    item: _Item, jpeg_quality: int, align_size: tuple[int, int] | None
+) -> tuple[bytes, tuple[int, int]]:
+    """One image ready for the pack: as stored (JPEG kept as is) or aligned and re-encoded."""
+    if align_size is None:
+        return _load_image(item.path, jpeg_quality)
+    if item.landmarks is None:
+        raise PackError(f"{item.where}: alignment needs 5 landmarks (x1 y1 ... x5 y5)")
+    with open(item.path, "rb") as f:
+        data = f.read()
+    rgb = _read_rgb(item.path, data)
+    try:
+        aligned = align_face(rgb, item.landmarks, size=align_size)
+    except AlignmentError as e:
+        raise PackError(f"{item.where}: {e}") from e
+    jpeg = simplejpeg.encode_jpeg(aligned, quality=jpeg_quality, colorspace="RGB")
+    return jpeg, (int(aligned.shape[0]), int(aligned.shape[1]))
+
+
+def _load_chunk(
+    chunk: list[_Item], jpeg_quality: int, align_size: tuple[int, int] | None
+) -> list[tuple[bytes, tuple[int, int]]]:
+    """Worker-process entry point: load a chunk of items (fewer round trips than one each)."""
+    return [_load_item(item, jpeg_quality, align_size) for item in chunk]
 
 
 def pack_image_folder(
@@ -466,15 +687,22 @@ def pack_image_folder(
     progress: bool = True,
     with_header: bool = True,
     jpeg_quality: int = 95,
+    align: bool = False,
+    align_size: tuple[int, int] = (112, 112),
+    chunk_size: int = 64,
 ) -> PackInfo:
     """Pack a folder of identities (or a list file) into an insightface pack.
 
     ``image_dir`` is either a directory with one sub-folder per identity (sorted folder names
-    become labels 0..C-1) or a text file of ``"path label"`` lines (num_classes = max label + 1).
-    JPEG files are stored unchanged; other formats are re-encoded to JPEG at ``jpeg_quality``.
-    All images must share the first image's size. ``shuffle`` permutes images within each
-    identity when ``with_header`` (the header layout keeps classes contiguous), globally
-    otherwise; ``seed`` makes it reproducible. ``workers`` threads read and check the files.
+    become labels 0..C-1) or a text file of ``"path label"`` lines, optionally followed by
+    the 5 landmarks ``x1 y1 ... x5 y5`` (num_classes = max label + 1). JPEG files are stored
+    unchanged; other formats are re-encoded to JPEG at ``jpeg_quality``. With ``align`` every
+    image is cropped onto the ArcFace template of ``align_size`` (height, width; see
+    :func:`dataio.align.align_face`) from its landmarks and re-encoded. All images must share
+    the first image's size. ``shuffle`` permutes images within each identity when
+    ``with_header`` (the header layout keeps classes contiguous), globally otherwise; ``seed``
+    makes it reproducible. ``workers`` processes read (and align) the files in chunks of
+    ``chunk_size``; 0 does it in this process.
     """
     src = os.fspath(image_dir)
     if os.path.isdir(src):
@@ -485,52 +713,73 @@ def pack_image_folder(
         raise PackError(f"{src}: neither an image folder nor a list file")
     if not items:
         raise PackError(f"{src}: no image files found (extensions {IMAGE_EXTENSIONS})")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be a non-negative int, got {workers!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    size_for_align: tuple[int, int] | None = None
+    if align:
+        size_for_align = _check_image_size(align_size)
+        try:
+            template_for(size_for_align)
+        except AlignmentError as e:
+            raise ValueError(f"align_size: {e}") from e
+        missing = next((item for item in items if item.landmarks is None), None)
+        if missing is not None:
+            raise PackError(
+                f"{missing.where}: align needs a list file whose lines carry 5 landmarks "
+                "('path label x1 y1 ... x5 y5')"
+            )
     if shuffle:
         rng = np.random.default_rng(seed)
         if with_header:
-            perm = np.lexsort((rng.random(len(items)), [lbl for _, lbl in items]))
+            perm = np.lexsort((rng.random(len(items)), [item.label for item in items]))
         else:
             perm = rng.permutation(len(items))
         items = [items[i] for i in perm]
 
-    def load(item: tuple[str, int]) -> tuple[bytes, tuple[int, int]]:
-        return _load_image(item[0], jpeg_quality)
-
+    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
     samples: list[tuple[int, bytes]] = []
-    size: tuple[int, int] | None = None
     bar = tqdm(total=len(items), desc=f"packing {src}", unit="img", disable=not progress)
     try:
-        if workers > 0:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                loaded = pool.map(load, items)
-                size = _collect(items, loaded, samples, bar)
+        if workers > 0 and len(chunks) > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
+                loaded = pool.map(
+                    _load_chunk,
+                    chunks,
+                    [jpeg_quality] * len(chunks),
+                    [size_for_align] * len(chunks),
+                )
+                size = _collect(chunks, loaded, samples, bar)
         else:
-            size = _collect(items, map(load, items), samples, bar)
+            loaded = (_load_chunk(c, jpeg_quality, size_for_align) for c in chunks)
+            size = _collect(chunks, loaded, samples, bar)
     finally:
         bar.close()
     return write_pack(out_dir, samples, num_classes, size, with_header=with_header)
 
 
 def _collect(
-    items: list[tuple[str, int]],
-    loaded: Iterable[tuple[bytes, tuple[int, int]]],
+    chunks: list[list[_Item]],
+    loaded: Iterable[list[tuple[bytes, tuple[int, int]]]],
     samples: list[tuple[int, bytes]],
     bar: tqdm,
 ) -> tuple[int, int]:
     """Append loaded images to ``samples``, checking every size against the first image."""
     size: tuple[int, int] | None = None
-    for (path, label), (jpeg, hw) in zip(items, loaded, strict=True):
-        if size is None:
-            size = hw
-        elif hw != size:
-            raise PackError(
-                f"{path}: image is {hw[0]}x{hw[1]} (HxW) but the first image "
-                f"{items[0][0]} is {size[0]}x{size[1]}; all images must have the same size"
-            )
-        samples.append((label, jpeg))
-        bar.update(1)
+    first = chunks[0][0].path
+    for chunk, results in zip(chunks, loaded, strict=True):
+        for item, (jpeg, hw) in zip(chunk, results, strict=True):
+            if size is None:
+                size = hw
+            elif hw != size:
+                raise PackError(
+                    f"{item.path}: image is {hw[0]}x{hw[1]} (HxW) but the first image "
+                    f"{first} is {size[0]}x{size[1]}; all images must have the same size"
+                )
+            samples.append((item.label, jpeg))
+        bar.update(len(chunk))
     if size is None:
         raise PackError("no images were loaded")
     return size

@@ -4,33 +4,46 @@ Why not ``DistributedSampler``: we need the sharding to be a pure function of
 ``(num_samples, rank, world_size, seed, epoch)`` that the trainer can also resume mid-epoch,
 and the augmentation randomness to depend on the sample, not on which worker decoded it, so a
 run is reproducible whatever ``workers`` is. That is what :class:`ShardSampler` and the
-per-sample RNG of :class:`PackDataset` give.
+per-sample flip of :func:`dataio.loading.flip_mask` give; the DALI loader flips the same
+samples, so the two loaders agree image for image.
 
 Epoch propagation: with persistent workers each worker holds its own copy of the dataset, so
-a plain attribute set in the main process would never reach them. The epoch is therefore kept
-in a shared-memory tensor that forked and spawned workers see.
+a plain attribute set in the main process would never reach them. The epoch (and the count of
+skipped records) is therefore kept in shared-memory tensors that forked and spawned workers
+see.
+
+Corrupt records (``skip_corrupt``): a record that cannot be read, decoded or labelled raises
+:class:`~dataio.pack.PackError` naming the file and key; with ``skip_corrupt`` it is logged,
+counted (:attr:`PackLoader.num_skipped`) and replaced by the next readable image of the pack
+(position ``i + 1``, ``i + 2``, ...), so batches keep their size and every rank its step
+count. The replacement is a repeat of that image in the epoch, which the count makes visible.
 """
 
 from __future__ import annotations
 
 import io
-import math
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
+from dataio.loading import (
+    check_nonneg_int,
+    check_positive_int,
+    flip_mask,
+    position_state,
+    resolve_position,
+    steps_per_epoch,
+)
 from dataio.pack import FacePack, PackError
 
-
-def _check_nonneg_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
+logger = logging.getLogger(__name__)
 
 
 def decode_image(data: bytes, what: str) -> np.ndarray:
@@ -44,26 +57,100 @@ def decode_image(data: bytes, what: str) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 return np.array(img.convert("RGB"))  # a writable copy for torch
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except UnidentifiedImageError as e:
+            raise PackError(
+                f"{what}: cannot decode image (simplejpeg: {jpeg_error}; PIL: not a known "
+                "image format)"
+            ) from e
+        except (OSError, ValueError) as e:
             raise PackError(
                 f"{what}: cannot decode image (simplejpeg: {jpeg_error}; PIL: {e})"
             ) from e
 
 
-class PackDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+def load_normalised(
+    pack: FacePack, index: int, out: np.ndarray | None = None, flip: bool = False
+) -> tuple[np.ndarray, int]:
+    """Image ``index`` of ``pack`` as float32 ``[3, H, W]`` ``(x - 127.5) / 127.5`` + its label.
+
+    Written into ``out`` when given (a ``[3, H, W]`` float32 view, e.g. a row of a batch), so
+    a batch is filled without per-image temporaries; ``flip`` mirrors it horizontally on the
+    way. Raises :class:`PackError` naming the file and key when the record cannot be read,
+    its label is wrong, it does not decode, or its size differs from the pack's ``property``.
+    """
+    data, label = pack.read(index)
+    key = int(pack.image_keys[index])
+    img = decode_image(data, f"{pack.rec_path}: key {key}")  # [H, W, 3] uint8
+    h, w = pack.image_size
+    if img.shape != (h, w, 3):
+        raise PackError(
+            f"{pack.rec_path}: key {key}: image is {img.shape[0]}x{img.shape[1]} but "
+            f"the pack's property says {h}x{w}"
+        )
+    if out is None:
+        out = np.empty((3, h, w), dtype=np.float32)
+    chw = torch.from_numpy(img).permute(2, 0, 1)  # [3, H, W] uint8 view
+    if flip:
+        chw = chw.flip(-1)
+    # One pass converts to float, centres and moves to CHW; a second scales to [-1, 1].
+    target = torch.from_numpy(out)
+    torch.sub(chw, 127.5, out=target)
+    target.div_(127.5)
+    return out, label
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 tensor; in a DataLoader worker, in shared memory.
+
+    Why: a tensor sent from a worker is moved to shared memory (one more copy of the batch)
+    unless it already lives there; ``default_collate`` allocates its output the same way.
+    """
+    if get_worker_info() is not None:
+        numel = int(np.prod(shape))
+        try:
+            storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")
+            return torch.empty(0).new(storage).view(shape)
+        except (AttributeError, RuntimeError):  # private API moved: fall back to a copy
+            pass
+    return torch.empty(shape, dtype=torch.float32)
+
+
+class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
     """Images of a face pack as normalised float tensors with int64 labels.
 
-    ``flip``: random horizontal flip with probability 0.5, decided by an RNG seeded with
-    ``(seed, epoch, index)`` so the same sample gets the same flip in every run whatever the
-    worker count. Call :meth:`set_epoch` (or the loader's ``set_epoch``) each epoch.
+    ``flip``: horizontal flip of about half the samples, decided by
+    :func:`dataio.loading.flip_mask` from ``(seed, epoch, index)`` so the same sample gets
+    the same flip in every run whatever the worker count. Call :meth:`set_epoch` (or the
+    loader's ``set_epoch``) each epoch. ``with_keys`` adds the record key as a third item.
+    ``skip_corrupt`` and ``max_replacements``: see the module docstring (at most that many
+    following images are tried before the error is raised anyway). ``counter_slots``: one
+    per process that reads (DataLoader workers + the main process), so counting skips never
+    races.
     """
 
-    def __init__(self, pack_dir: str | os.PathLike[str], flip: bool = False, seed: int = 0):
-        self.pack = FacePack(pack_dir)
+    def __init__(
+        self,
+        pack_dir: str | os.PathLike[str],
+        flip: bool = False,
+        seed: int = 0,
+        skip_corrupt: bool = False,
+        with_keys: bool = False,
+        max_replacements: int = 64,
+        counter_slots: int = 1,
+    ):
+        self.pack = FacePack(pack_dir, skip_corrupt=skip_corrupt)
         self.flip = bool(flip)
-        self.seed = _check_nonneg_int("seed", seed)
+        self.seed = check_nonneg_int("seed", seed)
+        self.skip_corrupt = bool(skip_corrupt)
+        self.with_keys = bool(with_keys)
+        self.max_replacements = check_positive_int("max_replacements", max_replacements)
         # Shared so persistent DataLoader workers observe set_epoch (see module docstring).
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._skipped = torch.zeros(
+            check_positive_int("counter_slots", counter_slots), dtype=torch.int64
+        ).share_memory_()
+        for reason in self.pack.bad_keys.values():
+            logger.warning("skipping corrupt record: %s", reason)
 
     @property
     def epoch(self) -> int:
@@ -71,11 +158,16 @@ class PackDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the flip pattern of ``epoch`` (visible to already-running workers)."""
-        self._epoch.fill_(_check_nonneg_int("epoch", epoch))
+        self._epoch.fill_(check_nonneg_int("epoch", epoch))
 
     @property
     def num_classes(self) -> int:
         return self.pack.num_classes
+
+    @property
+    def num_skipped(self) -> int:
+        """Records skipped so far: left out at open plus replaced while reading."""
+        return len(self.pack.bad_keys) + int(self._skipped.sum().item())
 
     def __len__(self) -> int:
         return self.pack.num_images
@@ -85,26 +177,79 @@ class PackDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if not self.flip:
             return False
         e = self.epoch if epoch is None else epoch
-        return bool(np.random.default_rng([self.seed, e, int(index)]).random() < 0.5)
+        return bool(flip_mask(self.seed, e, [index])[0])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        data, label = self.pack.read(index)
-        key = int(self.pack.image_keys[index])
-        img = decode_image(data, f"{self.pack.rec_path}: key {key}")  # [H, W, 3] uint8
+    def _count_skip(self) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else (info.id + 1) % self._skipped.numel()
+        self._skipped[slot] += 1
+
+    def _load_into(self, index: int, out: np.ndarray, flip: bool) -> tuple[int, int]:
+        """Write image ``index`` (or its replacement, see the module docstring) into ``out``.
+
+        Returns ``(label, key)`` of the image actually written.
+        """
+        n = len(self)
+        source = index
+        for attempt in range(self.max_replacements + 1):
+            try:
+                _, label = load_normalised(self.pack, source, out=out, flip=flip)
+                return label, int(self.pack.image_keys[source])
+            except PackError as e:
+                if not self.skip_corrupt:
+                    raise e  # not skipping: the error names the file and key
+                self._count_skip()
+                logger.warning("skipping corrupt record: %s", e)
+                if attempt == self.max_replacements:
+                    raise PackError(
+                        f"{e} (and the {self.max_replacements} images after image {index} "
+                        "are unreadable too)"
+                    ) from e
+                source = (source + 1) % n
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        x, y, k = self.load_batch([index])
+        return (x[0], y[0], k[0]) if self.with_keys else (x[0], y[0])
+
+    def load_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images ``indices`` as ``(x float32 [n, 3, H, W], labels int64 [n], keys int64 [n])``.
+
+        Each image is decoded straight into its row of the batch (in shared memory inside a
+        DataLoader worker), so a batch costs one decode and two passes over its pixels.
+        """
         h, w = self.pack.image_size
-        if img.shape != (h, w, 3):
-            raise PackError(
-                f"{self.pack.rec_path}: key {key}: image is {img.shape[0]}x{img.shape[1]} but "
-                f"the pack's property says {h}x{w}"
-            )
-        if self.flipped(index):
-            img = img[:, ::-1]
-        # Normalise in HWC (contiguous, cheap), then one copy into CHW layout.
-        x = img.astype(np.float32)  # [H, W, 3]
-        x -= 127.5
-        x /= 127.5  # in [-1, 1]
-        chw = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # [3, H, W]
-        return chw, torch.tensor(label, dtype=torch.int64)
+        n = len(indices)
+        x = _batch_tensor((n, 3, h, w))  # [n, 3, H, W]
+        rows = x.numpy()
+        labels = np.empty(n, dtype=np.int64)
+        keys = np.empty(n, dtype=np.int64)
+        if self.flip:
+            flips = flip_mask(self.seed, self.epoch, np.asarray(indices, dtype=np.int64))
+        else:
+            flips = np.zeros(n, dtype=bool)
+        for j, index in enumerate(indices):
+            labels[j], keys[j] = self._load_into(int(index), rows[j], bool(flips[j]))
+        return x, torch.from_numpy(labels), torch.from_numpy(keys)
+
+
+class _Batches(Dataset[tuple[torch.Tensor, ...]]):
+    """A view of a :class:`PackDataset` indexed by a whole batch of indices.
+
+    The loader hands each worker a list of indices (``batch_size=None`` plus a
+    ``BatchSampler``), and the worker fills one batch tensor: no per-image tensors and no
+    collate copy.
+    """
+
+    def __init__(self, dataset: PackDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        x, y, k = self.dataset.load_batch(indices)
+        return (x, y, k) if self.dataset.with_keys else (x, y)
 
 
 class ShardSampler(Sampler[int]):
@@ -125,10 +270,10 @@ class ShardSampler(Sampler[int]):
         shuffle: bool = True,
         drop_last: bool = False,
     ):
-        self.num_samples = _check_nonneg_int("num_samples", num_samples)
-        self.world_size = _check_nonneg_int("world_size", world_size)
-        self.rank = _check_nonneg_int("rank", rank)
-        self.seed = _check_nonneg_int("seed", seed)
+        self.num_samples = check_nonneg_int("num_samples", num_samples)
+        self.world_size = check_nonneg_int("world_size", world_size)
+        self.rank = check_nonneg_int("rank", rank)
+        self.seed = check_nonneg_int("seed", seed)
         if self.num_samples == 0:
             raise ValueError("num_samples must be positive")
         if self.world_size == 0:
@@ -145,7 +290,7 @@ class ShardSampler(Sampler[int]):
         if self.drop_last:
             self.samples_per_rank = self.num_samples // self.world_size
         else:
-            self.samples_per_rank = math.ceil(self.num_samples / self.world_size)
+            self.samples_per_rank = -(-self.num_samples // self.world_size)  # ceil
         self.epoch = 0
         self.start_index = 0
 
@@ -154,8 +299,8 @@ class ShardSampler(Sampler[int]):
 
         ``start_index`` resumes an interrupted epoch (samples already consumed on this rank).
         """
-        self.epoch = _check_nonneg_int("epoch", epoch)
-        start = _check_nonneg_int("start_index", start_index)
+        self.epoch = check_nonneg_int("epoch", epoch)
+        start = check_nonneg_int("start_index", start_index)
         if start > self.samples_per_rank:
             raise ValueError(
                 f"start_index {start} past this rank's {self.samples_per_rank} samples per epoch"
@@ -183,19 +328,102 @@ class ShardSampler(Sampler[int]):
 
 
 class PackLoader(DataLoader):
-    """A DataLoader that also forwards :meth:`set_epoch` to its sampler and dataset."""
+    """A DataLoader over one rank's shard that fetches whole batches in its workers.
+
+    It also forwards :meth:`set_epoch` to its sampler and dataset and reports its position
+    within the epoch (:meth:`state_dict` / :meth:`load_state_dict`). Build it with
+    :func:`build_train_loader`.
+    """
+
+    def __init__(
+        self,
+        dataset: PackDataset,
+        sampler: ShardSampler,
+        batch_size: int,
+        drop_last: bool,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+    ):
+        super().__init__(
+            _Batches(dataset),
+            batch_size=None,  # the sampler below yields whole batches of indices
+            sampler=BatchSampler(sampler, batch_size, drop_last),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+        self.pack_dataset = dataset
+        self.shard_sampler = sampler
+        self.step_batch_size = int(batch_size)
+        self.step_drop_last = bool(drop_last)
+        self._position: list[int] | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start ``epoch`` (shuffle order and flips); skip ``start_batch`` batches to resume."""
-        sampler = self.sampler
-        dataset = self.dataset
-        if not isinstance(sampler, ShardSampler) or not isinstance(dataset, PackDataset):
-            raise TypeError("PackLoader needs a ShardSampler and a PackDataset")
+        start_batch = check_nonneg_int("start_batch", start_batch)
+        if start_batch > self.steps_per_epoch:
+            raise ValueError(
+                f"start_batch {start_batch} is past the {self.steps_per_epoch} batches of an epoch"
+            )
+        sampler = self.shard_sampler
         sampler.set_epoch(
-            epoch,
-            start_index=_check_nonneg_int("start_batch", start_batch) * int(self.batch_size or 1),
+            epoch, start_index=min(start_batch * self.step_batch_size, sampler.samples_per_rank)
         )
-        dataset.set_epoch(epoch)
+        self.pack_dataset.set_epoch(epoch)
+        self._position = [int(epoch), start_batch]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches in a whole epoch (``len()`` counts those left after a resumed start)."""
+        n, b = self.shard_sampler.samples_per_rank, self.step_batch_size
+        return n // b if self.step_drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[Any]:
+        # Every pass starts where the sampler starts: the epoch's resumed start batch.
+        self._position = None
+        position = self._loader_position()
+        for batch in super().__iter__():
+            position[1] += 1
+            yield batch
+
+    def _loader_position(self) -> list[int]:
+        if self._position is None:
+            sampler = self.shard_sampler
+            self._position = [sampler.epoch, -(-sampler.start_index // self.step_batch_size)]
+        return self._position
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt records skipped so far (``skip_corrupt``), in all worker processes."""
+        return self.pack_dataset.num_skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position within the epoch: ``batch`` = batches of ``epoch`` already yielded."""
+        sampler = self.shard_sampler
+        epoch, batch = self._loader_position()
+        return position_state(
+            "torch",
+            epoch,
+            batch,
+            sampler.world_size,
+            self.step_batch_size,
+            sampler.seed,
+            sampler.num_samples,
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> tuple[int, int]:
+        """Position the loader after the batches ``state`` says were consumed.
+
+        Returns ``(epoch, start_batch)``; see :func:`dataio.loading.resolve_position` for
+        what a state saved by a differently configured loader does.
+        """
+        expected = self.state_dict()
+        del expected["epoch"], expected["batch"]
+        epoch, batch = resolve_position(state, expected, self.steps_per_epoch, strict)
+        self.set_epoch(epoch, batch)
+        return epoch, batch
 
 
 def build_train_loader(
@@ -209,32 +437,53 @@ def build_train_loader(
     drop_last: bool = True,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    skip_corrupt: bool = False,
+    with_keys: bool = False,
+    max_replacements: int = 64,
 ) -> PackLoader:
     """The training loader of one rank: its shard of the pack, in batches.
 
-    The sampler pads by wrapping so every rank has the same number of samples, and
-    ``drop_last`` drops the last partial batch, so every rank runs the same number of steps
-    (a rank that stops early would hang the others' collectives). ``pin_memory`` helps only
-    when the device is a GPU; ``prefetch_factor`` is batches prefetched per worker.
-    Call ``loader.set_epoch(epoch)`` before each epoch.
+    Every rank runs the same number of steps (a rank that stops early would hang the
+    others' collectives): with ``drop_last`` each rank takes ``floor(n / world_size)`` images
+    of the epoch's permutation and drops its last partial batch, so no image is yielded twice
+    in an epoch and fewer than ``world_size * (batch_size + 1)`` are left out (different ones
+    each epoch); without it the permutation is padded by wrapping around to
+    ``ceil(n / world_size)`` per rank and the last batch is partial. ``workers`` processes
+    each build whole batches; ``pin_memory`` helps only when the device is a GPU;
+    ``prefetch_factor`` is batches prefetched per worker; ``skip_corrupt``, ``with_keys``
+    and ``max_replacements``: see :class:`PackDataset`. Call ``loader.set_epoch(epoch)``
+    before each epoch.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    workers = _check_nonneg_int("workers", workers)
-    dataset = PackDataset(pack_dir, flip=flip, seed=seed)
-    sampler = ShardSampler(len(dataset), rank, world_size, seed=seed, shuffle=True)
-    if drop_last and len(sampler) < batch_size:
+    batch_size = check_positive_int("batch_size", batch_size)
+    workers = check_nonneg_int("workers", workers)
+    dataset = PackDataset(
+        pack_dir,
+        flip=flip,
+        seed=seed,
+        skip_corrupt=skip_corrupt,
+        with_keys=with_keys,
+        max_replacements=max_replacements,
+        counter_slots=workers + 1,
+    )
+    if len(dataset) < world_size:
+        raise ValueError(
+            f"{dataset.pack.pack_dir}: {len(dataset)} images cannot be shared by "
+            f"world_size={world_size} ranks"
+        )
+    sampler = ShardSampler(
+        len(dataset), rank, world_size, seed=seed, shuffle=True, drop_last=drop_last
+    )
+    if steps_per_epoch(len(dataset), world_size, batch_size, drop_last) < 1:
         raise ValueError(
             f"{dataset.pack.pack_dir}: {len(dataset)} images give {len(sampler)} per rank for "
             f"world_size={world_size}, fewer than batch_size={batch_size}: no full batch"
         )
     return PackLoader(
         dataset,
+        sampler,
         batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
         drop_last=drop_last,
+        num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        prefetch_factor=prefetch_factor if workers > 0 else None,
+        prefetch_factor=prefetch_factor,
     )

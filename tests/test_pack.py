@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dataio.pack import FacePack, PackError, PackInfo, pack_image_folder, write_pack
-from dataio.recordio import IRHeader, RecordIOError, RecordReader, RecordWriter, pack_record
+from dataio.recordio import IRHeader, RecordReader, RecordWriter, pack_record
 from dataio.recordio import unpack_record as unpack
 
 
@@ -164,7 +164,7 @@ def test_facepack_missing_files_and_empty_pack(tmp_path):
         FacePack(tmp_path)
     (tmp_path / "property").write_text("1,8,6")
     (tmp_path / "train.idx").unlink()
-    with pytest.raises(RecordIOError, match="index file not found") as ei:
+    with pytest.raises(PackError, match="index file not found") as ei:
         FacePack(tmp_path)
     assert str(tmp_path / "train.idx") in str(ei.value)
     (tmp_path / "train.idx").write_text("")

@@ -275,3 +275,48 @@ def test_reader_in_forked_child_does_not_share_position(tmp_path):
         assert p.exitcode == 0
     assert got == sorted(payloads[k] for k in (5, 11, 17))
     assert r.read(19) == payloads[19]
+
+
+def test_jpeg_payload_with_aligned_magic_is_split_and_rejoined(tmp_path):
+    import simplejpeg
+
+    from dataio.fixtures import aligned_magic_offsets, jpeg_with_magic, smooth_image
+
+    rgb = smooth_image(np.random.default_rng(3), 24, 20)
+    jpeg = jpeg_with_magic(rgb, copies=2)
+    body = pack_record(IRHeader(0, 3.0, 1, 0), jpeg)
+    first, second = aligned_magic_offsets(body)
+    assert second == first + 4 and first % 4 == 0 and first > 24  # inside the JPEG
+    tail = body[second + 4 :]
+    pad = b"\x00" * (-len(tail) % 4)
+    # first part, an empty middle part (two magics in a row), last part + padding
+    expected = (
+        M + lrec(1, first) + body[:first]
+        + M + lrec(2, 0)
+        + M + lrec(3, len(tail)) + tail + pad
+    )  # fmt: skip
+    assert encode_record(body) == expected
+
+    rec, idx = write_all(tmp_path, {0: b"lead", 1: body})
+    assert rec.read_bytes() == M + lrec(0, 4) + b"lead" + expected
+    with RecordReader(rec, idx) as r:
+        header, payload = unpack_record(r.read(1))
+        assert header.label == 3.0 and payload == jpeg
+        assert dict(r.scan())[1] == body
+    decoded = simplejpeg.decode_jpeg(payload, colorspace="RGB")
+    np.testing.assert_array_equal(decoded, simplejpeg.decode_jpeg(jpeg, colorspace="RGB"))
+    assert np.abs(decoded.astype(int) - rgb).max() <= 8  # a real image, not garbage
+
+
+def test_reader_skips_bad_offsets_on_request_and_heads_scan(tmp_path):
+    from dataio.recordio import read_record_heads
+
+    rec, idx = write_all(tmp_path, {0: pack_record(IRHeader(0, 2.0, 0, 0), b"ab")})
+    idx.write_text("0\t0\n5\t9999\n")
+    r = RecordReader(rec, idx, skip_bad_offsets=True)
+    assert r.keys == [0] and 5 not in r
+    assert "offset 9999 of key 5 is past the end" in r.bad_keys[5]
+    heads = read_record_heads(rec, np.array([0, 2, 9999]))
+    assert heads.magic.tolist() == [MAGIC, 0, 0]
+    assert heads.length[0] == 26 and heads.cflag[0] == 0 and heads.flag[0] == 0
+    assert heads.label[0] == 2.0 and heads.available.tolist() == [36, 0, 0]

@@ -213,3 +213,66 @@ def test_loader_ranks_split_the_data_with_equal_steps(tmp_path):
         build_train_loader(pack, 0, 3, batch_size=16, seed=0, workers=0)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         build_train_loader(pack, 0, 3, batch_size=0, seed=0, workers=0)
+
+
+# ------------------------------------------------------------------------------- resume, faults
+
+
+def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
+    from dataio.fixtures import write_test_pack
+
+    pack = tmp_path / "p"
+    write_test_pack(pack, [i % 5 for i in range(31)], size=(8, 8))
+    kw = dict(batch_size=4, seed=2, flip=True, with_keys=True)
+    full = build_train_loader(pack, 1, 2, workers=0, **kw)
+    full.set_epoch(3)
+    ref = [(x, y, k) for x, y, k in full]
+    assert len(ref) == 3 and full.state_dict()["batch"] == 3  # 15 per rank -> 3 batches of 4
+
+    loader = build_train_loader(pack, 1, 2, workers=2, **kw)
+    loader.set_epoch(3)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    assert state == {
+        "kind": "torch", "epoch": 3, "batch": 1, "world_size": 2, "batch_size": 4,
+        "seed": 2, "num_images": 31,
+    }  # fmt: skip
+    resumed = build_train_loader(pack, 1, 2, workers=2, **kw)
+    assert resumed.load_state_dict(state) == (3, 1) and len(resumed) == 2
+    rest = list(resumed)
+    assert len(rest) == 2 and resumed.state_dict()["batch"] == 3
+    for (x, y, k), (xr, yr, kr) in zip(ref[1:], rest, strict=True):
+        assert torch.equal(k, kr) and torch.equal(y, yr) and torch.equal(x, xr)
+
+    with pytest.raises(ValueError, match="batch_size: saved 4, this loader 5"):
+        build_train_loader(pack, 1, 2, workers=0, batch_size=5, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="loader state 'batch' 9 is past the 3 batches"):
+        resumed.load_state_dict(state | {"batch": 9})
+    assert resumed.load_state_dict(state | {"kind": "dali"}, strict=False) == (4, 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_corrupt_replaces_and_counts(tmp_path, workers):
+    from dataio.fixtures import corrupt_record, write_test_pack
+
+    pack = tmp_path / "p"
+    write_test_pack(pack, list(range(12)), size=(8, 8))  # label == key - 1
+    corrupt_record(pack, 5, "jpeg")
+    corrupt_record(pack, 8, "label")
+    kw = dict(rank=0, world_size=1, batch_size=4, seed=0, flip=False)
+    if workers == 0:  # (a worker's error leaves persistent workers to time out at exit)
+        loader = build_train_loader(pack, with_keys=True, workers=0, **kw)
+        loader.set_epoch(0)
+        with pytest.raises(PackError, match=r"train\.rec: key (5|8): "):
+            list(loader)
+    loader = build_train_loader(pack, with_keys=True, skip_corrupt=True, workers=workers, **kw)
+    loader.set_epoch(0)
+    batches = list(loader)
+    keys = [int(k) for _, _, ks in batches for k in ks]
+    labels = [int(v) for _, ys, _ in batches for v in ys]
+    assert len(keys) == 12 and 5 not in keys and 8 not in keys
+    assert labels == [k - 1 for k in keys]  # a replacement carries its own label
+    counts = np.bincount(keys)
+    assert counts[6] == 2 and counts[9] == 2  # replaced by the next image: explicit repeats
+    assert loader.num_skipped == 2

@@ -185,3 +185,34 @@ def test_malformed_bins_name_the_file(tmp_path):
         load_bin(tmp_path / "absent.bin")
     with pytest.raises(ValueError, match="need 2 per pair"):
         save_bin(tmp_path / "x.bin", jpegs, [True])
+
+
+def test_loading_keeps_images_encoded_and_decodes_in_chunks(tmp_path):
+    import tracemalloc
+
+    from dataio.fixtures import smooth_image
+
+    rng = np.random.default_rng(5)
+    jpegs = [simplejpeg.encode_jpeg(smooth_image(rng, 112, 112), quality=90) for _ in range(300)]
+    jpegs[7] = b"\xff\xd8\xff" + bytes(200)  # undecodable, but loading must not notice
+    path = tmp_path / "big.bin"
+    save_bin(path, jpegs, [True, False] * 75)
+    encoded = sum(len(j) for j in jpegs)
+    decoded = 300 * 112 * 112 * 3  # ~11 MB if everything were decoded at load time
+    tracemalloc.start()
+    try:
+        vs = load_bin(path)
+        _, peak_load = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        total = 0
+        readable = VerificationSet([vs.encoded(i) for i in range(8, 300)], [True] * 146)
+        for chunk in readable.batches(32):
+            total += chunk.shape[0]
+        _, peak_chunks = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == 292
+    assert peak_load < 3 * encoded < decoded / 4  # bytes stay encoded
+    assert peak_chunks < 3 * encoded + 2 * 32 * 112 * 112 * 3  # one chunk decoded at a time
+    with pytest.raises(VerificationBinError, match="big: image 7: cannot decode"):
+        vs.decode(0, 16)

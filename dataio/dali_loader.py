@@ -1,0 +1,756 @@
+"""NVIDIA DALI training loader over insightface packs (GPU decoding on CUDA, CPU otherwise).
+
+The pipeline: ``fn.readers.mxnet`` (sharded by rank and world size, shuffled with a seed
+derived from the run's seed) -> ``fn.decoders.image`` ("mixed" on CUDA, "cpu" otherwise) ->
+optional colour augmentation -> ``fn.crop_mirror_normalize`` to CHW float ``(x - 127.5) /
+127.5``. The CUDA and CPU pipelines differ only in their device strings.
+
+Insightface packs without re-packing. DALI's mxnet reader takes every ``.idx`` entry for a
+sample: the header record (key 0) and the identity records come out as empty images with
+vector labels, which the decoder rejects. DALI only needs the offsets of the records it should
+read (it sorts them and reads each record up to the next listed offset), so the loader writes
+an index of image records only into a cache folder next to the pack (``.facetrain_cache/``,
+or a folder under the system temp dir when the pack's folder is read-only), named by a hash
+of its content. Headerless packs with no bad records use their own ``train.idx``.
+
+Why each pipeline reads one epoch. A pipeline is built per ``(epoch, rank)`` with a reader
+seed derived from ``(seed, epoch, shard)``, so ``set_epoch(e)`` is a pure function of its
+arguments and an epoch can be resumed without replaying the earlier ones. Shards rotate with
+the epoch (shard ``(rank + epoch) % world_size``), as DALI's own ``stick_to_shard=False``
+does. DALI's shuffle is a buffer of ``initial_fill`` records drawn at random, so batches mix
+records from a window of the (identity-sorted) file, as in arcface_torch; within an epoch
+DALI returns each record of the shard exactly once.
+
+What the reader returns is checked: every sample's source (``fn.get_property(...,
+"source_info")``: file and byte offset) is mapped back to its record key, and its label is
+compared with the pack's label for that key (a mismatch is never passed on silently).
+
+Flips: ``fn.random.coin_flip`` drives the ``mirror`` of ``crop_mirror_normalize``, seeded like
+the reader, so an epoch's flips are reproducible. They are not the torch loader's per-image
+rule (:func:`dataio.loading.flip_mask`): applying that rule needs the record's key, which is
+only known after the batch is out of the pipeline, and flipping float batches afterwards
+cost a third of the loader's throughput on a 2-core machine.
+
+Resuming mid-epoch (``set_epoch(e, start_batch=b)`` or :meth:`DaliLoader.load_state_dict`):
+a reader-only pipeline (no decoding) with the epoch's exact reader settings replays the
+first ``b`` batches to learn which records were consumed; the epoch then continues from a
+pipeline over the records not yet seen, so no record of the epoch is repeated or lost. The
+remaining records come in a different (still seeded) order than in the uninterrupted run.
+
+Corrupt records: a record that DALI cannot read or decode, or whose label is wrong, raises
+:class:`~dataio.pack.PackError` naming the file and key (found from the error message, a
+head check of the shard, or by decoding the records of the failing batches). With
+``skip_corrupt`` it is logged, counted (:attr:`DaliLoader.num_skipped`) and left out: the
+epoch goes on from a pipeline over the records not yet seen. If a rank runs short of
+records for its fixed number of batches, the reader repeats some (``num_padded``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataio.loading import (
+    check_nonneg_int,
+    check_positive_int,
+    position_state,
+    resolve_position,
+    steps_per_epoch,
+)
+from dataio.pack import FacePack, PackError
+from dataio.torch_loader import decode_image
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_NAME = ".facetrain_cache"
+"""Folder created inside the pack folder for derived files (image-only DALI index)."""
+
+_SOURCE_OFFSET = re.compile(r" at index (\d+)")
+
+
+def _import_dali() -> tuple[Any, Any, Any]:
+    """(fn, types, pipeline_def) of nvidia.dali, imported on first use with a clear error."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError as e:
+        raise ImportError(
+            "data.loader 'dali' needs NVIDIA DALI (pip package nvidia-dali-cuda120); "
+            f"import failed: {e}"
+        ) from e
+    return fn, types, pipeline_def
+
+
+@dataclasses.dataclass(frozen=True)
+class DaliAugment:
+    """Optional colour augmentation in the DALI pipeline (factors drawn per sample).
+
+    Each factor is drawn uniformly from ``[1 - x, 1 + x]``; 0 disables that jitter.
+    """
+
+    brightness: float = 0.2
+    """Multiplicative brightness jitter."""
+    contrast: float = 0.2
+    """Contrast jitter around mid-grey."""
+    saturation: float = 0.2
+    """Saturation jitter (HSV)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"DaliAugment.{f.name} must be in [0, 1), got {v!r}")
+
+
+def resolve_cache_dir(
+    pack_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> str:
+    """The folder for files derived from a pack: ``cache_dir``, else ``PACK/.facetrain_cache``
+    if it can be written, else ``<system temp>/facetrain_cache/<hash of the pack path>``."""
+    if cache_dir is not None:
+        path = os.fspath(cache_dir)
+        os.makedirs(path, exist_ok=True)
+        return path
+    pack = os.path.realpath(os.fspath(pack_dir))
+    candidates = [
+        os.path.join(pack, CACHE_DIR_NAME),
+        os.path.join(
+            tempfile.gettempdir(),
+            "facetrain_cache",
+            hashlib.sha1(pack.encode()).hexdigest()[:16],
+        ),
+    ]
+    for path in candidates:
+        try:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path):
+                pass
+            return path
+        except OSError:
+            continue
+    raise PackError(f"{pack}: no writable cache folder (tried {', '.join(candidates)})")
+
+
+def write_index(path: str, keys: np.ndarray, offsets: np.ndarray) -> None:
+    """Write a ``key<TAB>offset`` index atomically (temporary name, then rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+        pairs = zip(keys.tolist(), offsets.tolist(), strict=True)
+        f.write("".join(f"{k}\t{o}\n" for k, o in pairs))
+    os.replace(tmp, path)
+
+
+def image_index_path(
+    pack: FacePack, positions: np.ndarray, cache_dir: str | os.PathLike[str] | None = None
+) -> str:
+    """An index of the image records at ``positions`` of ``pack`` that DALI can read.
+
+    The file lives in the pack's cache folder (see :func:`resolve_cache_dir`), named by a
+    hash of its content, so every rank and every later run reuses it and a changed pack never
+    meets a stale index. A headerless pack read whole uses its own ``train.idx``.
+    """
+    pos = np.sort(np.asarray(positions, dtype=np.int64))
+    if pos.size == 0:
+        raise PackError(f"{pack.rec_path}: no image records left to read")
+    if not pack.has_header and not pack.bad_keys and pos.size == pack.num_images:
+        return pack.idx_path
+    keys = pack.image_keys[pos]
+    offsets = pack.image_offsets[pos]
+    digest = hashlib.sha1()
+    digest.update(os.path.realpath(pack.rec_path).encode())
+    stat = os.stat(pack.rec_path)
+    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(keys.tobytes())
+    digest.update(offsets.tobytes())
+    folder = resolve_cache_dir(pack.pack_dir, cache_dir)
+    path = os.path.join(folder, f"images-{digest.hexdigest()[:20]}.idx")
+    if not os.path.isfile(path):
+        write_index(path, keys, offsets)
+    return path
+
+
+def _derive_seed(*parts: int) -> int:
+    """A DALI reader seed (31-bit) from integers, e.g. (seed, epoch, shard, part)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]
+    return int(state) & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class _Part:
+    """One pipeline of an epoch: what it reads and how many batches were taken from it."""
+
+    index_path: str
+    shard_id: int
+    num_shards: int
+    seed: int
+    start_batch: int
+    """Batches of the epoch already yielded when this part started."""
+    excluded: list[int]
+    """Keys found bad just before this part (recorded for an exact replay on resume)."""
+
+
+class DaliLoader:
+    """One rank's DALI training loader; same interface as :class:`dataio.torch_loader.PackLoader`.
+
+    Iterating yields ``(images float32 [B, 3, H, W], labels int64 [B])`` (plus ``keys int64
+    [B]`` with ``with_keys``) on ``device``, for ``steps_per_epoch`` batches. See the module
+    docstring for sharding, shuffling, resuming and corrupt records. Build it with
+    :func:`build_dali_loader`.
+    """
+
+    def __init__(
+        self,
+        pack_dir: str | os.PathLike[str],
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        workers: int,
+        flip: bool = True,
+        drop_last: bool = True,
+        device: torch.device | str = "cpu",
+        skip_corrupt: bool = False,
+        augment: DaliAugment | None = None,
+        initial_fill: int = 32768,
+        prefetch_queue_depth: int = 2,
+        cache_dir: str | os.PathLike[str] | None = None,
+        with_keys: bool = False,
+    ):
+        self.world_size = check_positive_int("world_size", world_size)
+        self.rank = check_nonneg_int("rank", rank)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.seed = check_nonneg_int("seed", seed)
+        self.num_threads = max(1, check_nonneg_int("workers", workers))
+        self.flip = bool(flip)
+        self.drop_last = bool(drop_last)
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        self.skip_corrupt = bool(skip_corrupt)
+        self.augment = augment
+        self.initial_fill = check_positive_int("initial_fill", initial_fill)
+        self.prefetch_queue_depth = check_positive_int("prefetch_queue_depth", prefetch_queue_depth)
+        self.cache_dir = cache_dir
+        self.with_keys = bool(with_keys)
+        _import_dali()  # fail at construction, not at the first batch
+
+        self.pack = FacePack(pack_dir, skip_corrupt=self.skip_corrupt)
+        for reason in self.pack.bad_keys.values():
+            logger.warning("skipping corrupt record: %s", reason)
+        n = self.pack.num_images
+        if n < self.world_size:
+            raise ValueError(
+                f"{self.pack.pack_dir}: {n} images cannot be shared by "
+                f"world_size={self.world_size} ranks"
+            )
+        self.steps_per_epoch = steps_per_epoch(n, self.world_size, self.batch_size, self.drop_last)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{self.pack.pack_dir}: {n} images give {n // self.world_size} per rank for "
+                f"world_size={self.world_size}, fewer than batch_size={self.batch_size}: "
+                "no full batch"
+            )
+        # Records in file order: DALI reads them in this order and shards it in ranges.
+        self._file_order = np.argsort(self.pack.image_offsets, kind="stable")  # [N] positions
+        self._sorted_offsets = self.pack.image_offsets[self._file_order]  # [N]
+        self._population_index = image_index_path(self.pack, self._file_order, cache_dir)
+        self._known_bad: set[int] = set()  # positions found bad at run time (this rank)
+        self._runtime_skipped = 0
+        self.num_padded = 0
+        """Samples yielded a second time in an epoch because the shard ran short."""
+        self._epoch = 0
+        self._start_batch = 0
+        self._yielded = 0
+        self._epoch_excluded: list[int] = []
+        self._parts: list[_Part] = []
+        self._replay_history: list[tuple[int, list[int]]] = []
+        self._temp_files: list[str] = []
+        self._pipe: Any = None
+
+    # ------------------------------------------------------------------------------ interface
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields (the epoch's, less a resumed start)."""
+        return self.steps_per_epoch - self._start_batch
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt records skipped so far: left out at open plus found while reading."""
+        return len(self.pack.bad_keys) + self._runtime_skipped
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start ``epoch``; skip its first ``start_batch`` batches (they were consumed)."""
+        self._epoch = check_nonneg_int("epoch", epoch)
+        start = check_nonneg_int("start_batch", start_batch)
+        if start > self.steps_per_epoch:
+            raise ValueError(
+                f"start_batch {start} is past the {self.steps_per_epoch} batches of an epoch"
+            )
+        self._start_batch = start
+        self._yielded = start
+        self._epoch_excluded = sorted(int(self.pack.image_keys[p]) for p in self._known_bad)
+        self._parts = []
+        self._replay_history: list[tuple[int, list[int]]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position within the epoch plus what a replay needs (records excluded, pipelines)."""
+        return position_state(
+            "dali",
+            self._epoch,
+            self._yielded,
+            self.world_size,
+            self.batch_size,
+            self.seed,
+            self.pack.num_images,
+            excluded=list(self._epoch_excluded),
+            parts=[[p.start_batch, list(p.excluded)] for p in self._parts[1:]],
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> tuple[int, int]:
+        """Position the loader after the batches ``state`` says were consumed.
+
+        Returns ``(epoch, start_batch)``; see :func:`dataio.loading.resolve_position`.
+        """
+        expected = self.state_dict()
+        for k in ("epoch", "batch", "excluded", "parts"):
+            del expected[k]
+        epoch, batch = resolve_position(state, expected, self.steps_per_epoch, strict)
+        resumable = (epoch, batch) == (state["epoch"], state["batch"])
+        self.set_epoch(epoch, batch)
+        if resumable:
+            key_to_pos = self._key_positions()
+            excluded = [int(k) for k in state.get("excluded", [])]
+            history = [(int(b), [int(k) for k in ks]) for b, ks in state.get("parts", [])]
+            for k in excluded + [k for _, ks in history for k in ks]:
+                if k in key_to_pos:
+                    self._known_bad.add(key_to_pos[k])
+            self._epoch_excluded = sorted(excluded)
+            self._replay_history = history
+        return epoch, batch
+
+    def close(self) -> None:
+        """Release the pipeline and remove temporary index files."""
+        self._pipe = None
+        for path in self._temp_files:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self._temp_files = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+            pass
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return self._iterate()
+
+    # ------------------------------------------------------------------------------ sharding
+
+    def _shard(self, epoch: int) -> tuple[int, np.ndarray]:
+        """(shard id, positions of the shard's records in file order) for ``epoch``.
+
+        DALI's reader gives shard ``s`` of ``w`` the records ``[n*s//w, n*(s+1)//w)`` of the
+        offset-sorted index; computing the same ranges lets a resumed or repaired epoch
+        continue on exactly the records of its shard.
+        """
+        shard_id = (self.rank + epoch) % self.world_size
+        n = self._file_order.size
+        lo, hi = n * shard_id // self.world_size, n * (shard_id + 1) // self.world_size
+        return shard_id, self._file_order[lo:hi]
+
+    def _epoch_sizes(self) -> tuple[int, int]:
+        """(samples this rank yields per epoch, size of the last batch)."""
+        n, w, b = self.pack.num_images, self.world_size, self.batch_size
+        if self.drop_last:
+            return self.steps_per_epoch * b, b
+        per_rank = -(-n // w)
+        return per_rank, per_rank - (self.steps_per_epoch - 1) * b
+
+    def _key_positions(self) -> dict[int, int]:
+        return {int(k): i for i, k in enumerate(self.pack.image_keys.tolist())}
+
+    # ------------------------------------------------------------------------------ pipelines
+
+    def _build_pipeline(self, part: _Part, decode: bool, fill: int) -> Any:
+        """The DALI pipeline of one part; ``decode=False`` builds the reader alone (replay)."""
+        fn, types, pipeline_def = _import_dali()
+        cuda = self.device.type == "cuda"
+        decoder_device = "mixed" if cuda else "cpu"
+        augment = self.augment
+        flip = self.flip
+
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=(self.device.index or 0) if cuda else None,
+            prefetch_queue_depth=self.prefetch_queue_depth,
+            seed=part.seed,
+        )
+        def pipeline() -> tuple[Any, ...]:
+            jpegs, labels = fn.readers.mxnet(
+                path=[self.pack.rec_path],
+                index_path=[part.index_path],
+                shard_id=part.shard_id,
+                num_shards=part.num_shards,
+                random_shuffle=True,
+                initial_fill=fill,
+                seed=part.seed,
+                stick_to_shard=True,
+                pad_last_batch=True,
+                name="reader",
+            )
+            # "path at index OFFSET" as bytes, padded to one length so a batch is one array
+            source = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+            label = labels[0]  # the class id (first element of a vector label)
+            if not decode:
+                return label, source
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+            if augment is not None:
+                images = fn.brightness_contrast(
+                    images,
+                    brightness=fn.random.uniform(
+                        range=[1 - augment.brightness, 1 + augment.brightness]
+                    ),
+                    contrast=fn.random.uniform(range=[1 - augment.contrast, 1 + augment.contrast]),
+                    contrast_center=128.0,
+                )
+                images = fn.hsv(
+                    images,
+                    saturation=fn.random.uniform(
+                        range=[1 - augment.saturation, 1 + augment.saturation]
+                    ),
+                )
+            mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+            images = fn.crop_mirror_normalize(
+                images,
+                mirror=mirror,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[127.5, 127.5, 127.5],
+                std=[127.5, 127.5, 127.5],
+            )
+            return images, label, source
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _new_part(
+        self,
+        epoch: int,
+        shard: np.ndarray,
+        seen: np.ndarray,
+        bad: set[int],
+        start: int,
+        newly: list[int],
+    ) -> _Part:
+        """The next pipeline of the epoch: the whole shard, or its records not yet seen.
+
+        A pure function of its arguments and of the parts made so far, so a resumed run can
+        rebuild the parts of the interrupted one exactly (``bad``: positions known bad;
+        ``newly``: keys found bad just before this part).
+        """
+        shard_id, _ = self._shard(epoch)
+        bad_mask = np.fromiter((p in bad for p in shard.tolist()), bool, shard.size)
+        part_no = len(self._parts)
+        seed = _derive_seed(self.seed, epoch, shard_id, part_no)
+        if part_no == 0 and not bad_mask.any():
+            # The plain case: DALI's own sharding of the population index.
+            part = _Part(self._population_index, shard_id, self.world_size, seed, start, newly)
+        else:
+            left = shard[~seen & ~bad_mask]
+            if left.size == 0:  # everything read or bad: pad by repeating the shard
+                left = shard[~bad_mask]
+            if left.size == 0:
+                raise PackError(
+                    f"{self.pack.rec_path}: every record of rank {self.rank}'s shard in epoch "
+                    f"{epoch} is corrupt"
+                )
+            part = _Part(self._temp_index(left), 0, 1, seed, start, newly)
+        self._parts.append(part)
+        return part
+
+    def _temp_index(self, positions: np.ndarray) -> str:
+        folder = resolve_cache_dir(self.pack.pack_dir, self.cache_dir)
+        fd, path = tempfile.mkstemp(prefix=f"rank{self.rank}-", suffix=".idx", dir=folder)
+        os.close(fd)
+        pos = np.sort(positions)
+        write_index(path, self.pack.image_keys[pos], self.pack.image_offsets[pos])
+        self._temp_files.append(path)
+        return path
+
+    def _fill(self, part: _Part) -> int:
+        """Shuffle buffer size: ``initial_fill``, but no larger than the part's records."""
+        if part.num_shards == 1 and part.index_path != self._population_index:
+            with open(part.index_path, encoding="ascii") as f:
+                count = sum(1 for _ in f)
+        else:
+            count = -(-self._file_order.size // part.num_shards)
+        return max(1, min(self.initial_fill, count))
+
+    def _positions_of(self, source: Any) -> np.ndarray:
+        """Pack positions of a batch from its padded ``source_info`` ("path at index OFFSET")."""
+        rows = np.asarray(source.as_array(), dtype=np.uint8)  # [B, L], zero padded
+        offsets = np.empty(rows.shape[0], dtype=np.int64)
+        for j, row in enumerate(rows):
+            text = row.tobytes().rstrip(b"\0")
+            _, sep, digits = text.rpartition(b" at index ")
+            if not sep or not digits.isdigit():
+                raise PackError(f"{self.pack.rec_path}: DALI returned a sample from {text!r}")
+            offsets[j] = int(digits)
+        i = np.searchsorted(self._sorted_offsets, offsets)
+        i = np.minimum(i, self._sorted_offsets.size - 1)
+        if not np.array_equal(self._sorted_offsets[i], offsets):
+            bad = int(offsets[self._sorted_offsets[i] != offsets][0])
+            raise PackError(f"{self.pack.rec_path}: DALI read a record at unknown offset {bad}")
+        return self._file_order[i]
+
+    def _replay(self, part: _Part, batches: int) -> np.ndarray:
+        """Positions of the first ``batches`` batches of ``part``, read without decoding."""
+        if batches <= 0:
+            return np.empty(0, dtype=np.int64)
+        pipe = self._build_pipeline(part, decode=False, fill=self._fill(part))
+        out = []
+        for _ in range(batches):
+            _, source = pipe.run()
+            out.append(self._positions_of(source))
+        del pipe
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------------------ iteration
+
+    def _iterate(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        epoch, total = self._epoch, self.steps_per_epoch
+        _, last_size = self._epoch_sizes()
+        _, shard = self._shard(epoch)
+        shard_index = {p: i for i, p in enumerate(shard.tolist())}
+        seen = np.zeros(shard.size, dtype=bool)  # [S] yielded this epoch
+        key_to_pos = self._key_positions()
+        bad = {key_to_pos[k] for k in self._epoch_excluded if k in key_to_pos}
+        history, self._replay_history = self._replay_history, []
+        self._parts = []
+        self.close()
+
+        def mark(pos: np.ndarray) -> None:
+            for p in pos.tolist():
+                i = shard_index.get(p)
+                if i is None:
+                    key = int(self.pack.image_keys[p])
+                    raise PackError(
+                        f"{self.pack.rec_path}: DALI returned key {key} outside rank "
+                        f"{self.rank}'s shard of epoch {epoch}"
+                    )
+                if seen[i]:
+                    self.num_padded += 1
+                seen[i] = True
+
+        # Resume: replay the consumed batches of each earlier part with the reader alone.
+        if self._start_batch > 0:
+            padded = self.num_padded
+            starts = [(0, [])] + [(b, ks) for b, ks in history if b <= self._start_batch]
+            for j, (begin, newly) in enumerate(starts):
+                bad.update(key_to_pos[k] for k in newly if k in key_to_pos)
+                stop = starts[j + 1][0] if j + 1 < len(starts) else self._start_batch
+                part = self._new_part(epoch, shard, seen, bad, begin, list(newly))
+                mark(self._replay(part, stop - begin))
+            self.num_padded = padded
+        self._yielded = self._start_batch
+        part = self._new_part(epoch, shard, seen, bad, self._yielded, [])
+        pipe = self._build_pipeline(part, decode=True, fill=self._fill(part))
+        self._pipe = pipe
+        while self._yielded < total:
+            try:
+                images, labels, source = pipe.run()
+                pos = self._positions_of(source)
+                self._check_batch(pos, labels, images.shape())
+            except (RuntimeError, PackError) as err:
+                self._pipe = pipe = None
+                found = self._find_bad(err, part, seen, shard, bad)
+                bad.update(found)
+                self._known_bad.update(found)
+                self._runtime_skipped += len(found)
+                newly = sorted(int(self.pack.image_keys[p]) for p in found)
+                part = self._new_part(epoch, shard, seen, bad, self._yielded, newly)
+                pipe = self._build_pipeline(part, decode=True, fill=self._fill(part))
+                self._pipe = pipe
+                continue
+            n = last_size if self._yielded == total - 1 else self.batch_size
+            pos = pos[:n]
+            mark(pos)
+            x = self._to_torch(images, n)  # [n, 3, H, W]
+            y = torch.from_numpy(self.pack.labels[pos].copy()).to(x.device)  # [n] int64
+            self._yielded += 1
+            if self.with_keys:
+                yield x, y, torch.from_numpy(self.pack.image_keys[pos].copy())
+            else:
+                yield x, y
+        self.close()
+
+    def _check_batch(self, pos: np.ndarray, labels: Any, shapes: list[tuple[int, ...]]) -> None:
+        """Raise PackError (key named) for a wrong label or image size in a DALI batch."""
+        got = np.asarray(labels.as_array(), dtype=np.float64).reshape(-1)  # [B]
+        want = self.pack.labels[pos]
+        wrong = np.flatnonzero(got != want)
+        h, w = self.pack.image_size
+        dims = [tuple(int(d) for d in shape) for shape in shapes]  # B x (3, H, W)
+        odd = [j for j, d in enumerate(dims) if d != (3, h, w)]
+        if wrong.size:
+            j = int(wrong[0])
+            key = int(self.pack.image_keys[pos[j]])
+            raise PackError(
+                f"{self.pack.rec_path}: key {key}: record label {got[j]} disagrees with the "
+                f"pack's label {int(want[j])}"
+            )
+        if odd:
+            j = odd[0]
+            key = int(self.pack.image_keys[pos[j]])
+            raise PackError(
+                f"{self.pack.rec_path}: key {key}: image is {dims[j][1]}x{dims[j][2]} but the "
+                f"pack's property says {h}x{w}"
+            )
+
+    def _to_torch(self, images: Any, n: int) -> torch.Tensor:
+        """The first ``n`` samples of a DALI batch as a torch tensor on ``self.device``."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(images.as_array()[:n])
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        h, w = self.pack.image_size
+        out = torch.empty(
+            (self.batch_size, 3, h, w), dtype=torch.float32, device=self.device
+        )  # [B, 3, H, W]
+        feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
+        return out[:n]
+
+    # ------------------------------------------------------------------------------ corruption
+
+    def _find_bad(
+        self, err: Exception, part: _Part, seen: np.ndarray, shard: np.ndarray, bad: set[int]
+    ) -> set[int]:
+        """Positions of the records behind a failed batch; raise if not ``skip_corrupt``.
+
+        Tried in order: the key named by our own check, the offset in DALI's message, a
+        head check of the shard's unseen records, decoding the records of the next batches.
+        """
+        reasons: dict[int, str] = {}
+        message = str(err)
+        if isinstance(err, PackError):
+            m = re.search(r": key (\d+): ", message)
+            if m is not None:
+                reasons[int(m.group(1))] = message
+        if not reasons:
+            m = _SOURCE_OFFSET.search(message)
+            if m is not None:
+                i = np.searchsorted(self._sorted_offsets, int(m.group(1)))
+                if i < self._sorted_offsets.size and self._sorted_offsets[i] == int(m.group(1)):
+                    key = int(self.pack.image_keys[self._file_order[i]])
+                    reasons[key] = f"{self.pack.rec_path}: key {key}: {_dali_reason(message)}"
+        unseen = shard[~seen]
+        unseen = unseen[[p not in bad for p in unseen.tolist()]]
+        if not reasons and unseen.size:
+            reasons.update(self.pack.check_records(unseen))
+        if not reasons and unseen.size:
+            reasons.update(self._decode_check(part, seen, shard))
+        if not reasons:
+            raise PackError(
+                f"{self.pack.rec_path}: DALI failed on rank {self.rank}'s shard and no record "
+                f"could be blamed: {_dali_reason(message)}"
+            ) from err
+        if not self.skip_corrupt:
+            raise PackError(next(iter(reasons.values()))) from err
+        key_to_pos = self._key_positions()
+        for reason in reasons.values():
+            logger.warning("skipping corrupt record: %s", reason)
+        return {key_to_pos[k] for k in reasons}
+
+    def _decode_check(self, part: _Part, seen: np.ndarray, shard: np.ndarray) -> dict[int, str]:
+        """Decode, in Python, the records DALI was about to return and report failures."""
+        taken = self._yielded - part.start_batch
+        ahead = taken + self.prefetch_queue_depth + 1
+        try:
+            upcoming = self._replay(part, ahead)[taken * self.batch_size :]
+        except RuntimeError:
+            return {}
+        reasons: dict[int, str] = {}
+        h, w = self.pack.image_size
+        for p in np.unique(upcoming).tolist():
+            key = int(self.pack.image_keys[p])
+            try:
+                data, _ = self.pack.read(p)
+                img = decode_image(data, f"{self.pack.rec_path}: key {key}")
+                if img.shape != (h, w, 3):
+                    raise PackError(
+                        f"{self.pack.rec_path}: key {key}: image is {img.shape[0]}x"
+                        f"{img.shape[1]} but the pack's property says {h}x{w}"
+                    )
+            except PackError as e:
+                reasons[key] = str(e)
+        return reasons
+
+
+def _dali_reason(message: str) -> str:
+    """The informative line of a DALI error message."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for marker in ("Invalid RecordIO", "Assert", "failure", "Error"):
+        for ln in lines:
+            if marker in ln and "pipeline" not in ln:
+                return ln
+    return lines[-1] if lines else message
+
+
+def build_dali_loader(
+    pack_dir: str | os.PathLike[str],
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    flip: bool = True,
+    drop_last: bool = True,
+    skip_corrupt: bool = False,
+    device: torch.device | str = "cpu",
+    augment: DaliAugment | None = None,
+    initial_fill: int = 32768,
+    prefetch_queue_depth: int = 2,
+    cache_dir: str | os.PathLike[str] | None = None,
+    with_keys: bool = False,
+) -> DaliLoader:
+    """The DALI training loader of one rank (same call as ``build_train_loader``).
+
+    ``workers``: DALI CPU threads (at least 1). ``device``: ``cpu`` decodes on the CPU,
+    ``cuda:N`` decodes on GPU N ("mixed") and yields tensors there. ``initial_fill``: DALI's
+    shuffle buffer in records (arcface_torch uses 32768; capped at the shard size).
+    ``prefetch_queue_depth``: batches DALI prepares ahead. ``cache_dir``: where the
+    image-only index goes (default: see :func:`resolve_cache_dir`). ``augment``: optional
+    colour jitter. ``skip_corrupt``, ``with_keys``: see :class:`DaliLoader`.
+    """
+    return DaliLoader(
+        pack_dir,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        seed=seed,
+        workers=workers,
+        flip=flip,
+        drop_last=drop_last,
+        device=device,
+        skip_corrupt=skip_corrupt,
+        augment=augment,
+        initial_fill=initial_fill,
+        prefetch_queue_depth=prefetch_queue_depth,
+        cache_dir=cache_dir,
+        with_keys=with_keys,
+    )

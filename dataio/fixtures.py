@@ -1,0 +1,137 @@
+"""Small packs and images built byte by byte, for tests and benchmarks.
+
+Why here and not in tests/: the benchmark and several test files need the same fixtures --
+smooth images (whose JPEG decodes agree closely across decoders), JPEGs that carry the
+RecordIO magic number at a 4-byte aligned offset (the case that splits a record into parts),
+and packs in both layouts -- and they must not depend on the (slower) synthetic face renderer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import simplejpeg
+
+from dataio.pack import PackInfo, write_pack
+from dataio.recordio import IR_HEADER_SIZE, MAGIC
+
+MAGIC_BYTES = int(MAGIC).to_bytes(4, "little")
+"""The RecordIO magic number as it appears in a file."""
+
+
+def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A random smooth RGB image, uint8 ``[H, W, 3]``: a few random gradients and blobs.
+
+    Smooth content keeps JPEG decoders within about one intensity level of each other.
+    """
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    img = np.empty((height, width, 3))
+    for c in range(3):
+        a, b, base = rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5), rng.uniform(60, 190)
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(3, 8)
+        blob = 60 * np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * r * r))
+        img[:, :, c] = base + a * xs + b * ys + blob
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def jpeg_with_magic(
+    rgb: np.ndarray, quality: int = 90, copies: int = 2, payload_offset: int = IR_HEADER_SIZE
+) -> bytes:
+    """A valid JPEG of ``rgb`` whose bytes hold the RecordIO magic at 4-byte aligned offsets.
+
+    The magic sits in a comment (COM) segment right after the SOI marker, which decoders
+    skip. ``payload_offset`` is where the JPEG starts inside the record body (24 for an
+    IRHeader with a scalar label); the magics are placed so that their offset in the record
+    body is a multiple of 4 -- the case that makes a RecordIO writer split the record.
+    ``copies`` back-to-back magics give a first, ``copies - 1`` middle and a last part.
+    """
+    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB")
+    # SOI (2) + COM marker (2) + length (2): comment data starts at JPEG offset 6.
+    lead = (-(payload_offset + 6)) % 4
+    data = b"\x00" * lead + MAGIC_BYTES * copies + b"facetrain"
+    segment = b"\xff\xfe" + (len(data) + 2).to_bytes(2, "big") + data
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+def aligned_magic_offsets(record_body: bytes) -> list[int]:
+    """Offsets of the magic number at 4-byte aligned positions of a record body."""
+    return [i for i in range(0, len(record_body) - 3, 4) if record_body[i : i + 4] == MAGIC_BYTES]
+
+
+def write_test_pack(
+    out_dir: str | os.PathLike[str],
+    labels: Sequence[int],
+    num_classes: int | None = None,
+    size: tuple[int, int] = (16, 16),
+    seed: int = 0,
+    with_header: bool = True,
+    magic_every: int = 0,
+    quality: int = 90,
+) -> PackInfo:
+    """A pack of smooth random JPEGs with the given per-image ``labels``.
+
+    ``magic_every``: every k-th image (k > 0) is a :func:`jpeg_with_magic` JPEG, so the pack
+    has multi-part records. ``num_classes`` defaults to ``max(labels) + 1``.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = size
+    samples = []
+    for i, label in enumerate(labels):
+        rgb = smooth_image(rng, h, w)
+        if magic_every and i % magic_every == 0:
+            payload = jpeg_with_magic(rgb, quality=quality)
+        else:
+            payload = simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB")
+        samples.append((int(label), payload))
+    classes = num_classes if num_classes is not None else max(int(x) for x in labels) + 1
+    return write_pack(out_dir, samples, classes, (h, w), with_header=with_header)
+
+
+CORRUPTIONS = ("magic", "label", "length", "jpeg", "truncate", "offset")
+"""Faults :func:`corrupt_record` can plant."""
+
+
+def corrupt_record(pack_dir: str | os.PathLike[str], key: int, kind: str) -> None:
+    """Damage record ``key`` of a pack in place, the way real files go bad.
+
+    ``magic``: a flipped byte in the record's magic number. ``label``: the IRHeader's scalar
+    label set to ``label + 1`` (disagrees with the identity record, or leaves ``[0, C)`` in a
+    headerless pack when it was the last class). ``length``: the frame claims 4 KiB more bytes
+    than the record has. ``jpeg``: the image bytes after the JPEG start marker zeroed (same
+    length, undecodable). ``truncate``: the ``.rec`` file cut in the middle of the record (and
+    everything after it removed). ``offset``: the index points the key past the end of file.
+    """
+    from dataio.pack import IDX_NAME, REC_NAME
+    from dataio.recordio import read_index
+
+    rec = os.path.join(os.fspath(pack_dir), REC_NAME)
+    idx = os.path.join(os.fspath(pack_dir), IDX_NAME)
+    keys, offsets = read_index(idx)
+    off = offsets[key]
+    with open(rec, "rb") as f:
+        data = bytearray(f.read())
+    if kind == "magic":
+        data[off] ^= 0xFF
+    elif kind == "label":
+        value = np.frombuffer(bytes(data[off + 12 : off + 16]), dtype="<f4")[0]
+        data[off + 12 : off + 16] = np.float32(value + 1).tobytes()
+    elif kind == "length":
+        lrec = int.from_bytes(data[off + 4 : off + 8], "little")
+        data[off + 4 : off + 8] = (lrec + 4096).to_bytes(4, "little")
+    elif kind == "jpeg":
+        length = int.from_bytes(data[off + 4 : off + 8], "little") & ((1 << 29) - 1)
+        start = off + 8 + IR_HEADER_SIZE + 2  # past the frame, IRHeader and SOI marker
+        data[start : off + 8 + length] = bytes(off + 8 + length - start)
+    elif kind == "truncate":
+        del data[off + 20 :]
+    elif kind == "offset":
+        with open(idx, "w", encoding="ascii") as f:
+            for k in keys:
+                f.write(f"{k}\t{len(data) + 64 if k == key else offsets[k]}\n")
+        return
+    else:
+        raise ValueError(f"corrupt_record: unknown kind {kind!r}; expected one of {CORRUPTIONS}")
+    with open(rec, "wb") as f:
+        f.write(bytes(data))

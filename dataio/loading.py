@@ -1,0 +1,213 @@
+"""What the training loaders share: the loader interface, flip decisions, resumable position,
+and the ``build_loader`` dispatcher over ``data.loader`` ("torch" or "dali").
+
+Why a shared flip function: a horizontal flip decided by the sample's identity (its position
+in the pack), the run's seed and the epoch -- not by a random stream that depends on which
+worker or pipeline decoded it -- makes the two loaders agree image for image, makes a run
+reproducible whatever the worker count, and makes a resumed epoch flip the same samples as
+the uninterrupted one.
+
+Resumable position: both loaders report ``state_dict()`` -> ``{"kind", "epoch", "batch",
+"world_size", "batch_size", "seed", "num_images", ...}`` where ``batch`` is the number of
+batches of ``epoch`` already yielded; ``load_state_dict(state)`` positions the loader so that
+the next iteration yields the next unseen batch. The trainer saves the dict in its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+LoaderKind = Literal["torch", "dali"]
+LOADER_KINDS: tuple[str, ...] = ("torch", "dali")
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on a uint64 array (wrapping arithmetic, no Python loop)."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def flip_mask(seed: int, epoch: int, positions: np.ndarray | list[int]) -> np.ndarray:
+    """Whether each image (by its position in the pack) is flipped in ``epoch``: bool ``[n]``.
+
+    A hash of ``(seed, epoch, position)``, so about half the images are flipped, the pattern
+    changes from epoch to epoch, and any subset can be decided in any order or process.
+    """
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+    if pos.size and pos.min() < 0:
+        raise ValueError(f"flip_mask: positions must be non-negative, got {int(pos.min())}")
+    h = _splitmix64(np.full(pos.shape, int(seed) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
+    h = _splitmix64(h ^ np.uint64(int(epoch) & 0xFFFFFFFFFFFFFFFF))
+    h = _splitmix64(h ^ pos.astype(np.uint64))
+    return (h >> np.uint64(63)).astype(bool)
+
+
+def check_nonneg_int(name: str, value: Any) -> int:
+    """``value`` as an int, or ValueError naming ``name`` when it is not a non-negative int."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, or ValueError naming ``name`` when it is not a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def steps_per_epoch(num_images: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """Batches every rank yields per epoch (the same on all ranks, or collectives would hang).
+
+    Ranks hold ``floor(n / w)`` or ``ceil(n / w)`` images. With ``drop_last`` every rank
+    yields ``floor(floor(n / w) / b)`` full batches and leaves the rest of its shard for the
+    epoch; without it every rank yields ``ceil(ceil(n / w) / b)`` batches, shorter shards
+    padded to ``ceil(n / w)`` images and the last batch partial.
+    """
+    if drop_last:
+        return (num_images // world_size) // batch_size
+    per_rank = -(-num_images // world_size)  # ceil(n / w)
+    return -(-per_rank // batch_size)  # ceil(per_rank / b)
+
+
+def position_state(
+    kind: str,
+    epoch: int,
+    batch: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    num_images: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The resumable position of a loader as a plain dict (ints, strs and lists only)."""
+    return {
+        "kind": kind,
+        "epoch": int(epoch),
+        "batch": int(batch),
+        "world_size": int(world_size),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "num_images": int(num_images),
+        **extra,
+    }
+
+
+def resolve_position(
+    state: Mapping[str, Any], expected: Mapping[str, Any], steps: int, strict: bool
+) -> tuple[int, int]:
+    """Check a saved position against this loader; return ``(epoch, start_batch)`` to resume.
+
+    A position can be continued only by a loader that cuts the epoch the same way: same
+    kind, world size, batch size, seed and number of images. A mismatch raises ValueError
+    naming the field when ``strict``; otherwise the saved epoch is abandoned and the loader
+    starts at the beginning of the next one (no image of the saved epoch is seen twice).
+    """
+    for field in ("epoch", "batch"):
+        if field not in state:
+            raise ValueError(f"loader state: missing field '{field}' (got {sorted(state)})")
+    epoch = check_nonneg_int("loader state 'epoch'", state["epoch"])
+    batch = check_nonneg_int("loader state 'batch'", state["batch"])
+    mismatched = [
+        f"{k}: saved {state.get(k)!r}, this loader {v!r}"
+        for k, v in expected.items()
+        if k in state and state[k] != v
+    ]
+    if mismatched:
+        if strict:
+            raise ValueError(
+                "loader state does not match this loader, cannot resume mid-epoch ("
+                + "; ".join(mismatched)
+                + "); pass strict=False to start the next epoch instead"
+            )
+        return (epoch + 1, 0) if batch > 0 else (epoch, 0)
+    if batch > steps:
+        raise ValueError(f"loader state 'batch' {batch} is past the {steps} batches of an epoch")
+    return epoch, batch
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What the trainer needs from a training loader (both kinds provide it)."""
+
+    steps_per_epoch: int
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> tuple[int, int]: ...
+
+    @property
+    def num_skipped(self) -> int: ...
+
+
+def build_loader(
+    kind: str,
+    pack_dir: str | os.PathLike[str],
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    flip: bool = True,
+    drop_last: bool = True,
+    skip_corrupt: bool = False,
+    device: torch.device | str = "cpu",
+    **kwargs: Any,
+) -> TrainLoader:
+    """Build the training loader named by ``data.loader``: ``"torch"`` or ``"dali"``.
+
+    Both yield ``(images float32 [B, 3, H, W] in [-1, 1], labels int64 [B])`` and share the
+    interface of :class:`TrainLoader`. ``device`` matters to DALI only (``cuda:N`` decodes on
+    GPU N and yields tensors there); the torch loader yields CPU tensors. Extra ``kwargs`` go
+    to the chosen builder (:func:`dataio.torch_loader.build_train_loader` or
+    :func:`dataio.dali_loader.build_dali_loader`).
+    """
+    if kind == "torch":
+        from dataio.torch_loader import build_train_loader
+
+        return build_train_loader(
+            pack_dir,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            seed=seed,
+            workers=workers,
+            flip=flip,
+            drop_last=drop_last,
+            skip_corrupt=skip_corrupt,
+            **kwargs,
+        )
+    if kind == "dali":
+        from dataio.dali_loader import build_dali_loader
+
+        return build_dali_loader(
+            pack_dir,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            seed=seed,
+            workers=workers,
+            flip=flip,
+            drop_last=drop_last,
+            skip_corrupt=skip_corrupt,
+            device=device,
+            **kwargs,
+        )
+    raise ValueError(f"data.loader: unknown loader kind {kind!r}; expected one of {LOADER_KINDS}")
