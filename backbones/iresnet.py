@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from backbones.common import autocast_active
 from backbones.registry import register_backbone
 
 __all__ = [
@@ -252,7 +253,7 @@ class IResNet(nn.Module):
         x = self.bn2(x)
         x = torch.flatten(x, 1)  # [B, w3 * h * w]
         x = self.dropout(x)
-        if self.head_fp32 and torch.is_autocast_enabled(x.device.type):
+        if self.head_fp32 and autocast_active(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return self.features(self.fc(x.float()))  # [B, D] fp32
         return self.features(self.fc(x))  # [B, D]

@@ -16,6 +16,18 @@ makes the atomic rename below possible. ``dynamo=False`` selects the legacy expo
 
 The file is only trusted after onnxruntime reproduces the PyTorch output on a seeded random
 batch whose size differs from the trace batch (so the dynamic batch axis is exercised too).
+
+Two optional post-processing steps, each followed by its own parity check before anything is
+written:
+
+* ``simplify=True`` runs onnxsim (constant folding, redundant-node elimination; installed
+  separately: ``pip install onnxsim``); the simplified graph must still pass the fp32
+  tolerance.
+* ``fp16=True`` stores weights and computes in float16 (half the file, faster on GPUs with
+  fp16 units) while the graph keeps float32 input and output (a Cast at each end), so callers
+  feed the same arrays. The fp32 graph must pass ``tolerance`` first; the fp16 graph is then
+  checked against PyTorch with ``fp16_tolerance`` relative to the output scale
+  (``max|diff| / max|torch|``), since float16 has only 11 significant bits.
 """
 
 from __future__ import annotations
@@ -26,14 +38,16 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-__all__ = ["ExportResult", "OnnxParityError", "export_onnx"]
+__all__ = ["ExportResult", "OnnxParityError", "convert_to_fp16", "export_onnx"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -63,9 +77,16 @@ class ExportResult:
 
     path: Path
     max_abs_diff: float
+    """max |onnxruntime - torch| of the written file on the check batch."""
     opset: int
     trace_batch: int
     check_batch: int
+    fp32_max_abs_diff: float | None = None
+    """For an fp16 export: the difference of the fp32 graph it was converted from."""
+    simplified: bool = False
+    fp16: bool = False
+    max_rel_diff: float = 0.0
+    """max |onnxruntime - torch| / max |torch| of the written file."""
 
 
 def _as_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
@@ -126,6 +147,9 @@ def export_onnx(
     seed: int = 0,
     *,
     dynamo: bool = True,
+    simplify: bool = False,
+    fp16: bool = False,
+    fp16_tolerance: float = 1e-2,
 ) -> ExportResult:
     """Export ``model`` to ``path`` as ONNX and verify it with onnxruntime on CPU.
 
@@ -136,9 +160,14 @@ def export_onnx(
     on any failure the temporary file is removed and an existing file at ``path`` is left as it
     was.
 
+    ``simplify`` runs onnxsim and ``fp16`` converts to float16 with float32 input/output (see
+    the module docstring); each step is parity-checked before the file is written.
+    ``result.max_abs_diff`` is the measured difference of the file actually written.
+
     Raises:
         OnnxParityError: max |onnxruntime - torch| on a seeded batch of ``batch_for_check``
-            exceeds ``tolerance`` (or is not finite).
+            exceeds ``tolerance`` (or is not finite); for fp16, the relative difference
+            exceeds ``fp16_tolerance``.
         ValueError: bad arguments, or the exported graph lacks the expected input/output names.
     """
     hw = _as_hw(input_size)
@@ -146,6 +175,9 @@ def export_onnx(
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     if batch_for_check < 1:
         raise ValueError(f"batch_for_check must be >= 1, got {batch_for_check}")
+    if fp16_tolerance < 0:
+        raise ValueError(f"fp16_tolerance must be >= 0, got {fp16_tolerance}")
+    onnxsim = _import_onnxsim(path) if simplify else None  # fail before the slow export
     # The dynamo exporter specialises sizes 0 and 1, and tracing with the check batch would not
     # prove the batch axis is dynamic: trace with a different size >= 2.
     trace_batch = 3 if batch_for_check == 2 else 2
@@ -173,26 +205,23 @@ def export_onnx(
                 "return one tensor)"
             )
         written_opset = _default_opset(proto)
-        del proto
-
-        session = ort.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
-        onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: check.numpy()})[0]  # [B, D]
-        del session
         with torch.no_grad():
             torch_out = cpu_model(check).numpy()  # [B, D]
-        if onnx_out.shape != torch_out.shape:
-            raise OnnxParityError(
-                path,
-                float("inf"),
-                tolerance,
-                batch_for_check,
-                detail=f"output shape {onnx_out.shape} != torch output shape {torch_out.shape}",
+        max_abs_diff, max_rel = _parity(path, tmp_path, check, torch_out, tolerance, None)
+        fp32_diff = max_abs_diff
+        if simplify:
+            proto = _simplify(onnxsim, proto, path)
+            onnx.save(proto, str(tmp_path))
+            max_abs_diff, max_rel = _parity(path, tmp_path, check, torch_out, tolerance, None)
+            fp32_diff = max_abs_diff
+        if fp16:
+            proto = convert_to_fp16(proto)
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp_path))
+            max_abs_diff, max_rel = _parity(
+                path, tmp_path, check, torch_out, fp16_tolerance, "relative"
             )
-        max_abs_diff = float(
-            np.max(np.abs(onnx_out.astype(np.float64) - torch_out.astype(np.float64)))
-        )
-        if not np.isfinite(max_abs_diff) or max_abs_diff > tolerance:
-            raise OnnxParityError(path, max_abs_diff, tolerance, batch_for_check)
+        del proto
         os.replace(tmp_path, path)
         done = True
     finally:
@@ -204,4 +233,145 @@ def export_onnx(
         opset=written_opset,
         trace_batch=trace_batch,
         check_batch=batch_for_check,
+        fp32_max_abs_diff=fp32_diff if fp16 else None,
+        simplified=simplify,
+        fp16=fp16,
+        max_rel_diff=max_rel,
     )
+
+
+def _parity(
+    path: Path,
+    onnx_path: Path,
+    check: torch.Tensor,
+    torch_out: np.ndarray,
+    tolerance: float,
+    mode: str | None,
+) -> tuple[float, float]:
+    """Run ``onnx_path`` on ``check``; return (max abs diff, max abs diff / max |torch|).
+
+    Raises OnnxParityError past ``tolerance`` (absolute, or relative when ``mode`` is set).
+    """
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: check.numpy()})[0]  # [B, D]
+    del session
+    batch = len(check)
+    if onnx_out.shape != torch_out.shape:
+        raise OnnxParityError(
+            path,
+            float("inf"),
+            tolerance,
+            batch,
+            detail=f"output shape {onnx_out.shape} != torch output shape {torch_out.shape}",
+        )
+    diff = float(np.max(np.abs(onnx_out.astype(np.float64) - torch_out.astype(np.float64))))
+    scale = float(np.max(np.abs(torch_out))) if torch_out.size else 0.0
+    rel = diff / scale if scale > 0 else diff
+    measured = rel if mode == "relative" else diff
+    if not np.isfinite(diff) or measured > tolerance:
+        detail = ""
+        if mode == "relative":
+            detail = (
+                f"fp16 graph: max |onnxruntime - torch| / max |torch| = {rel:.3e} "
+                f"(abs {diff:.3e}) > fp16_tolerance {tolerance:.3e}"
+            )
+        raise OnnxParityError(path, diff, tolerance, batch, detail=detail)
+    return diff, rel
+
+
+def _import_onnxsim(path: str | os.PathLike[str]) -> Any:
+    try:
+        import onnxsim
+    except ImportError as e:
+        raise ValueError(
+            f"simplify=True for {path} needs onnxsim (pip install onnxsim); it is not installed"
+        ) from e
+    return onnxsim
+
+
+def _simplify(onnxsim: Any, proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    simplified, ok = onnxsim.simplify(proto)
+    if not ok:
+        raise OnnxParityError(path, float("nan"), 0.0, 0, detail="onnxsim's own check failed")
+    return simplified
+
+
+_TYPE_ATTR_OPS = {
+    "Cast": "to",
+    "RandomNormal": "dtype",
+    "RandomUniform": "dtype",
+    "EyeLike": "dtype",
+}
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _tensor_to_fp16(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    arr = numpy_helper.to_array(tensor).astype(np.float64)
+    half = np.clip(arr, -_FP16_MAX, _FP16_MAX).astype(np.float16)
+    return numpy_helper.from_array(half, tensor.name)
+
+
+def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Float32 weights and arithmetic -> float16, keeping float32 graph inputs and outputs.
+
+    Every float32 initializer and constant becomes float16 (values beyond the float16 range are
+    clipped to it rather than becoming inf), casts to float32 become casts to float16, and every
+    intermediate float32 type annotation is rewritten. A Cast to float16 follows each float32
+    input and a Cast back to float32 precedes each float32 output, so the model's interface is
+    unchanged. Graphs with sub-graphs (If/Loop/Scan) are refused: backbones have none.
+    """
+    model = copy.deepcopy(model)
+    graph = model.graph
+    for node in graph.node:
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
+            raise ValueError(
+                f"convert_to_fp16: node {node.name!r} ({node.op_type}) has a sub-graph"
+            )
+
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            graph.initializer[i].CopyFrom(_tensor_to_fp16(init))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(_tensor_to_fp16(attr.t))
+            if node.op_type == "Constant" and attr.name in ("value_float", "value_floats"):
+                values = [attr.f] if attr.name == "value_float" else list(attr.floats)
+                tensor = numpy_helper.from_array(
+                    np.asarray(values, np.float16).reshape(
+                        () if attr.name == "value_float" else (len(values),)
+                    )
+                )
+                node.attribute.remove(attr)
+                node.attribute.append(helper.make_attribute("value", tensor))
+                break
+            if _TYPE_ATTR_OPS.get(node.op_type) == attr.name and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+    for info in graph.value_info:
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT16
+
+    head: list[onnx.NodeProto] = []
+    for inp in graph.input:
+        if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        half = f"{inp.name}__fp16"
+        for node in graph.node:
+            node.input[:] = [half if n == inp.name else n for n in node.input]
+        head.append(helper.make_node("Cast", [inp.name], [half], to=TensorProto.FLOAT16))
+    tail: list[onnx.NodeProto] = []
+    for out in graph.output:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        half = f"{out.name}__fp16"
+        for node in graph.node:
+            node.output[:] = [half if n == out.name else n for n in node.output]
+            node.input[:] = [half if n == out.name else n for n in node.input]
+        tail.append(helper.make_node("Cast", [half], [out.name], to=TensorProto.FLOAT))
+    nodes = head + list(graph.node) + tail
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

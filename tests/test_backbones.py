@@ -92,8 +92,10 @@ def built(name: str) -> nn.Module:
 
 
 def test_registry_lists_every_iresnet_and_alias() -> None:
-    assert list_backbones() == CANONICAL
-    assert list_backbones(include_aliases=True) == sorted(CANONICAL + list(ALIASES))
+    # other families (mobilefacenet, vit) are covered in test_backbones_zoo.py
+    assert [n for n in list_backbones() if n.startswith("iresnet")] == CANONICAL
+    with_aliases = set(list_backbones(include_aliases=True))
+    assert set(CANONICAL) | set(ALIASES) <= with_aliases
     for alias, name in ALIASES.items():
         model = create_backbone(alias, embedding_size=8, width_mult=0.125)
         assert isinstance(model, IResNet)
