@@ -8,7 +8,7 @@ DEMO_DATA      ?= data/demo
 DEMO_IDS       ?= 1000
 DEMO_IMAGES    ?= 20
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint plots clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP) $(DEMO_DATA)/val.bin
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# 2-D toy figure of every margin head (about a minute on 2 cores).
+plots: $(STAMP)
+	$(VENV)/bin/facetrain plots --out docs/figures
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -70,10 +70,19 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") != "history":
             continue
-        row = {}
+        row: dict[str, Any] = {}
         for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            row[key] = json.loads(item.value_json)
+            value = json.loads(item.value_json)
+            if item.key:
+                row[item.key] = value
+                continue
+            # A logged dict (a wandb.Histogram: _type, bins, values) arrives one field per
+            # item under a nested key; put it back together.
+            *parents, leaf = item.nested_key
+            node = row
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = value
         if record.history.HasField("step"):
             row.setdefault("_step", record.history.step.num)
         rows.append(row)

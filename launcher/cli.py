@@ -1,15 +1,15 @@
 """``facetrain``: the command-line entry point.
 
-Subcommands: train, synth, pack, eval, export. ``train`` validates the config and the pack
-before any process starts; when it is not already running under a launcher (torchrun, the
-DeepSpeed launcher, srun) and more than one process is asked for, it starts torchrun itself.
+Subcommands: train, submit, synth, pack, inspect, eval, embed, export, plots. ``train``
+validates the config and the pack before any process starts; when it is not already running
+under a launcher (torchrun, the DeepSpeed launcher, srun) and more than one process is asked
+for, it starts torchrun itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +21,10 @@ from launcher import env as launch_env
 
 if TYPE_CHECKING:
     from trainer.config import Config
+
+
+class UsageError(ValueError):
+    """Arguments that parse but do not make sense together."""
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -71,15 +75,58 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shuffle", action="store_true", help="shuffle images within identities")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--align",
+        action="store_true",
+        help="crop every image onto the ArcFace template from its 5 landmarks (list file)",
+    )
+    p.add_argument(
+        "--align-size",
+        type=int,
+        nargs=2,
+        default=(112, 112),
+        metavar=("H", "W"),
+        help="aligned crop size: 112 112 or 112 96",
+    )
+    p.add_argument(
+        "--no-header",
+        action="store_true",
+        help="plain layout (scalar labels, no header/identity records) instead of insightface's",
+    )
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="summarise a pack and decode-check every record")
+    p.add_argument("pack_dir", help="folder with train.rec, train.idx, property")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode threads")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="k-fold verification of a checkpoint or ONNX model")
+    p = sub.add_parser(
+        "eval", help="verification (.bin), IJB-B/C and identification of a checkpoint or ONNX"
+    )
     p.add_argument("model", help="checkpoint (step-N folder or run folder) or .onnx file")
-    p.add_argument("--bin", nargs="+", required=True, help="insightface .bin verification sets")
+    p.add_argument("--bin", nargs="+", default=[], help="insightface .bin verification sets")
+    p.add_argument("--ijb", default=None, metavar="ROOT", help="IJB-B/C release folder")
+    p.add_argument("--ijb-name", default="IJBC", help="IJBB or IJBC (file prefix in ROOT/meta)")
+    p.add_argument("--probes", default=None, help="identification: probe images (pack/folder)")
+    p.add_argument("--distractors", default=None, help="identification: distractor images")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 5, 10], help="rank-k to report")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--nfolds", type=int, default=10)
+    p.add_argument("--no-flip", action="store_true", help="skip the flipped image's embedding")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write ROC / angle figures here")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="L2-normalised embeddings of images with an ONNX model")
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("images", help="image folder, list file, pack folder or .bin set")
+    p.add_argument("--out", required=True, help="output .npy (a .tsv index is written beside)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--flip", action="store_true", help="add the flipped image's embedding")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -88,6 +135,20 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--simplify", action="store_true", help="run onnxsim on the graph")
+    p.add_argument("--fp16", action="store_true", help="float16 weights, float32 input/output")
+    p.add_argument("--fp16-tolerance", type=float, default=1e-2)
+
+
+def _add_plots(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plots", help="2-D toy figures of every margin head; a run's angle history")
+    p.add_argument("--out", default="docs/figures", help="output folder")
+    p.add_argument("--heads", nargs="*", default=None, help="default: softmax + every head")
+    p.add_argument("--steps", type=int, default=300, help="toy training steps per head")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--run", default=None, help="also plot the target angle history of this wandb run folder"
+    )
 
 
 def _add_submit(sub: argparse._SubParsersAction) -> None:
@@ -106,9 +167,21 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facetrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="facetrain", description="distributed face-recognition training and its tools"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_synth, _add_pack, _add_eval, _add_export, _add_submit):
+    for add in (
+        _add_train,
+        _add_submit,
+        _add_synth,
+        _add_pack,
+        _add_inspect,
+        _add_eval,
+        _add_embed,
+        _add_export,
+        _add_plots,
+    ):
         add(sub)
     return parser
 
@@ -257,7 +330,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from dataio.pack import pack_image_folder
 
     info = pack_image_folder(
-        args.image_dir, args.out, shuffle=args.shuffle, seed=args.seed, workers=args.workers
+        args.image_dir,
+        args.out,
+        shuffle=args.shuffle,
+        seed=args.seed,
+        workers=args.workers,
+        with_header=not args.no_header,
+        align=args.align,
+        align_size=tuple(args.align_size),
     )
     print(
         f"pack: {info.num_images} images of {info.num_classes} identities, "
@@ -266,51 +346,143 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dataio.inspect_pack import format_report, inspect_pack
+    from evaluation.runner import write_json
+
+    report = inspect_pack(args.pack_dir, workers=args.workers)
+    print(format_report(report))
+    if args.json:
+        write_json(report.to_dict(), args.json)
+    return 0 if report.ok else 1
+
+
 # ------------------------------------------------------------------------------ eval/export
 def cmd_eval(args: argparse.Namespace) -> int:
-    from launcher.tools import evaluate_model
+    from evaluation import runner
+    from launcher.tools import make_embedder
 
-    results = evaluate_model(args.model, args.bin, args.batch_size, args.nfolds)
-    print(f"{'set':<20} {'accuracy':>18} {'threshold':>10} {'VAL@FAR=1e-3':>13}")
-    for name, r in results.items():
-        acc = f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f}"
-        print(f"{name:<20} {acc:>18} {r['best_threshold']:>10.3f} {r['val_mean']:>13.4f}")
+    if not (args.bin or args.ijb or args.probes):
+        raise UsageError("nothing to evaluate; give --bin, --ijb or --probes/--distractors")
+    if bool(args.probes) != bool(args.distractors):
+        raise UsageError("identification needs both --probes and --distractors")
+    embedder, input_size = make_embedder(args.model)
+    common = {"batch_size": args.batch_size, "flip": not args.no_flip}
+    results: dict[str, object] = {}
+    if args.bin:
+        ver = runner.run_verification(
+            embedder, args.bin, nfolds=args.nfolds, plots_dir=args.plots, **common
+        )
+        print(runner.format_verification_table(ver))
+        results["verification"] = ver
+    if args.ijb:
+        ijb = runner.run_ijb(
+            embedder,
+            args.ijb,
+            args.ijb_name,
+            input_size=input_size or (112, 112),
+            plots_dir=args.plots,
+            **common,
+        )
+        print(runner.format_ijb_table(ijb))
+        results["ijb"] = ijb
+    if args.probes:
+        ident = runner.run_identification(
+            embedder, args.probes, args.distractors, ranks=args.ranks, **common
+        )
+        print(runner.format_identification_table(ident))
+        results["identification"] = ident
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        runner.write_json(results, args.json)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from evaluation.embed import embed_to_npy
+
+    res = embed_to_npy(args.model, args.images, args.out, args.batch_size, flip=args.flip)
+    print(f"embed: {res.num_images} x {res.dim} -> {res.path} (index {res.index_path})")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.tools import export_checkpoint
 
-    res = export_checkpoint(args.checkpoint, args.out, args.opset, args.tolerance)
+    res = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        args.opset,
+        args.tolerance,
+        simplify=args.simplify,
+        fp16=args.fp16,
+        fp16_tolerance=args.fp16_tolerance,
+    )
+    kind = " fp16" if res.fp16 else ""
+    kind += " simplified" if res.simplified else ""
     print(
-        f"export: {res.path} (opset {res.opset}), "
+        f"export: {res.path} (opset {res.opset}{kind}), "
         f"max |onnxruntime - torch| = {res.max_abs_diff:.2e}"
     )
     return 0
 
 
+def cmd_plots(args: argparse.Namespace) -> int:
+    from evaluation.plots import load_history, make_toy_plots, plot_target_angle_history
+
+    res = make_toy_plots(args.out, args.heads, steps=args.steps, seed=args.seed)
+    for name, path in res.files.items():
+        print(f"{name:<16} toy test accuracy {100 * res.accuracy[name]:5.1f}%  -> {path}")
+    for name, reason in res.skipped.items():
+        print(f"{name:<16} skipped: {reason}")
+    if args.run:
+        path = plot_target_angle_history(load_history(args.run), Path(args.out) / "angles.png")
+        print(f"target angle history -> {path}")
+    return 0 if res.files else 1
+
+
 _COMMANDS = {
     "train": cmd_train,
+    "submit": cmd_submit,
     "synth": cmd_synth,
     "pack": cmd_pack,
+    "inspect": cmd_inspect,
     "eval": cmd_eval,
+    "embed": cmd_embed,
     "export": cmd_export,
-    "submit": cmd_submit,
+    "plots": cmd_plots,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dataio.align import AlignmentError
     from dataio.pack import PackError
+    from dataio.recordio import RecordIOError
+    from dataio.verification_bin import VerificationBinError
+    from evaluation.embed import EmbeddingError
+    from evaluation.ijb import IJBError
+    from evaluation.onnx_export import OnnxParityError
     from launcher.submit import SubmitError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
 
+    user_errors = (
+        ConfigError,
+        PackError,
+        RecordIOError,
+        AlignmentError,
+        VerificationBinError,
+        EmbeddingError,
+        IJBError,
+        OnnxParityError,
+        CheckpointError,
+        SubmitError,
+        UsageError,
+        FileNotFoundError,
+    )
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, PackError, CheckpointError, SubmitError, FileNotFoundError) as exc:
+    except user_errors as exc:
         print(f"facetrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

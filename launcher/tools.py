@@ -1,18 +1,19 @@
-"""Evaluation and export of trained models from the command line."""
+"""Evaluation and export of trained models from the command line.
+
+A model is either a checkpoint (a ``step-N`` folder or a run folder, whose ``latest`` is
+used) or an ``.onnx`` file; :func:`make_embedder` turns either into an
+:data:`evaluation.embed.Embedder` for the runners of :mod:`evaluation.runner`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from backbones import create_backbone
-from dataio.verification_bin import load_bin
+from evaluation.embed import Embedder, onnx_embedder, torch_embedder
 from evaluation.onnx_export import ExportResult, export_onnx
-from evaluation.verification import kfold_verification, l2_normalize
 from trainer import checkpoint as ckpt
 
 
@@ -27,47 +28,33 @@ def load_backbone(checkpoint: str | Path) -> tuple[nn.Module, tuple[int, int]]:
     return model, tuple(kwargs["input_size"])
 
 
-def _onnx_embedder(path: Path) -> Any:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def embed(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x.astype(np.float32)})[0]
-
-    return embed
-
-
-def _torch_embedder(model: nn.Module) -> Any:
-    @torch.no_grad()
-    def embed(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(x)).float().numpy()
-
-    return embed
-
-
-def evaluate_model(
-    model_path: str, bins: list[str], batch_size: int, nfolds: int
-) -> dict[str, dict[str, Any]]:
-    """k-fold verification of a checkpoint or an ONNX file on insightface .bin sets."""
+def make_embedder(model_path: str | Path) -> tuple[Embedder, tuple[int, int] | None]:
+    """(embedder, input (H, W) or None if the model does not fix it) of a checkpoint or .onnx."""
     path = Path(model_path)
-    embed = (
-        _onnx_embedder(path) if path.suffix == ".onnx" else _torch_embedder(load_backbone(path)[0])
-    )
-    results = {}
-    for bin_path in bins:
-        vs = load_bin(bin_path)
-        chunks = []
-        for batch in vs.batches(batch_size):
-            x = (batch.astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5  # [B,3,H,W]
-            chunks.append(embed(x) + embed(np.ascontiguousarray(x[..., ::-1])))  # image + flip
-        emb = l2_normalize(np.concatenate(chunks))
-        res = kfold_verification(emb, np.asarray(vs.issame), nfolds=nfolds)
-        results[Path(bin_path).stem] = res.as_dict()
-    return results
+    if path.suffix == ".onnx":
+        return onnx_embedder(path)
+    model, input_size = load_backbone(path)
+    return torch_embedder(model), input_size
 
 
-def export_checkpoint(checkpoint: str, out: str, opset: int, tolerance: float) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str,
+    out: str,
+    opset: int,
+    tolerance: float,
+    simplify: bool = False,
+    fp16: bool = False,
+    fp16_tolerance: float = 1e-2,
+) -> ExportResult:
+    """ONNX export of a checkpoint's backbone, checked against PyTorch with onnxruntime."""
     model, input_size = load_backbone(checkpoint)
-    return export_onnx(model, out, input_size=input_size, opset=opset, tolerance=tolerance)
+    return export_onnx(
+        model,
+        out,
+        input_size=input_size,
+        opset=opset,
+        tolerance=tolerance,
+        simplify=simplify,
+        fp16=fp16,
+        fp16_tolerance=fp16_tolerance,
+    )

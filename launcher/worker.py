@@ -7,6 +7,8 @@ by torchrun / srun for each rank.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -81,6 +83,9 @@ def run_worker(config: Config) -> dict[str, Any]:
     launch_env.init_process_group(ctx)
     try:
         summary = Trainer(config, ctx, stop).fit()
+        # Leave together: a rank that tears its process group down while rank 0 is still
+        # exporting can abort in gloo's destructors and fail the whole job.
+        launch_env.barrier()
         if ctx.is_main:
             if "stopped" in summary:
                 print(
@@ -109,4 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and closed by now (checkpoint, ONNX, wandb, process group). Skip
+    # the interpreter's teardown: C++ destructors of gloo/DataLoader threads running in an
+    # arbitrary order have aborted a finished rank ("terminate called without an active
+    # exception"), turning a complete run into a failed torchrun/Slurm job.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

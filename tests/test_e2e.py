@@ -60,6 +60,8 @@ def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "eval.batch_size=16",
         "--set",
         "train.eval_every=4",  # mid-run evaluation: every rank embeds a slice
+        "--set",
+        "train.histogram_every=2",
         cwd=work,
     )
     return {"run_dir": work / "e2e", "stdout": proc.stdout, "stderr": proc.stderr, "work": work}
@@ -106,8 +108,25 @@ def test_wandb_offline_log_has_metrics(trained_run: dict) -> None:
     history = read_history(find_run_log(trained_run["run_dir"]))
     train_rows = [r for r in history if "train/loss" in r]
     assert [r["_step"] for r in train_rows] == [2, 4, 5]
-    for key in ("train/lr", "train/samples_per_sec", "angles/target_angle_mean_deg"):
+    keys = [
+        "train/lr",
+        "train/samples_per_sec",
+        "train/grad_norm",
+        "train/loss_ce",
+        *(f"angles/target_angle_{s}_deg" for s in ("mean", "std", "p10", "p50", "p90")),
+        "angles/hardest_negative_angle_mean_deg",
+        "angles/negative_angle_mean_deg",
+    ]
+    for key in keys:
         assert all(key in r for r in train_rows), key
+    for row in train_rows:
+        assert row["angles/target_angle_p10_deg"] <= row["angles/target_angle_p90_deg"]
+        assert row["angles/hardest_negative_angle_mean_deg"] <= 180.0
+    # A histogram of target angles every train.histogram_every=2 steps (logged steps 2, 4).
+    hist_steps = [r["_step"] for r in history if "angles/target_angle_hist" in r]
+    assert hist_steps == [2, 4]
+    hist = next(r for r in history if "angles/target_angle_hist" in r)["angles/target_angle_hist"]
+    assert hist["_type"] == "histogram" and sum(hist["values"]) == 8  # 2 ranks x batch 4
     eval_steps = [r["_step"] for r in history if "eval/val/accuracy" in r]
     assert eval_steps == [0, 4, 5]
 
@@ -120,8 +139,63 @@ def test_eval_and_export_commands_agree(trained_run: dict, tiny_dataset: Path) -
     assert "max |onnxruntime - torch|" in out and onnx_path.is_file()
     _facetrain("eval", str(run_dir), "--bin", val, "--json", str(work / "t.json"), cwd=work)
     _facetrain("eval", str(onnx_path), "--bin", val, "--json", str(work / "o.json"), cwd=work)
-    torch_res = json.loads((work / "t.json").read_text())["val"]
-    onnx_res = json.loads((work / "o.json").read_text())["val"]
+    torch_res = json.loads((work / "t.json").read_text())["verification"]["val"]
+    onnx_res = json.loads((work / "o.json").read_text())["verification"]["val"]
     assert torch_res["accuracy_mean"] == pytest.approx(onnx_res["accuracy_mean"], abs=1e-9)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert torch_res["accuracy_mean"] == pytest.approx(summary["eval_after"]["val"]["accuracy"])
+
+
+def test_embed_identification_inspect_and_plots_commands(
+    trained_run: dict, tiny_dataset: Path
+) -> None:
+    """The other tools on the trained run: embed with the exported ONNX model, rank-k
+    identification, pack inspection (a damaged copy exits 1 naming the key), figures."""
+    import numpy as np
+
+    work, run_dir = trained_run["work"], trained_run["run_dir"]
+    pack = tiny_dataset / "train"
+    onnx_path = run_dir / "backbone.onnx"
+    out = _facetrain("embed", str(onnx_path), str(pack), "--out", str(work / "e.npy"), cwd=work)
+    emb = np.load(work / "e.npy")
+    assert emb.shape == (24, 128) and "24 x 128" in out.stdout
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    index = (work / "e.tsv").read_text().splitlines()
+    assert len(index) == 24 and index[0].split("\t")[0] == "0"
+
+    ident = work / "ident.json"
+    _facetrain(
+        "eval", str(onnx_path), "--probes", str(pack), "--distractors", str(tiny_dataset /
+        "val.bin"), "--ranks", "1", "5", "--json", str(ident), cwd=work,
+    )  # fmt: skip
+    ranks = json.loads(ident.read_text())["identification"]["rank_accuracy"]
+    assert set(ranks) == {"1", "5"} and 0.0 <= ranks["1"] <= ranks["5"] <= 1.0
+
+    report = _facetrain("inspect", str(pack), "--json", str(work / "i.json"), cwd=work).stdout
+    assert "bad records : 0" in report
+    assert json.loads((work / "i.json").read_text())["num_images"] == 24
+    damaged = work / "damaged"
+    damaged.mkdir()
+    for name in ("train.idx", "property"):
+        (damaged / name).write_bytes((pack / name).read_bytes())
+    rec = bytearray((pack / "train.rec").read_bytes())
+    key, offset = (int(v) for v in (pack / "train.idx").read_text().splitlines()[1].split())
+    jpeg = offset + 8 + 24  # record frame (magic, length) + IRHeader
+    assert rec[jpeg : jpeg + 2] == b"\xff\xd8"  # the image's JPEG start marker ...
+    rec[jpeg : jpeg + 4] = b"\x00" * 4  # ... gone: the record cannot decode
+    (damaged / "train.rec").write_bytes(bytes(rec))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "inspect", str(damaged), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and f"key {key}:" in proc.stdout, proc.stdout + proc.stderr
+
+    figs = work / "figs"
+    out = _facetrain(
+        "plots", "--out", str(figs), "--heads", "arcface", "--steps", "20", "--run",
+        str(run_dir), cwd=work,
+    ).stdout  # fmt: skip
+    assert (figs / "toy_arcface.png").is_file() and (figs / "angles.png").is_file(), out

@@ -29,6 +29,37 @@ def test_cosine_and_constant() -> None:
     assert lr_factor(7, 10, ScheduleConfig(kind="constant")) == 1.0
 
 
+def test_linear_and_step_schedules_with_warmup() -> None:
+    lin = ScheduleConfig(kind="linear", warmup_steps=2)
+    assert [lr_factor(s, 10, lin) for s in (0, 1, 2, 6, 10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.5, 0.0]
+    )
+    # Milestones are epochs: 10 steps per epoch -> x0.1 from step 15 and again from step 25.
+    step = ScheduleConfig(kind="step", milestones=[1.5, 2.5], gamma=0.1, warmup_steps=3)
+    milestones = step.milestone_steps(10)
+    assert milestones == [15, 25]
+    got = [lr_factor(s, 40, step, milestone_steps=milestones) for s in (0, 2, 3, 14, 15, 24, 25)]
+    assert got == pytest.approx([1 / 3, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+def test_schedule_config_errors() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs at least one milestone"):
+        ScheduleConfig(kind="step")
+    with pytest.raises(ValidationError, match="increasing epochs"):
+        ScheduleConfig(kind="step", milestones=[3, 2])
+
+
+def test_nesterov_reaches_the_backbone_optimizer() -> None:
+    from trainer.config import OptimizerConfig
+    from trainer.optim import build_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer([p], OptimizerConfig(name="sgd", nesterov=True))
+    assert opt.param_groups[0]["nesterov"] is True
+
+
 def test_scheduler_steps_once_per_optimizer_step() -> None:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.4)

@@ -61,9 +61,10 @@ def _state(step_dir: Path, world: int) -> dict[str, torch.Tensor]:
         key=lambda s: s["class_start"],
     )
     out["fc.weight"] = torch.cat([s["module"]["weight"] for s in shards])
-    out["fc.momentum"] = torch.cat(
-        [s["optimizer_state"]["weight"]["momentum_buffer"] for s in shards]
-    )
+    # Every per-row optimizer state: SGD momentum, or AdamW moments and per-row step counts.
+    for key, value in shards[0]["optimizer_state"]["weight"].items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            out[f"fc.{key}"] = torch.cat([s["optimizer_state"]["weight"][key] for s in shards])
     return out
 
 
@@ -90,14 +91,15 @@ def test_resume_is_bit_exact(tiny_dataset: Path, tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize(("old", "new"), [(4, 2), (2, 3)])
+@pytest.mark.parametrize(("old", "new", "opt"), [(4, 2, "sgd"), (2, 3, "adamw")])
 def test_reshard_onto_another_world_size(
-    tiny_dataset: Path, tmp_path: Path, old: int, new: int
+    tiny_dataset: Path, tmp_path: Path, old: int, new: int, opt: str
 ) -> None:
     # sample_rate 1: with 6 classes on 4 ranks a shard has 1 class (sampling is tested in
     # partialfc's own tests; here the point is moving rows between world sizes).
     full = "partialfc.sample_rate=1.0"
-    _train(tiny_dataset, tmp_path, "a", f"dist.nproc={old}", "train.max_steps=3", full)
+    opt = f"optimizer.name={opt}"
+    _train(tiny_dataset, tmp_path, "a", f"dist.nproc={old}", "train.max_steps=3", full, opt)
     saved = _state(tmp_path / "a" / "step-3", old)
     # Resume with the same number of steps: nothing trains, the checkpoint is re-written by
     # the new world size -> rows and optimizer state must be exactly the saved ones.
@@ -109,6 +111,7 @@ def test_reshard_onto_another_world_size(
         f"dist.nproc={new}",
         "train.max_steps=3",
         full,
+        opt,
         "--resume",
         ckpt,
     )
@@ -127,6 +130,7 @@ def test_reshard_onto_another_world_size(
         f"dist.nproc={new}",
         "train.max_steps=5",
         full,
+        opt,
         "--resume",
         ckpt,
     )

@@ -56,7 +56,7 @@ def _submit(cluster: SlurmCluster, tiny_dataset: Path, out: Path, name: str, *se
 
 def _log(out: Path, name: str, job: int) -> str:
     path = out / name / f"slurm-{job}.out"
-    return path.read_text() if path.exists() else ""
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def test_submit_runs_the_demo_recipe(

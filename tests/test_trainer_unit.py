@@ -3,6 +3,7 @@ accumulation, non-finite losses, bf16 autocast."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,78 @@ def test_fp16_on_cpu_is_a_config_error(tiny_dataset: Path, tmp_path: Path) -> No
 
     with pytest.raises(ConfigError, match="train.precision"):
         _trainer(tiny_dataset, tmp_path, "train.precision=fp16", "dist.device=cpu")
+
+
+@pytest.mark.parametrize("update", ["sampled", "dense"])
+def test_classifier_update_modes(tiny_dataset: Path, tmp_path: Path, update: str) -> None:
+    """sampled: exactly the sampled rows move; dense: weight decay moves every row. The
+    classifier clip works on either gradient (torch's own clip has no sparse kernel)."""
+    trainer = _trainer(
+        tiny_dataset,
+        tmp_path,
+        "partialfc.sample_rate=0.5",
+        f"partialfc.update={update}",
+        "partialfc.clip_grad_norm=0.5",
+        "schedule.warmup_steps=0",
+    )
+    pfc = trainer.partial_fc
+    before = pfc.weight.detach().clone()
+    _, _, finite = trainer._one_step(trainer._batches())
+    assert finite
+    assert pfc.weight.grad.is_sparse == (update == "sampled")
+    sampled = torch.zeros(pfc.num_local, dtype=torch.bool)
+    sampled[pfc.last_sampled_global - pfc.class_start] = True
+    assert 0 < int(sampled.sum()) < pfc.num_local  # 6 classes, budget 3: some unsampled
+    moved = (pfc.weight.detach() != before).any(dim=1)
+    if update == "sampled":
+        assert torch.equal(moved, sampled)
+    else:
+        assert bool(moved.all())
+
+
+@pytest.mark.parametrize(
+    ("margin", "kwargs"),
+    [
+        ("curricularface", "{s: 16.0}"),
+        ("adaface", "{s: 16.0}"),
+        ("subcenter_arcface", "{s: 16.0, k: 3}"),
+        ("cosface", "{s: 16.0, aux: {center: {weight: 0.01}, triplet: {weight: 0.1}}}"),
+    ],
+)
+def test_margin_heads_train_from_the_config(
+    tiny_dataset: Path, tmp_path: Path, margin: str, kwargs: str
+) -> None:
+    trainer = _trainer(
+        tiny_dataset,
+        tmp_path,
+        f"partialfc.margin={margin}",
+        f"partialfc.margin_kwargs={kwargs}",
+        "train.max_steps=3",
+        "train.log_every=1",
+    )
+    summary = trainer.fit()
+    assert summary["train"]["steps"] == 3 and summary["train"]["nonfinite_steps"] == 0
+    assert math.isfinite(summary["train"]["final_loss"])
+
+
+def test_margin_config_errors_name_the_key(tiny_dataset: Path, tmp_path: Path) -> None:
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"partialfc.*does not take \['q'\]"):
+        _trainer(tiny_dataset, tmp_path, "partialfc.margin_kwargs={q: 1.0}")
+
+
+def test_dali_loader_trains_and_resumes_its_position(tiny_dataset: Path, tmp_path: Path) -> None:
+    """data.loader=dali (CPU pipeline here): train 3 steps, stop, resume to 8 (crossing the
+    6-step epoch), with the loader's own position restored from the checkpoint."""
+    common = ("data.loader=dali", "train.max_steps=8", "run.resume=auto")
+    first = _trainer(tiny_dataset, tmp_path, *common, "train.stop_at_step=3").fit()
+    assert first["train"]["steps"] == 3 and "stopped" in first
+    saved = torch.load(tmp_path / "demo_cpu" / "step-3" / "trainer-rank0.pt", weights_only=True)
+    assert saved["loader"]["kind"] == "dali"
+    assert (saved["loader"]["epoch"], saved["loader"]["batch"]) == (0, 3)
+    resumed = _trainer(tiny_dataset, tmp_path, *common)
+    summary = resumed.fit()
+    assert summary["resumed_from"].endswith("step-3")
+    assert summary["train"]["steps"] == 8 and summary["train"]["steps_this_run"] == 5
+    assert resumed.epoch == 1 and resumed.batch_in_epoch == 2

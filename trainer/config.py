@@ -46,6 +46,9 @@ class DataConfig(_Section):
     """Decoding worker processes per rank (0 decodes in the training process)."""
     flip: bool = True
     """Random horizontal flip of training images."""
+    skip_corrupt: bool = False
+    """Skip (and count in the logs) records that fail to decode or carry a bad label, instead
+    of stopping with an error naming the file and record key."""
     num_classes: int | None = Field(None, ge=1)
     """Optional: the number of classes you expect. Read from the pack; if set, must agree."""
     num_images: int | None = Field(None, ge=1)
@@ -63,9 +66,14 @@ class ModelConfig(_Section):
 
 class PartialFCConfig(_Section):
     margin: str = "arcface"
-    """Margin head name (arcface, cosface, combined, normface)."""
-    margin_kwargs: dict[str, float] = Field(default_factory=dict)
-    """Margin parameters overriding the head's defaults (s, m1, m2, m3)."""
+    """Margin head name (``partialfc.margin_names()``: arcface, cosface, combined, sphereface,
+    curricularface, adaface, magface, subcenter_arcface, circleloss, ...)."""
+    margin_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Head parameters overriding its defaults (e.g. s, m; aux_losses for auxiliary losses)."""
+    update: Literal["sampled", "dense"] = "sampled"
+    """What happens to class centres not sampled in a step: "sampled" freezes them (only the
+    sampled rows and their optimizer state move; the cheap choice, see BENCHMARKS.md),
+    "dense" lets momentum and weight decay move every row every step."""
     sample_rate: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of each shard's class centres used per step (positives always kept)."""
     init_std: float = Field(0.01, gt=0.0)
@@ -77,6 +85,17 @@ class PartialFCConfig(_Section):
     clip_grad_norm: float | None = Field(None, gt=0.0)
     """Clip the classifier shard's gradient norm (per rank); null: no clipping."""
 
+    @model_validator(mode="after")
+    def _margin_builds(self) -> PartialFCConfig:
+        """Unknown heads and wrong head arguments fail at load time, not in every rank."""
+        from partialfc import build_margin
+
+        try:
+            build_margin(self.margin, **self.margin_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"partialfc.margin={self.margin!r}: {exc}") from exc
+        return self
+
 
 class OptimizerConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
@@ -84,16 +103,23 @@ class OptimizerConfig(_Section):
     """Peak learning rate (after warmup), for the global batch."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum for the backbone's SGD (the classifier shard uses plain momentum)."""
     weight_decay: float = Field(5e-4, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
 
 
 class ScheduleConfig(_Section):
-    kind: Literal["polynomial", "cosine", "constant"] = "polynomial"
-    """Decay after warmup: polynomial (power below) to 0, cosine to 0, or constant."""
+    kind: Literal["polynomial", "linear", "cosine", "step", "constant"] = "polynomial"
+    """Decay after warmup: polynomial (power below) to 0, linear (power 1) to 0, cosine to 0,
+    step (times gamma at each milestone), or constant."""
     power: float = Field(2.0, gt=0.0)
     """Exponent of the polynomial decay (1 = linear)."""
+    milestones: list[float] = Field(default_factory=list)
+    """kind=step: epochs at which the rate is multiplied by gamma (fractions allowed)."""
+    gamma: float = Field(0.1, gt=0.0)
+    """kind=step: the factor applied at each milestone."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 over this many optimizer steps."""
     warmup_epochs: float | None = Field(None, ge=0.0)
@@ -103,7 +129,15 @@ class ScheduleConfig(_Section):
     def _one_warmup(self) -> ScheduleConfig:
         if self.warmup_epochs is not None and self.warmup_steps:
             raise ValueError("schedule.warmup_steps and schedule.warmup_epochs: set only one")
+        if self.kind == "step" and not self.milestones:
+            raise ValueError("schedule.milestones: kind=step needs at least one milestone epoch")
+        if any(m <= 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
+            raise ValueError("schedule.milestones: must be increasing epochs > 0")
         return self
+
+    def milestone_steps(self, steps_per_epoch: int) -> list[int]:
+        """The step milestones in optimizer steps for ``steps_per_epoch`` steps per epoch."""
+        return [round(m * steps_per_epoch) for m in self.milestones]
 
     def resolve_warmup(self, steps_per_epoch: int) -> int:
         """Warmup in optimizer steps for a run with ``steps_per_epoch`` steps per epoch."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from partialfc import clip_grad_norm_ as partialfc_clip_grad_norm_
 from trainer.config import Config
 from trainer.context import DistContext
 
@@ -33,6 +34,18 @@ def _clip(params: Any, max_norm: float | None) -> torch.Tensor | None:
     if max_norm is None:
         return None
     return nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _clip_classifier(params: Any, max_norm: float | None) -> torch.Tensor | None:
+    """Clip this rank's classifier gradient (row-sparse under update="sampled")."""
+    if max_norm is None:
+        return None
+    return partialfc_clip_grad_norm_(params, max_norm)
+
+
+def _grad_values(p: torch.Tensor) -> torch.Tensor:
+    """The stored values of a gradient: a row-sparse one's rows, a dense one itself."""
+    return p.grad._values() if p.grad.is_sparse else p.grad
 
 
 class DDPEngine:
@@ -80,7 +93,7 @@ class DDPEngine:
             self.scaler.unscale_(self.optimizer)
             self.scaler.unscale_(fc_optimizer)
         grad_norm = _clip(self.module.parameters(), self.clip)
-        _clip(fc_params, fc_clip)
+        _clip_classifier(fc_params, fc_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # both skipped on overflow
             self.scaler.step(fc_optimizer)
@@ -172,10 +185,10 @@ class DeepSpeedEngine:
             scale = float(self.optimizer.cur_scale)
             for p in fc_params:
                 p.grad.div_(scale)
-            overflow = not all(bool(torch.isfinite(p.grad).all()) for p in fc_params)
+            overflow = not all(bool(torch.isfinite(_grad_values(p)).all()) for p in fc_params)
         self.engine.step()
         overflow = overflow or bool(getattr(self.optimizer, "overflow", False))
-        _clip(fc_params, fc_clip)
+        _clip_classifier(fc_params, fc_clip)
         if not overflow:
             fc_optimizer.step()
         norm = self.engine.get_global_grad_norm()

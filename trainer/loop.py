@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from backbones import create_backbone
+from dataio.loading import build_loader
 from dataio.pack import FacePack
-from dataio.torch_loader import build_train_loader
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
@@ -138,10 +138,12 @@ class Trainer:
             seed=config.run.seed,
             init_std=pcfg.init_std,
             device=ctx.device,
+            update=pcfg.update,
         )
 
         tcfg = config.train
-        self.loader = build_train_loader(
+        self.loader = build_loader(
+            config.data.loader,
             config.data.train,
             rank=ctx.rank,
             world_size=ctx.world_size,
@@ -150,6 +152,8 @@ class Trainer:
             workers=config.data.workers,
             flip=config.data.flip,
             drop_last=True,
+            skip_corrupt=config.data.skip_corrupt,
+            device=ctx.device,
         )
         self.accum = tcfg.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum
@@ -163,12 +167,18 @@ class Trainer:
 
         ocfg = config.optimizer
         self.opt_backbone = build_optimizer(self.backbone.parameters(), ocfg)
-        self.opt_fc = build_optimizer(
-            self.partial_fc.parameters(), ocfg, lr=pcfg.lr, weight_decay=pcfg.weight_decay
+        # The shard's own row-sparse optimizer (required by update="sampled").
+        self.opt_fc = self.partial_fc.build_optimizer(
+            ocfg.name,
+            lr=pcfg.lr or ocfg.lr,
+            momentum=ocfg.momentum,
+            weight_decay=ocfg.weight_decay if pcfg.weight_decay is None else pcfg.weight_decay,
+            betas=ocfg.betas,
         )
         self.warmup_steps = config.schedule.resolve_warmup(self.steps_per_epoch)
+        milestones = config.schedule.milestone_steps(self.steps_per_epoch)
         self.sched_backbone, self.sched_fc = (
-            build_scheduler(opt, self.total_steps, config.schedule, self.warmup_steps)
+            build_scheduler(opt, self.total_steps, config.schedule, self.warmup_steps, milestones)
             for opt in (self.opt_backbone, self.opt_fc)
         )
         # DDP or DeepSpeed around the backbone; it also steps the classifier (loss scaling).
@@ -181,6 +191,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.wandb_id: str | None = None
         self.resumed_from: Path | None = None
+        self._loader_positioned = False  # True once a checkpoint's loader state was loaded
         self.eval_sets = _load_eval_sets(config.data.val)
 
     # ------------------------------------------------------------------------------ running
@@ -260,7 +271,9 @@ class Trainer:
     def _batches(self):
         """Micro-batches from the current position on, across epochs, with epoch bookkeeping."""
         while True:
-            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            if not self._loader_positioned:
+                self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            self._loader_positioned = False
             for batch in self.loader:
                 self.batch_in_epoch += 1
                 yield batch
@@ -400,9 +413,17 @@ class Trainer:
         }
         if "grad_norm" in stats:
             out["train/grad_norm"] = float(stats["grad_norm"])
+        if self.loader.num_skipped:
+            out["data/skipped_records"] = self.loader.num_skipped
         for key, value in stats.items():
-            if key.endswith("_deg") and (not torch.is_tensor(value) or value.dim() == 0):
+            if torch.is_tensor(value) and value.dim() > 0:
+                continue  # the target-angle sample goes to the histogram
+            if key.endswith("_deg"):
                 out[f"angles/{key}"] = float(value)
+            elif key.startswith("loss_"):
+                out[f"train/{key}"] = float(value)
+            elif key == "num_sampled":
+                out["train/classes_sampled_rank0"] = int(value)
         return out
 
     def _histogram(self, stats: dict[str, Any]) -> dict[str, Any]:
@@ -472,6 +493,7 @@ class Trainer:
                 "scheduler": self.sched_backbone.state_dict(),
                 "rng": train_state.capture_rng(),
                 "sample_generator": pfc.sample_generator.get_state(),
+                "loader": self.loader.state_dict(),
             },
             tmp / f"trainer-rank{r}.pt",
         )
@@ -574,6 +596,11 @@ class Trainer:
             train_state.restore_rng(trainer_state["rng"])
             pfc.sample_generator.set_state(trainer_state["sample_generator"])
             self.batch_in_epoch = int(meta["batch_in_epoch"])
+            if "loader" in trainer_state:
+                # The loader's own position also carries what it skipped (corrupt records).
+                position = self.loader.load_state_dict(trainer_state["loader"], strict=False)
+                if position == (self.epoch, self.batch_in_epoch):
+                    self._loader_positioned = True
         else:
             # New world size: the same global number of samples of this epoch is skipped (to
             # within one global batch); per-rank random streams restart from a seed that

@@ -26,17 +26,25 @@ def build_optimizer(
     lr = cfg.lr if lr is None else lr
     wd = cfg.weight_decay if weight_decay is None else weight_decay
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov
+        )
     return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=wd)
 
 
 def lr_factor(
-    step: int, total_steps: int, cfg: ScheduleConfig, warmup_steps: int | None = None
+    step: int,
+    total_steps: int,
+    cfg: ScheduleConfig,
+    warmup_steps: int | None = None,
+    milestone_steps: list[int] | None = None,
 ) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
 
     Linear warmup from 0 over ``warmup_steps`` (default: the config's; the first step already
-    gets a non-zero rate), then polynomial or cosine decay to 0 at ``total_steps``, or constant.
+    gets a non-zero rate), then polynomial / linear / cosine decay to 0 at ``total_steps``,
+    ``cfg.gamma`` per milestone passed (kind "step"; ``milestone_steps`` in optimizer steps,
+    default: the config's milestones read as steps), or constant.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -45,10 +53,15 @@ def lr_factor(
         return (step + 1) / warmup
     if cfg.kind == "constant":
         return 1.0
+    if cfg.kind == "step":
+        milestones = cfg.milestone_steps(1) if milestone_steps is None else milestone_steps
+        return cfg.gamma ** sum(step >= m for m in milestones)
     decay_steps = max(total_steps - warmup, 1)
     progress = min(max(step - warmup, 0) / decay_steps, 1.0)
     if cfg.kind == "polynomial":
         return (1.0 - progress) ** cfg.power
+    if cfg.kind == "linear":
+        return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -57,8 +70,10 @@ def build_scheduler(
     total_steps: int,
     cfg: ScheduleConfig,
     warmup_steps: int | None = None,
+    milestone_steps: list[int] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR that applies :func:`lr_factor`; call ``.step()`` once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg, warmup_steps)
+        optimizer,
+        lambda step: lr_factor(step, total_steps, cfg, warmup_steps, milestone_steps),
     )

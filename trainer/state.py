@@ -159,11 +159,20 @@ def load_classifier(
         if pname not in shards[0]["optimizer_state"]:
             continue
         entry = {}
+        saved_rows = shards[0]["module"][pname].shape[0] if shards[0]["module"][pname].dim() else 0
         for key, value in shards[0]["optimizer_state"][pname].items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
+                # State with one entry per row of the parameter (momentum [rows, D], a
+                # per-row Adam step count [rows]) is cut like the parameter's rows.
+                per_row = value.shape[0] == saved_rows and param.dim() > 0
+                template = (
+                    torch.empty((param.shape[0], *value.shape[1:]), dtype=value.dtype)
+                    if per_row
+                    else value
+                )
                 value = _reshard_tensor(
                     f"{pname}/{key}",
-                    param.detach() if value.shape[1:] == param.shape[1:] else value,
+                    template,
                     needed,
                     lambda s, n=pname, k=key: s["optimizer_state"][n][k],
                     class_start,
