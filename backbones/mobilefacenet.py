@@ -45,7 +45,8 @@ GDC_CHANNELS = 512  # conv_sep output / GDC width, fixed in insightface
 
 
 class ConvBlock(nn.Module):
-    """conv (no bias) -> BN -> PReLU; ``layers`` = [conv, bn, prelu] (insightface names)."""
+    """conv (no bias) -> BN -> PReLU; ``layers`` = [conv, bn, prelu] (insightface names).
+    Without ``activation`` the PReLU is left out."""
 
     def __init__(
         self,
@@ -56,39 +57,26 @@ class ConvBlock(nn.Module):
         padding: int = 0,
         groups: int = 1,
         bn: dict[str, float] | None = None,
+        activation: bool = True,
     ) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_c, **(bn or {})),
-            nn.PReLU(out_c),
-        )
+        ]
+        if activation:
+            layers.append(nn.PReLU(out_c))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-class LinearBlock(nn.Module):
+class LinearBlock(ConvBlock):
     """conv (no bias) -> BN, no activation: the linear bottleneck projection."""
 
-    def __init__(
-        self,
-        in_c: int,
-        out_c: int,
-        kernel: int | tuple[int, int] = 1,
-        stride: int = 1,
-        padding: int = 0,
-        groups: int = 1,
-        bn: dict[str, float] | None = None,
-    ) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_c, **(bn or {})),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, activation=False, **kwargs)
 
 
 class DepthWise(nn.Module):

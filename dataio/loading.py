@@ -179,35 +179,23 @@ def build_loader(
     to the chosen builder (:func:`dataio.torch_loader.build_train_loader` or
     :func:`dataio.dali_loader.build_dali_loader`).
     """
+    common = {
+        "rank": rank,
+        "world_size": world_size,
+        "batch_size": batch_size,
+        "seed": seed,
+        "workers": workers,
+        "flip": flip,
+        "drop_last": drop_last,
+        "skip_corrupt": skip_corrupt,
+        **kwargs,
+    }
     if kind == "torch":
         from dataio.torch_loader import build_train_loader
 
-        return build_train_loader(
-            pack_dir,
-            rank=rank,
-            world_size=world_size,
-            batch_size=batch_size,
-            seed=seed,
-            workers=workers,
-            flip=flip,
-            drop_last=drop_last,
-            skip_corrupt=skip_corrupt,
-            **kwargs,
-        )
+        return build_train_loader(pack_dir, **common)
     if kind == "dali":
         from dataio.dali_loader import build_dali_loader
 
-        return build_dali_loader(
-            pack_dir,
-            rank=rank,
-            world_size=world_size,
-            batch_size=batch_size,
-            seed=seed,
-            workers=workers,
-            flip=flip,
-            drop_last=drop_last,
-            skip_corrupt=skip_corrupt,
-            device=device,
-            **kwargs,
-        )
+        return build_dali_loader(pack_dir, device=device, **common)
     raise ValueError(f"data.loader: unknown loader kind {kind!r}; expected one of {LOADER_KINDS}")
