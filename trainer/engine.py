@@ -66,8 +66,10 @@ class DDPEngine:
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.model = DistributedDataParallel(backbone, device_ids=ids)
-        # fp16 autocast needs loss scaling; one scaler covers both optimizers (CUDA only).
-        self.scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
+        # fp16 autocast needs loss scaling; one scaler covers both optimizers. The config
+        # allows fp16 on CUDA only; the device string is the only GPU-specific part.
+        fp16 = config.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if fp16 else None
         self.clip = config.train.clip_grad_norm
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,16 +90,27 @@ class DDPEngine:
     def step(
         self, fc_optimizer: torch.optim.Optimizer, fc_params: Any, fc_clip: float | None
     ) -> torch.Tensor | None:
-        """Unscale (fp16), clip, step both optimizers. Returns the backbone grad norm."""
+        """Unscale (fp16), clip, step both optimizers. Returns the backbone grad norm.
+
+        With fp16 an inf/NaN in either model's gradients skips both steps (GradScaler alone
+        would only skip the optimizer whose own gradients overflowed, leaving the backbone
+        and the classifier one step apart) and lowers the scale.
+        """
+        fc_params = list(fc_params)
+        finite = True
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             self.scaler.unscale_(fc_optimizer)
+            grads = [_grad_values(p) for p in (*self.module.parameters(), *fc_params)
+                     if p.grad is not None]  # fmt: skip
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         grad_norm = _clip(self.module.parameters(), self.clip)
         _clip_classifier(fc_params, fc_clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # both skipped on overflow
-            self.scaler.step(fc_optimizer)
-            self.scaler.update()
+            if finite:
+                self.scaler.step(self.optimizer)
+                self.scaler.step(fc_optimizer)
+            self.scaler.update()  # lowers the scale if either unscale_ found an inf
         else:
             self.optimizer.step()
             fc_optimizer.step()
@@ -179,6 +192,10 @@ class DeepSpeedEngine:
     def step(
         self, fc_optimizer: torch.optim.Optimizer, fc_params: Any, fc_clip: float | None
     ) -> torch.Tensor | None:
+        """DeepSpeed steps the backbone; the classifier's gradients are divided by DeepSpeed's
+        loss scale (fp16) and its step is skipped when DeepSpeed reports an overflow or its
+        own gradients are not finite. DeepSpeed decides the backbone's step from the
+        backbone's gradients alone; they carry the same loss, so an overflow shows in both."""
         fc_params = [p for p in fc_params if p.grad is not None]
         overflow = False
         if self.fp16:
