@@ -37,6 +37,7 @@ __all__ = [
     "embed_images",
     "embed_to_npy",
     "normalize_pixels",
+    "check_image_size",
     "onnx_embedder",
     "open_image_source",
     "torch_embedder",
@@ -306,6 +307,22 @@ class EmbedResult:
     dim: int
 
 
+def check_image_size(
+    src: ImageSource,
+    source: str | os.PathLike[str],
+    hw: tuple[int, int] | None,
+    model_path: str | os.PathLike[str],
+) -> None:
+    """EmbeddingError naming both files when ``source``'s images are not the model's (H, W)
+    (``hw`` None: the model takes any size)."""
+    first = src.read_batch(0, 1)
+    if hw is not None and tuple(first.shape[1:3]) != tuple(hw):
+        raise EmbeddingError(
+            f"{source}: images are {first.shape[1]}x{first.shape[2]} (HxW) but {model_path} "
+            f"expects {hw[0]}x{hw[1]}; align/crop the faces first"
+        )
+
+
 def embed_to_npy(
     model_path: str | os.PathLike[str],
     source: str | os.PathLike[str],
@@ -326,12 +343,7 @@ def embed_to_npy(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     embedder, hw = onnx_embedder(model_path, providers)
     src = open_image_source(source)
-    first = src.read_batch(0, 1)
-    if hw is not None and tuple(first.shape[1:3]) != hw:
-        raise EmbeddingError(
-            f"{source}: images are {first.shape[1]}x{first.shape[2]} (HxW) but {model_path} "
-            f"expects {hw[0]}x{hw[1]}; align/crop the faces first"
-        )
+    check_image_size(src, source, hw, model_path)
     emb = embed_images(
         embedder, src.batches(batch_size), flip=flip, progress=progress, total=len(src)
     )

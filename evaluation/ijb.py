@@ -4,7 +4,8 @@ IJB compares *templates* (sets of images and video frames of one subject), not s
 The protocol, step by step:
 
 1. every face (``loose_crop/<name>``) is aligned to 112x112 from its 5 landmarks with a
-   similarity transform onto the ArcFace template (:func:`align_face`), embedded, and its flip
+   similarity transform onto the ArcFace template (:func:`dataio.align.align_face`, the one
+   the packer uses, so evaluation crops match training crops), embedded, and its flip
    embedding added ("F2" in insightface's terms);
 2. the raw feature norm is kept ("N1": it acts as a quality weight) and the feature is scaled
    by the detector's faceness score ("D1"); both can be switched off;
@@ -36,34 +37,20 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dataio.align import align_face
 from evaluation.embed import Embedder, embed_images
 from evaluation.roc import DEFAULT_FARS, RocCurve, TarAtFar, roc_curve, tar_at_far
 
 __all__ = [
-    "ARCFACE_TEMPLATE_112",
     "IJBError",
     "IJBMeta",
     "IJBResult",
-    "align_face",
     "evaluate_ijb",
     "ijb_verification",
     "read_ijb_meta",
-    "similarity_transform",
     "template_features",
     "template_pair_scores",
 ]
-
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],  # left eye (image left)
-        [73.5318, 51.5014],  # right eye
-        [56.0252, 71.7366],  # nose tip
-        [41.5493, 92.3655],  # left mouth corner
-        [70.7299, 92.2041],  # right mouth corner
-    ],
-    dtype=np.float64,
-)
-"""Where the 5 landmarks land in a 112x112 ArcFace crop (pixel-index coordinates)."""
 
 PAIR_CHUNK = 100_000
 
@@ -180,64 +167,6 @@ def read_ijb_meta(root: str | os.PathLike[str], name: str = "IJBC") -> IJBMeta:
         pair_templates=np.asarray(pairs, dtype=np.int64).reshape(-1, 2),
         pair_labels=np.asarray(labels, dtype=bool),
     )
-
-
-# ------------------------------------------------------------------------------ alignment
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) mapping src onto dst.
-
-    Umeyama (1991) without reflection; returns the 2x3 matrix ``M`` with
-    ``dst ~ M[:, :2] @ src + M[:, 2]``. Points are [K, 2], K >= 2.
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or len(src) < 2:
-        raise ValueError(f"src and dst must both be [K>=2, 2], got {src.shape} and {dst.shape}")
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s_c, d_c = src - mu_s, dst - mu_d
-    var_s = (s_c**2).sum() / len(src)
-    if var_s == 0:
-        raise ValueError("src points are all identical: no similarity transform")
-    cov = d_c.T @ s_c / len(src)  # [2, 2]
-    u, sing, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # would be a reflection
-        d[-1] = -1.0
-    rot = u @ np.diag(d) @ vt
-    scale = float(sing @ d) / var_s
-    out = np.empty((2, 3))
-    out[:, :2] = scale * rot
-    out[:, 2] = mu_d - scale * rot @ mu_s
-    return out
-
-
-def align_face(
-    image: np.ndarray,
-    landmarks: np.ndarray,
-    size: tuple[int, int] = (112, 112),
-    template: np.ndarray = ARCFACE_TEMPLATE_112,
-) -> np.ndarray:
-    """Warp uint8 [H, W, 3] so its 5 ``landmarks`` land on ``template``: uint8 [h, w, 3].
-
-    Bilinear sampling, black outside the image; landmark coordinates are pixel indices (pixel
-    centres at integers, as OpenCV's ``warpAffine`` used by insightface). ``template`` is for
-    112x112 and is scaled with ``size``.
-    """
-    h, w = size
-    dst = np.asarray(template, dtype=np.float64) * np.array([w / 112.0, h / 112.0])
-    m = similarity_transform(np.asarray(landmarks, np.float64).reshape(5, 2), dst)
-    # PIL puts pixel centres at +0.5; convert the index-space transform to that convention and
-    # hand PIL the inverse map (output -> input), which is what Image.transform expects.
-    a, t = m[:, :2], m[:, 2]
-    t_centres = t + 0.5 - a @ np.array([0.5, 0.5])
-    inv = np.linalg.inv(a)
-    coeffs = np.concatenate([inv, (-inv @ t_centres)[:, None]], axis=1)  # [2, 3]
-    out = Image.fromarray(np.ascontiguousarray(image)).transform(
-        (w, h), Image.Transform.AFFINE, tuple(coeffs.ravel()), resample=Image.Resampling.BILINEAR
-    )
-    return np.asarray(out)
 
 
 # ------------------------------------------------------------------------------ templates
@@ -369,7 +298,7 @@ def _aligned_batches(meta: IJBMeta, batch_size: int, size: tuple[int, int]) -> I
                     rgb = np.asarray(img.convert("RGB"))
             except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
                 raise IJBError(f"{path}: cannot read face image ({e})") from e
-            batch.append(align_face(rgb, meta.landmarks[i], size))
+            batch.append(align_face(rgb, meta.landmarks[i], size=size))
         yield np.stack(batch)  # [b, H, W, 3]
 
 

@@ -173,6 +173,8 @@ def export_onnx(
     hw = _as_hw(input_size)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17 (the exporter targets 17 and up), got {opset}")
     if batch_for_check < 1:
         raise ValueError(f"batch_for_check must be >= 1, got {batch_for_check}")
     if fp16_tolerance < 0:

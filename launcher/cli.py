@@ -360,13 +360,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ eval/export
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation import runner
+    from evaluation.embed import check_image_size, open_image_source
     from launcher.tools import make_embedder
 
     if not (args.bin or args.ijb or args.probes):
         raise UsageError("nothing to evaluate; give --bin, --ijb or --probes/--distractors")
     if bool(args.probes) != bool(args.distractors):
         raise UsageError("identification needs both --probes and --distractors")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--nfolds", args.nfolds, 2)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.probes and min(args.ranks) < 1:
+        raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
     embedder, input_size = make_embedder(args.model)
+    for path in [*args.bin, *([args.probes, args.distractors] if args.probes else [])]:
+        check_image_size(open_image_source(path), path, input_size, args.model)
     common = {"batch_size": args.batch_size, "flip": not args.no_flip}
     results: dict[str, object] = {}
     if args.bin:
@@ -419,6 +427,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     kind = " fp16" if res.fp16 else ""
     kind += " simplified" if res.simplified else ""
+    if res.opset != args.opset:
+        kind += f"; {args.opset} was asked for, the version converter could not reach it"
     print(
         f"export: {res.path} (opset {res.opset}{kind}), "
         f"max |onnxruntime - torch| = {res.max_abs_diff:.2e}"
@@ -454,29 +464,19 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataio.align import AlignmentError
-    from dataio.pack import PackError
-    from dataio.recordio import RecordIOError
-    from dataio.verification_bin import VerificationBinError
-    from evaluation.embed import EmbeddingError
-    from evaluation.ijb import IJBError
     from evaluation.onnx_export import OnnxParityError
     from launcher.submit import SubmitError
     from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
 
+    # ValueError covers the project's input errors (ConfigError, PackError, RecordIOError,
+    # VerificationBinError, AlignmentError, EmbeddingError, IJBError, UsageError) and the
+    # argument checks of every package: each message names the key, file or argument, so a
+    # traceback would add nothing for the user.
     user_errors = (
-        ConfigError,
-        PackError,
-        RecordIOError,
-        AlignmentError,
-        VerificationBinError,
-        EmbeddingError,
-        IJBError,
+        ValueError,
         OnnxParityError,
         CheckpointError,
         SubmitError,
-        UsageError,
         FileNotFoundError,
     )
     args = build_parser().parse_args(argv)

@@ -144,6 +144,21 @@ def test_eval_and_export_commands_agree(trained_run: dict, tiny_dataset: Path) -
     assert torch_res["accuracy_mean"] == pytest.approx(onnx_res["accuracy_mean"], abs=1e-9)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert torch_res["accuracy_mean"] == pytest.approx(summary["eval_after"]["val"]["accuracy"])
+    # Wrong arguments: a one-line error naming the problem, exit code 2, no traceback.
+    for args, message in (
+        (["--bin", val, "--nfolds", "1"], "--nfolds must be >= 2"),
+        (["--bin", str(tiny_dataset / "train")], "not a verification .bin set"),
+        ([], "nothing to evaluate"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "eval", str(run_dir), *args],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_embed_identification_inspect_and_plots_commands(

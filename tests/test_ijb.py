@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dataio.align import ARCFACE_TEMPLATE_112, align_face
 from evaluation.ijb import (
-    ARCFACE_TEMPLATE_112,
     IJBError,
-    align_face,
     evaluate_ijb,
     ijb_verification,
     read_ijb_meta,
-    similarity_transform,
     template_features,
     template_pair_scores,
 )
@@ -131,22 +129,6 @@ def test_metadata_errors_name_file_and_line(tmp_path: Path) -> None:
     ids = np.array([1, 2])
     with pytest.raises(IJBError, match="template 7"):
         template_pair_scores(ids, np.eye(2), np.array([[1, 2], [2, 7]]))
-
-
-def test_similarity_transform_recovers_rotation_scale_translation() -> None:
-    rng = np.random.default_rng(0)
-    src = rng.normal(size=(5, 2)) * 30
-    angle, scale, shift = 0.4, 1.7, np.array([5.0, -3.0])
-    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    dst = src @ (scale * rot).T + shift
-    m = similarity_transform(src, dst)
-    np.testing.assert_allclose(m[:, :2], scale * rot, atol=1e-12)
-    np.testing.assert_allclose(m[:, 2], shift, atol=1e-10)
-    # a mirrored point set is fitted by the best rotation, never by a reflection
-    m = similarity_transform(src, src * np.array([-1.0, 1.0]))
-    assert np.linalg.det(m[:, :2]) > 0
-    with pytest.raises(ValueError, match="identical"):
-        similarity_transform(np.ones((5, 2)), dst)
 
 
 def test_align_face_is_identity_on_template_and_undoes_a_scaling() -> None:

@@ -197,3 +197,18 @@ def test_dali_loader_trains_and_resumes_its_position(tiny_dataset: Path, tmp_pat
     assert summary["resumed_from"].endswith("step-3")
     assert summary["train"]["steps"] == 8 and summary["train"]["steps_this_run"] == 5
     assert resumed.epoch == 1 and resumed.batch_in_epoch == 2
+
+
+def test_resume_with_a_loader_that_cuts_epochs_differently_starts_the_next_epoch(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Saved by the torch loader mid-epoch, resumed with DALI (another shuffle): the saved
+    epoch cannot be continued without repeating images, so training goes on from the next."""
+    common = ("train.max_steps=8", "run.resume=auto")
+    first = _trainer(tiny_dataset, tmp_path, *common, "train.stop_at_step=3").fit()
+    assert first["train"]["steps"] == 3
+    resumed = _trainer(tiny_dataset, tmp_path, *common, "data.loader=dali")
+    summary = resumed.fit()
+    assert summary["train"]["steps"] == 8
+    # Steps 4..8 are the first 5 batches of epoch 1 (6 batches per epoch).
+    assert (resumed.epoch, resumed.batch_in_epoch) == (1, 5)

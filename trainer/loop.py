@@ -598,9 +598,12 @@ class Trainer:
             self.batch_in_epoch = int(meta["batch_in_epoch"])
             if "loader" in trainer_state:
                 # The loader's own position also carries what it skipped (corrupt records).
+                # A loader that cuts the epoch differently now (another kind, seed or number
+                # of images) cannot continue it: it starts the next epoch instead, and the
+                # trainer follows, so no image of the saved epoch is seen twice.
                 position = self.loader.load_state_dict(trainer_state["loader"], strict=False)
-                if position == (self.epoch, self.batch_in_epoch):
-                    self._loader_positioned = True
+                self.epoch, self.batch_in_epoch = position
+                self._loader_positioned = True
         else:
             # New world size: the same global number of samples of this epoch is skipped (to
             # within one global batch); per-rank random streams restart from a seed that
