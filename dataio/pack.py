@@ -216,6 +216,15 @@ def _label_from_header(header: IRHeader) -> float:
     return float(header.label)
 
 
+def _float32_spacing(value: int) -> int:
+    """Gap between neighbouring float32 numbers at ``value``; 1 where every integer is exact.
+
+    IRHeader labels are float32, so the key ranges of a header and of identity records are
+    rounded to a multiple of this above 2**24 = 16,777,216 records (Glint360K, WebFace42M).
+    """
+    return max(1, int(np.spacing(np.float32(value))))
+
+
 class FacePack:
     """Read-only view of a face pack: image keys, labels, and per-image reads.
 
@@ -285,7 +294,61 @@ class FacePack:
             raise PackError(f"{self.rec_path}: key 0: invalid header range [{first_id}, {end})")
         return first_id, end
 
+    def _exact_layout(self, first_id: int, end: int) -> tuple[int, int]:
+        """The header's [first_identity_key, end_key), exact even where float32 rounded it.
+
+        Identity records are the last ``num_classes`` keys of the layout, so past 2**24 the
+        exact values come from the index, checked to lie within the rounding of the header's.
+        """
+        if _float32_spacing(end) == 1:
+            return first_id, end
+        exact_end = max(self._reader.keys) + 1
+        exact_first = exact_end - self.num_classes
+        if abs(exact_end - end) > _float32_spacing(end) or abs(
+            exact_first - first_id
+        ) > _float32_spacing(first_id):
+            raise PackError(
+                f"{self.rec_path}: key 0: header range [{first_id}, {end}) does not match the "
+                f"index (last key {exact_end - 1}, {self.num_classes} classes), even allowing "
+                "for float32 rounding"
+            )
+        return exact_first, exact_end
+
+    def _repair_rounded_boundaries(
+        self, labels: np.ndarray, boundaries: np.ndarray, first_id: int
+    ) -> None:
+        """Past 2**24 an identity record's [first, end) image keys are float32-rounded, so the
+        images next to a class boundary may be given the neighbouring class. Their own
+        IRHeaders (class ids are exact) decide: the heads of the images within one float32
+        gap of every rounded boundary are read (a vectorised gather) and their labels used.
+        """
+        rounded = boundaries[np.array([_float32_spacing(int(v)) > 1 for v in boundaries])]
+        if rounded.size == 0:
+            return
+        gap = _float32_spacing(int(rounded.max()))
+        keys = np.unique((rounded[:, None] + np.arange(-gap, gap + 1)[None, :]).reshape(-1))
+        keys = keys[(keys >= 1) & (keys < first_id)]
+        keys = np.array([k for k in keys.tolist() if k in self._reader], dtype=np.int64)
+        if keys.size == 0:
+            return
+        offsets = np.fromiter(
+            (self._reader.offset(int(k)) for k in keys), dtype=np.int64, count=keys.size
+        )
+        heads = read_record_heads(self.rec_path, offsets)
+        values = np.where(heads.flag == 0, heads.label, heads.first_value).astype(np.float64)
+        ok = (heads.magic == MAGIC) & np.isfinite(values)
+        ok &= (values >= 0) & (values < self.num_classes) & (values == np.floor(values))
+        # A broken head keeps the identity records' label; reading it reports the record.
+        labels[keys[ok] - 1] = values[ok].astype(np.int64)
+        if np.any(np.diff(labels) < 0):
+            key = int(np.flatnonzero(np.diff(labels) < 0)[0]) + 2
+            raise PackError(
+                f"{self.rec_path}: key {key}: image labels are not in class order around the "
+                "float32-rounded identity ranges of this pack"
+            )
+
     def _labels_from_identities(self, first_id: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        first_id, end = self._exact_layout(first_id, end)
         num_identities = end - first_id
         if num_identities != self.num_classes:
             raise PackError(
@@ -299,6 +362,7 @@ class FacePack:
             if first_id <= key < end and key not in self._reader:
                 raise PackError(f"{self.idx_path}: key {key} of the header's layout is missing")
         labels = np.full(image_keys.size, -1, dtype=np.int64)
+        boundaries: list[int] = []  # every class's [first, end) image keys, as stored
         # Identity records are tiny and stored together: one sequential pass reads them all.
         identities = self._reader.scan(range(first_id, end))
         for key, record in _wrap_errors(identities):
@@ -313,6 +377,9 @@ class FacePack:
                     f"{head.flag}; expected a 2-value label [first_image_key, end_image_key)"
                 )
             a, b = int(head.label[0]), int(head.label[1])  # type: ignore[index]
+            boundaries += [a, b]
+            if _float32_spacing(b) > 1:  # rounded past 2**24: may overshoot by half a gap
+                a, b = min(a, first_id), min(b, first_id)
             if not 1 <= a <= b <= first_id:
                 raise PackError(
                     f"{self.rec_path}: identity record key {key} (class {c}): image range "
@@ -324,6 +391,8 @@ class FacePack:
                     f"[{a}, {b}) overlaps another class"
                 )
             labels[a - 1 : b - 1] = c
+        if _float32_spacing(end) > 1:
+            self._repair_rounded_boundaries(labels, np.unique(boundaries), first_id)
         unassigned = np.flatnonzero(labels < 0)
         if unassigned.size:
             raise PackError(
