@@ -655,6 +655,9 @@ class DiscFace(CombinedMargin):
         # [1, D]: a leading 1 keeps checkpoint code from mistaking it for per-class rows.
         self.displacement = nn.Parameter(torch.zeros(1, spec.embedding_size, device=spec.device))
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return [self.displacement] if hasattr(self, "displacement") else []
+
     def regularizer(self, ctx: MarginContext) -> torch.Tensor:
         if not hasattr(self, "displacement"):
             raise ValueError("DiscFace needs bind() (PartialFC calls it) before use")

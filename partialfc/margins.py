@@ -133,6 +133,11 @@ class MarginHead(nn.Module):
         for loss in self.aux_losses.values():
             loss.bind(spec)
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters that are the same on every rank (not per-class rows); their gradient is
+        already summed over ranks. Default: none."""
+        return []
+
     def add_aux_loss(self, name: str, loss: nn.Module, weight: float = 1.0) -> None:
         """Add an auxiliary loss ``weight * loss(ctx)`` to this head's total loss."""
         if name in self.aux_losses:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from partialfc.collectives import all_reduce_inplace
+
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "ShardOptimizer", "clip_grad_norm_"]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
@@ -115,6 +117,13 @@ class ShardOptimizer(torch.optim.Optimizer):
             for key, entry in state_dict["state"].items()
         }
         super().load_state_dict({**state_dict, "state": state})
+        # torch.optim keeps a loaded "step" where it was (a scalar count belongs on the CPU);
+        # here it is a per-row tensor used with the rows' indices on the parameter's device.
+        for group in self.param_groups:
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if isinstance(step, torch.Tensor) and step.device != p.device:
+                    self.state[p]["step"] = step.to(p.device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -130,6 +139,8 @@ class ShardOptimizer(torch.optim.Optimizer):
                 grad = p.grad
                 if grad.is_sparse:
                     index, values = _rows_of(grad)  # [S], [S, ...]
+                    if index.numel() == 0:
+                        continue  # no row of this parameter took part in the step
                 else:
                     index, values = None, grad
                 if self.name == "sgd":
@@ -232,30 +243,46 @@ class ShardOptimizer(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (L2) that also accepts row-sparse gradients.
+def clip_grad_norm_(
+    params: Iterable[torch.Tensor],
+    max_norm: float,
+    group: Any = None,
+    replicated: Iterable[torch.Tensor] = (),
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2) for a sharded classifier, sparse gradients too.
 
+    The norm is the whole classifier's: the squared norms of this rank's gradients are summed
+    over the ranks of ``group`` (identity without a process group), with the ``replicated``
+    parameters (identical on every rank, e.g. DiscFace's displacement) counted once. Every
+    rank therefore scales by the same factor, and replicated parameters stay identical.
     torch's version has no sparse kernel for the norm; this one takes the norm of a sparse
-    gradient's (de-duplicated) values, and scales them in place. Returns the total norm
-    before clipping. With ``max_norm <= 0`` a ValueError names the argument.
+    gradient's (de-duplicated) values and scales them in place. Returns the total norm before
+    clipping. With ``max_norm <= 0`` a ValueError names the argument.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    values = []
+    params = list(params)
+    shared = {id(p) for p in replicated}
+    sharded, once = [], []
     for p in params:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
             if not p.grad.is_coalesced():
                 p.grad = p.grad.coalesce()
-            values.append(p.grad._values())
+            values = p.grad._values()
         else:
-            values.append(p.grad)
-    if not values:
-        return torch.zeros(())
-    norms = torch.stack([torch.linalg.vector_norm(v.float()) for v in values])
-    total = torch.linalg.vector_norm(norms)
+            values = p.grad
+        (once if id(p) in shared else sharded).append(values)
+    device = params[0].device if params else torch.device("cpu")
+    sumsq = torch.zeros((), dtype=torch.float64, device=device)
+    for v in sharded:
+        sumsq += torch.linalg.vector_norm(v.double()) ** 2
+    sumsq = all_reduce_inplace(sumsq, "sum", group)
+    for v in once:
+        sumsq += torch.linalg.vector_norm(v.double()) ** 2
+    total = sumsq.sqrt().float()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for v in values:
+    for v in sharded + once:
         v.mul_(scale.to(v.dtype))
     return total

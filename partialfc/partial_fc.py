@@ -43,7 +43,7 @@ from partialfc.fused import (
     gather_rows,
 )
 from partialfc.margins import MarginHead
-from partialfc.optim import DEFAULT_CHUNK_ELEMENTS, ShardOptimizer
+from partialfc.optim import DEFAULT_CHUNK_ELEMENTS, ShardOptimizer, clip_grad_norm_
 from partialfc.partition import class_range
 
 __all__ = [
@@ -316,6 +316,13 @@ class PartialFC(nn.Module):
             row_cache=self._cached_rows,
         )
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the whole classifier's gradient (every shard, replicated head parameters once)
+        to ``max_norm``; collective over ``group``. Returns the norm before clipping."""
+        return clip_grad_norm_(
+            self.parameters(), max_norm, self.group, self.margin.replicated_parameters()
+        )
+
     def _cached_rows(self, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
         """The forward's gathered ``weight[index]`` if ``param`` is the shard and unchanged."""
         cache = self.workspace.row_cache if self.workspace is not None else None
@@ -372,8 +379,10 @@ class PartialFC(nn.Module):
             return None, target
         positives = torch.unique(local_labels[is_local])  # [P], sorted
         num_pos = int(positives.numel())
+        # At least one row: a rank with no positives and a budget that rounds to 0 would
+        # otherwise have no columns at all (an empty softmax part and an empty gradient).
         num_sample = min(
-            self.num_local, max(int(round(self.sample_rate * self.num_local)), num_pos)
+            self.num_local, max(int(round(self.sample_rate * self.num_local)), num_pos, 1)
         )
         # Random keys on CPU from the seeded generator (same stream on CPU and GPU runs);
         # positives get a key above every random key, so top-k keeps them all and fills the

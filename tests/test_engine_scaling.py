@@ -97,6 +97,7 @@ class _DeepSpeedStandIn:
 def _deepspeed_engine(stand_in: _DeepSpeedStandIn) -> DeepSpeedEngine:
     engine = object.__new__(DeepSpeedEngine)  # no DeepSpeed initialisation on a CPU
     engine.engine, engine.optimizer, engine.fp16 = stand_in, stand_in.optimizer, True
+    engine.ctx = DistContext.single()
     return engine
 
 

@@ -83,7 +83,7 @@ class PartialFCConfig(_Section):
     weight_decay: float | None = Field(None, ge=0.0)
     """Classifier weight decay; defaults to optimizer.weight_decay."""
     clip_grad_norm: float | None = Field(None, gt=0.0)
-    """Clip the classifier shard's gradient norm (per rank); null: no clipping."""
+    """Clip the classifier's gradient norm (over all shards together); null: no clipping."""
 
     @model_validator(mode="after")
     def _margin_builds(self) -> PartialFCConfig:

@@ -18,14 +18,15 @@ One optimizer step = ``accum`` micro-batches; the caller divides each micro-batc
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from partialfc import clip_grad_norm_ as partialfc_clip_grad_norm_
 from trainer.config import Config
 from trainer.context import DistContext
 
@@ -36,11 +37,14 @@ def _clip(params: Any, max_norm: float | None) -> torch.Tensor | None:
     return nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def _clip_classifier(params: Any, max_norm: float | None) -> torch.Tensor | None:
-    """Clip this rank's classifier gradient (row-sparse under update="sampled")."""
-    if max_norm is None:
-        return None
-    return partialfc_clip_grad_norm_(params, max_norm)
+def _all_ranks_finite(tensors: list[torch.Tensor], ctx: DistContext) -> bool:
+    """Whether every tensor is finite on every rank: the classifier's shards differ between
+    ranks, and a step skipped on some ranks only would split the replicas apart."""
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else None
+    flag = torch.ones((), device=ctx.device) if ok is None else ok.to(ctx.device).float()
+    if ctx.distributed and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
 def _grad_values(p: torch.Tensor) -> torch.Tensor:
@@ -61,6 +65,7 @@ class DDPEngine:
         config: Config,
     ) -> None:
         self.module = backbone
+        self.ctx = ctx
         self.optimizer = optimizer
         self.model: nn.Module = backbone
         if ctx.distributed:
@@ -88,7 +93,10 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(
-        self, fc_optimizer: torch.optim.Optimizer, fc_params: Any, fc_clip: float | None
+        self,
+        fc_optimizer: torch.optim.Optimizer,
+        fc_params: Any,
+        fc_clip: Callable[[], torch.Tensor] | None,
     ) -> torch.Tensor | None:
         """Unscale (fp16), clip, step both optimizers. Returns the backbone grad norm.
 
@@ -103,9 +111,10 @@ class DDPEngine:
             self.scaler.unscale_(fc_optimizer)
             grads = [_grad_values(p) for p in (*self.module.parameters(), *fc_params)
                      if p.grad is not None]  # fmt: skip
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            finite = _all_ranks_finite(grads, self.ctx)
         grad_norm = _clip(self.module.parameters(), self.clip)
-        _clip_classifier(fc_params, fc_clip)
+        if fc_clip is not None:
+            fc_clip()  # the classifier's own clip (collective: the norm spans every shard)
         if self.scaler is not None:
             if finite:
                 self.scaler.step(self.optimizer)
@@ -170,6 +179,7 @@ class DeepSpeedEngine:
             model=backbone, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
         self.module = self.engine.module
+        self.ctx = ctx
         self.model = self.engine
         self.zero_stage = dcfg.zero_stage
         self.fp16 = tcfg.precision == "fp16"
@@ -190,7 +200,10 @@ class DeepSpeedEngine:
         """DeepSpeed zeroes the backbone gradients itself after each boundary step."""
 
     def step(
-        self, fc_optimizer: torch.optim.Optimizer, fc_params: Any, fc_clip: float | None
+        self,
+        fc_optimizer: torch.optim.Optimizer,
+        fc_params: Any,
+        fc_clip: Callable[[], torch.Tensor] | None,
     ) -> torch.Tensor | None:
         """DeepSpeed steps the backbone; the classifier's gradients are divided by DeepSpeed's
         loss scale (fp16) and its step is skipped when DeepSpeed reports an overflow or its
@@ -202,10 +215,11 @@ class DeepSpeedEngine:
             scale = float(self.optimizer.cur_scale)
             for p in fc_params:
                 p.grad.div_(scale)
-            overflow = not all(bool(torch.isfinite(_grad_values(p)).all()) for p in fc_params)
+            overflow = not _all_ranks_finite([_grad_values(p) for p in fc_params], self.ctx)
         self.engine.step()
         overflow = overflow or bool(getattr(self.optimizer, "overflow", False))
-        _clip_classifier(fc_params, fc_clip)
+        if fc_clip is not None:
+            fc_clip()  # the classifier's own clip (collective: the norm spans every shard)
         if not overflow:
             fc_optimizer.step()
         norm = self.engine.get_global_grad_norm()

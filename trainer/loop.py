@@ -377,8 +377,11 @@ class Trainer:
                     return loss.detach(), stats, False
                 engine.backward(loss / self.accum, last_micro)
             total += loss.detach() / self.accum
+        max_norm = self.config.partialfc.clip_grad_norm
         grad_norm = engine.step(
-            self.opt_fc, self.partial_fc.parameters(), self.config.partialfc.clip_grad_norm
+            self.opt_fc,
+            self.partial_fc.parameters(),
+            None if max_norm is None else lambda: self.partial_fc.clip_grad_norm_(max_norm),
         )
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
