@@ -212,3 +212,26 @@ def test_resume_with_a_loader_that_cuts_epochs_differently_starts_the_next_epoch
     assert summary["train"]["steps"] == 8
     # Steps 4..8 are the first 5 batches of epoch 1 (6 batches per epoch).
     assert (resumed.epoch, resumed.batch_in_epoch) == (1, 5)
+
+
+def test_deepspeed_cannot_skip_a_half_accumulated_step(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A non-finite second micro-batch: DDP drops the step; under DeepSpeed (whose counter
+    already took the first micro-batch) the run stops with a message instead of drifting."""
+    for engine_name, expect_error in (("ddp", False), ("deepspeed", True)):
+        trainer = _trainer(tiny_dataset, tmp_path, "train.grad_accum_steps=2")
+        trainer.engine.name = engine_name  # the branch taken depends on the engine's name
+        real_forward = trainer.partial_fc.forward
+        calls = {"n": 0}
+
+        def second_is_nan(embeddings, labels, real_forward=real_forward, calls=calls):
+            calls["n"] += 1
+            loss, stats = real_forward(embeddings, labels)
+            return (loss * float("nan") if calls["n"] == 2 else loss), stats
+
+        trainer.partial_fc.forward = second_is_nan  # type: ignore[method-assign]
+        if expect_error:
+            with pytest.raises(TrainingError, match="micro-batch 2 of 2"):
+                trainer._one_step(trainer._batches())
+        else:
+            _, _, finite = trainer._one_step(trainer._batches())
+            assert not finite and trainer.batch_in_epoch == 2

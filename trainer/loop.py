@@ -369,6 +369,16 @@ class Trainer:
                     embeddings = engine(images)  # [B, D]
                     loss, stats = self.partial_fc(embeddings, labels)
                 if not torch.isfinite(loss):
+                    if micro > 0 and engine.name == "deepspeed":
+                        # DeepSpeed already counted the earlier micro-batches towards its
+                        # accumulation boundary and holds their gradients; dropping them
+                        # would leave every later step out of step with the classifier's.
+                        raise TrainingError(
+                            f"non-finite loss on micro-batch {micro + 1} of "
+                            f"{self.accum} at step {self.step + 1}: under DeepSpeed only a "
+                            "step whose first micro-batch fails can be skipped; resume from "
+                            "the last checkpoint (--resume auto), or lower optimizer.lr"
+                        )
                     # Drop what earlier micro-batches accumulated, and the rest of this step.
                     for _ in range(self.accum - 1 - micro):
                         next(batches)
