@@ -159,7 +159,9 @@ class PartialFC(nn.Module):
         weight: ``nn.Parameter`` [num_local * K, D], this rank's shard (K sub-centres per
             class, row ``class * K + k``; K = 1 for all but sub-center ArcFace).
         class_start, num_local: global id of the shard's first class and the shard's size.
-        num_steps: buffer, training forwards so far (SphereFace's annealing reads it).
+        num_steps: buffer, training steps so far (SphereFace's annealing reads it): counted
+            by every training forward, unless ``count_steps`` is False and the caller counts
+            optimizer steps itself (gradient accumulation, skipped steps).
         last_sampled_global: LongTensor [S], sorted global class ids used in the last forward.
         sample_generator: the CPU ``torch.Generator`` for negative sampling; checkpoint its
             ``get_state()`` to resume the exact sampling stream.
@@ -260,6 +262,9 @@ class PartialFC(nn.Module):
         margin.bind(spec)
         self.margin = margin
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.count_steps = True
+        """Count ``num_steps`` in every training forward; the trainer sets False and counts
+        optimizer steps (one per accumulation cycle, none for a skipped step)."""
         self.sample_generator = torch.Generator().manual_seed(_mixed_seed("sample", seed, rank))
         self.last_sampled_global: torch.Tensor | None = None
         self.workspace: Workspace | None = Workspace() if self.low_memory else None
@@ -455,7 +460,7 @@ class PartialFC(nn.Module):
                 loss, stats = self._classifier_loss(head, emb, norms, x_hat, world_labels, mm_dtype)
             else:
                 loss, stats = self._aux_only_loss(head, emb, norms, x_hat, world_labels)
-        if self.training:
+        if self.training and self.count_steps:
             with torch.no_grad():
                 self.num_steps.add_(1)
         return loss, stats

@@ -61,6 +61,7 @@ def test_accumulation_averages_micro_batch_gradients(tiny_dataset: Path, tmp_pat
     batches = trainer._batches()
     loss, _, finite = trainer._one_step(batches)
     assert finite and trainer.batch_in_epoch == 2
+    assert int(trainer.partial_fc.num_steps) == 1  # optimizer steps, not forwards
 
     # The same two micro-batches, one at a time, on an identical copy.
     ref_batches = reference._batches()
@@ -109,6 +110,7 @@ def test_nonfinite_steps_are_skipped_then_abort(tiny_dataset: Path, tmp_path: Pa
     # Steps 1 and 3 updated the weights; step 2 and steps 4..6 were skipped.
     assert snapshots == [0, 2]
     assert trainer.nonfinite_total == 4 and trainer.step == 6
+    assert int(trainer.partial_fc.num_steps) == 2  # skipped steps do not anneal heads
 
 
 def test_bf16_autocast_runs_and_loss_is_finite(tiny_dataset: Path, tmp_path: Path) -> None:

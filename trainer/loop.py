@@ -140,6 +140,7 @@ class Trainer:
             device=ctx.device,
             update=pcfg.update,
         )
+        self.partial_fc.count_steps = False  # _one_step counts optimizer steps instead
 
         tcfg = config.train
         self.loader = build_loader(
@@ -395,6 +396,7 @@ class Trainer:
         )
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
+        self.partial_fc.num_steps.add_(1)  # what step-annealed heads (SphereFace) read
         self.sched_backbone.step()
         self.sched_fc.step()
         return total, stats, True
