@@ -19,7 +19,7 @@ def ddp_reference(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     return _state(out / "ddp" / "step-1", 2)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_matches_ddp_and_resumes_exactly(
     tiny_dataset: Path, tmp_path: Path, ddp_reference: dict, stage: int
 ) -> None:
@@ -37,3 +37,14 @@ def test_zero_matches_ddp_and_resumes_exactly(
     _train(tiny_dataset, tmp_path, "staged", *ds, "train.stop_at_step=2")
     _train(tiny_dataset, tmp_path, "staged", *ds, "--resume", "auto")
     _assert_identical(straight, _state(tmp_path / "staged" / "step-4", 2))
+
+
+def test_zero3_resumes_weights_on_another_world_size(tiny_dataset: Path, tmp_path: Path) -> None:
+    """ZeRO partitions do not move to another world size: the full weights are loaded into
+    the partitioned ZeRO-3 module (gathered, filled, re-partitioned) and re-saved unchanged."""
+    ds = ("dist.engine=deepspeed", "deepspeed.zero_stage=3", "partialfc.sample_rate=1.0")
+    _train(tiny_dataset, tmp_path, "a", *ds, "train.max_steps=2")
+    saved = _state(tmp_path / "a" / "step-2", 2)
+    ckpt = str(tmp_path / "a" / "step-2")
+    _train(tiny_dataset, tmp_path, "b", *ds, "train.max_steps=2", "dist.nproc=3", "--resume", ckpt)
+    _assert_identical(saved, _state(tmp_path / "b" / "step-2", 3))

@@ -145,6 +145,9 @@ class DDPEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)
+
 
 class DeepSpeedEngine:
     """The backbone inside a DeepSpeed engine (ZeRO 0-3)."""
@@ -248,6 +251,18 @@ class DeepSpeedEngine:
             str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False
         )
         return True
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load full backbone weights; collective under ZeRO-3 (the partitioned parameters
+        are gathered, filled on every rank, and re-partitioned from rank 0's copy)."""
+        if self.zero_stage != 3:
+            self.module.load_state_dict(state, strict=True)
+            return
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            self.module.load_state_dict(state, strict=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective under ZeRO-3 (parameters are gathered); a plain state_dict otherwise."""

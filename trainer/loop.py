@@ -239,7 +239,7 @@ class Trainer:
                         for s in self.eval_sets
                     }
                 if cfg.export.onnx:
-                    summary["onnx"] = self.export()
+                    summary["onnx"] = self.export(Path(summary["checkpoint"]))
                 summary["wandb_run"] = wandb_run.path
                 wandb_run.summary(_flatten("final", summary.get("eval_after", {})))
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -582,7 +582,7 @@ class Trainer:
         meta = ckpt.read_meta(step_dir)
         saved_world = int(meta["world_size"])
         same_world = saved_world == self.ctx.world_size
-        self.backbone.load_state_dict(ckpt.load_torch(step_dir / "backbone.pt"), strict=True)
+        self.engine.load_weights(ckpt.load_torch(step_dir / "backbone.pt"))
         pfc = self.partial_fc
         train_state.load_classifier(
             step_dir, saved_world, pfc, self.opt_fc, pfc.class_start, pfc.num_local
@@ -596,10 +596,9 @@ class Trainer:
         elif same_engine and self.engine.name == "ddp":
             # DDP's optimizer state is replicated: any rank's copy fits any world size.
             self.engine.load_state_dict(trainer_state["engine"])
-        loaded = self.engine.load_extra(step_dir, same_world and same_engine)
-        if self.engine.name == "deepspeed" and not loaded:
-            # ZeRO partitions do not move to another world size: weights only.
-            self.backbone.load_state_dict(ckpt.load_torch(step_dir / "backbone.pt"))
+        # DeepSpeed's own checkpoint (optimizer partitions) when the world size is unchanged;
+        # otherwise the weights loaded above stand and its optimizer starts afresh.
+        self.engine.load_extra(step_dir, same_world and same_engine)
         self.sched_backbone.load_state_dict(trainer_state["scheduler"])
         self.sched_fc.load_state_dict(fc_sched)
         self.step = int(meta["step"])
@@ -631,12 +630,16 @@ class Trainer:
             torch.manual_seed(seed)
         self.resumed_from = step_dir
 
-    def export(self) -> dict[str, Any]:
-        """Rank 0: ONNX export of the backbone with an onnxruntime parity check."""
+    def export(self, step_dir: Path) -> dict[str, Any]:
+        """Rank 0: ONNX export, with an onnxruntime parity check, of the backbone saved in
+        ``step_dir``: a plain module rebuilt from its weights, whatever engine trained it
+        (under ZeRO-3 the live module only holds this rank's partition)."""
         ecfg = self.config.export
         path = self.run_dir / "backbone.onnx"
+        model = create_backbone(self.config.model.backbone, **self.backbone_kwargs)
+        model.load_state_dict(ckpt.load_torch(step_dir / "backbone.pt"), strict=True)
         res = export_onnx(
-            self.backbone,
+            model,
             path,
             input_size=self.facts.image_size,
             opset=ecfg.opset,
