@@ -109,8 +109,8 @@ class DDPEngine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             self.scaler.unscale_(fc_optimizer)
-            grads = [_grad_values(p) for p in (*self.module.parameters(), *fc_params)
-                     if p.grad is not None]  # fmt: skip
+            params = (*self.module.parameters(), *fc_params)
+            grads = [_grad_values(p) for p in params if p.grad is not None]
             finite = _all_ranks_finite(grads, self.ctx)
         grad_norm = _clip(self.module.parameters(), self.clip)
         if fc_clip is not None:
@@ -139,8 +139,8 @@ class DDPEngine:
     def save_extra(self, folder: Path) -> None:
         """Nothing beyond the per-rank trainer file for DDP."""
 
-    def load_extra(self, folder: Path, same_world: bool) -> bool:
-        return False
+    def load_extra(self, folder: Path, same_world: bool) -> None:
+        """Nothing beyond the per-rank trainer file for DDP."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -238,19 +238,17 @@ class DeepSpeedEngine:
         """Collective: every rank writes its ZeRO partition under ``folder/deepspeed``."""
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
 
-    def load_extra(self, folder: Path, same_world: bool) -> bool:
+    def load_extra(self, folder: Path, same_world: bool) -> None:
         """Restore DeepSpeed's optimizer partitions when the world size is unchanged.
 
-        ZeRO partitions do not map onto another world size; then only the weights are loaded
-        (from backbone.pt) and the backbone optimizer starts afresh. Returns whether the
-        DeepSpeed state was loaded.
+        ZeRO partitions do not map onto another world size; then only the weights (loaded
+        from backbone.pt by :meth:`load_weights`) stand and the backbone optimizer starts
+        afresh.
         """
-        if not same_world or not (folder / "deepspeed").is_dir():
-            return False
-        self.engine.load_checkpoint(
-            str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False
-        )
-        return True
+        if same_world and (folder / "deepspeed").is_dir():
+            self.engine.load_checkpoint(
+                str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False
+            )
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load full backbone weights; collective under ZeRO-3 (the partitioned parameters

@@ -2,7 +2,8 @@
 
 The backbone and the Partial FC shard get separate optimizers: the shard is not replicated
 (each rank owns different rows), so it must not go through DDP's gradient averaging, and its
-learning rate / weight decay may differ from the backbone's.
+learning rate / weight decay may differ from the backbone's. The shard's row-sparse optimizer
+comes from ``PartialFC.build_optimizer``; this module builds the backbone's.
 """
 
 from __future__ import annotations
@@ -16,20 +17,19 @@ from trainer.config import OptimizerConfig, ScheduleConfig
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter],
-    cfg: OptimizerConfig,
-    lr: float | None = None,
-    weight_decay: float | None = None,
+    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig
 ) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over ``params``; ``lr``/``weight_decay`` override the config's."""
+    """The backbone's SGD (momentum, optionally Nesterov) or AdamW over ``params``."""
     params = [p for p in params if p.requires_grad]
-    lr = cfg.lr if lr is None else lr
-    wd = cfg.weight_decay if weight_decay is None else weight_decay
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
         )
-    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(
