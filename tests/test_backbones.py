@@ -27,14 +27,7 @@ NANO_WIDTHS = (16, 24, 48, 96)
 SMALL_WIDTHS = (16, 32, 64, 128)  # 4 stages of a stride-1-stem test model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core box, 2 OpenMP threads that spin-wait for each
-    other make small convolutions ~50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def expected_state_shapes(

@@ -24,13 +24,7 @@ from evaluation.embed import (
 )
 from evaluation.onnx_export import export_onnx
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

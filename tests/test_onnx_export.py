@@ -14,13 +14,7 @@ from torch import nn
 from backbones import create_backbone
 from evaluation.onnx_export import ExportResult, OnnxParityError, export_onnx
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _nano() -> nn.Module:

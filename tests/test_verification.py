@@ -23,13 +23,7 @@ from evaluation.verification import (
     roc_points,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def embeddings_with_distances(distances: np.ndarray) -> np.ndarray:
