@@ -14,7 +14,10 @@ temporary folder. Each repeat measures, back to back on the same images:
 * DALI's reader + decoder alone (uint8 out), to separate decoding from the rest;
 * the DALI loader on the CPU (``num_threads = --workers``) and the PyTorch loader
   (``--workers`` worker processes), each for ``--epochs`` whole epochs at ``--batch-size``,
-  flip on, yielding normalised float32 ``[B, 3, H, W]`` batches -- everything the trainer gets.
+  flip on, in both pixel formats: uint8 ``[B, 3, H, W]`` batches (decoded, flipped, CHW,
+  labels checked -- what the trainer takes) and normalised float32 batches;
+* the normalisation the trainer then does (``dataio.loading.to_model_input``, uint8 ->
+  float32 on one CPU thread; on a GPU it runs on the device), so its cost is on the table too.
 
 It prints a table of the medians over repeats (and each loader's ratio to the raw rate
 measured in the same repeat) and writes them with the per-repeat figures as JSON.
@@ -118,6 +121,24 @@ def loader_rate(loader: Any, epochs: int, first_epoch: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def normalise_rate(pack: Any, batch_size: int, repeats: int = 20) -> float:
+    """Images per second of ``to_model_input`` on uint8 ``[B, H, W, 3]`` batches, one thread."""
+    from dataio.loading import to_model_input
+
+    h, w = pack.image_size
+    x = torch.randint(0, 256, (batch_size, h, w, 3), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        to_model_input(x, "cpu")
+        start = time.perf_counter()
+        for _ in range(repeats):
+            to_model_input(x, "cpu")
+        return repeats * batch_size / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pack", help="an existing pack folder (default: render one)")
@@ -146,12 +167,20 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             flip=True,
         )
-        dali = build_dali_loader(pack_dir, cache_dir=os.path.join(tmp, "cache"), **common)
-        torch_loader = build_train_loader(pack_dir, **common)
+        cache = os.path.join(tmp, "cache")
+        loaders = {
+            f"{kind}_{pixels}": (
+                build_dali_loader(pack_dir, cache_dir=cache, pixels=pixels, **common)
+                if kind == "dali"
+                else build_train_loader(pack_dir, pixels=pixels, **common)
+            )
+            for kind in ("dali", "torch")
+            for pixels in ("uint8", "float32")
+        }
         # Warm-up: page cache, worker start-up, DALI plugin load.
         raw_decode_rate(jpegs, args.workers)
-        loader_rate(dali, 1, 0)
-        loader_rate(torch_loader, 1, 0)
+        for loader in loaders.values():
+            loader_rate(loader, 1, 0)
         runs: list[dict[str, float]] = []
         for rep in range(args.repeats):
             first = 1 + rep * args.epochs
@@ -165,14 +194,16 @@ def main(argv: list[str] | None = None) -> int:
                     args.workers,
                     max(1, pack.num_images // args.batch_size),
                 ),
-                "dali_cpu": loader_rate(dali, args.epochs, first),
-                "torch": loader_rate(torch_loader, args.epochs, first),
+                **{
+                    name: loader_rate(loader, args.epochs, first)
+                    for name, loader in loaders.items()
+                },
+                "normalise": normalise_rate(pack, args.batch_size),
             }
             run["raw_decode_after"] = raw_decode_rate(jpegs, args.workers)
             raw = (run["raw_decode"] + run["raw_decode_after"]) / 2
-            run["dali_decode_only_ratio"] = run["dali_decode_only"] / raw
-            run["dali_cpu_ratio"] = run["dali_cpu"] / raw
-            run["torch_ratio"] = run["torch"] / raw
+            for name in ("dali_decode_only", *loaders):
+                run[f"{name}_ratio"] = run[name] / raw
             runs.append(run)
             print(
                 f"repeat {rep + 1}/{args.repeats}: "
@@ -190,21 +221,28 @@ def main(argv: list[str] | None = None) -> int:
             median["dali_decode_only"],
             median["dali_decode_only_ratio"],
         ),
-        (
-            f"DALI CPU loader, {args.workers} threads",
-            median["dali_cpu"],
-            median["dali_cpu_ratio"],
+        *(
+            (
+                f"{label}, {pixels} out",
+                median[f"{kind}_{pixels}"],
+                median[f"{kind}_{pixels}_ratio"],
+            )
+            for kind, label in (
+                ("dali", f"DALI CPU loader, {args.workers} threads"),
+                ("torch", f"PyTorch loader, {args.workers} workers"),
+            )
+            for pixels in ("uint8", "float32")
         ),
-        (f"PyTorch loader, {args.workers} workers", median["torch"], median["torch_ratio"]),
+        ("uint8 -> float32 normalise (to_model_input), 1 thread", median["normalise"], None),
     ]
     h, w = info.image_size
     print(
         f"\n{info.num_images} images {h}x{w}, {mean_bytes / 1024:.1f} KiB mean JPEG, "
         f"batch {args.batch_size}, {os.cpu_count()} CPUs, median of {args.repeats} repeats"
     )
-    print(f"{'path':<46} {'images/s':>10} {'x raw':>7}")
+    print(f"{'path':<56} {'images/s':>10} {'x raw':>7}")
     for name, rate, ratio in rows:
-        print(f"{name:<46} {rate:>10.0f} {'' if ratio is None else f'{ratio:.2f}':>7}")
+        print(f"{name:<56} {rate:>10.0f} {'' if ratio is None else f'{ratio:.2f}':>7}")
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "images": info.num_images,

@@ -3,7 +3,9 @@
 The pipeline: ``fn.readers.mxnet`` (sharded by rank and world size, shuffled with a seed
 derived from the run's seed) -> ``fn.decoders.image`` ("mixed" on CUDA, "cpu" otherwise) ->
 optional colour augmentation -> ``fn.crop_mirror_normalize`` to CHW float ``(x - 127.5) /
-127.5``. The CUDA and CPU pipelines differ only in their device strings.
+127.5``, or with ``pixels="uint8"`` just ``fn.flip`` (HWC uint8, normalised later on the
+training device, see :mod:`dataio.loading`). The CUDA and CPU pipelines differ only in their
+device strings.
 
 Insightface packs without re-packing. DALI's mxnet reader takes every ``.idx`` entry for a
 sample: the header record (key 0) and the identity records come out as empty images with
@@ -25,7 +27,8 @@ What the reader returns is checked: every sample's source (``fn.get_property(...
 "source_info")``: file and byte offset) is mapped back to its record key, and its label is
 compared with the pack's label for that key (a mismatch is never passed on silently).
 
-Flips: ``fn.random.coin_flip`` drives the ``mirror`` of ``crop_mirror_normalize``, seeded like
+Flips: ``fn.random.coin_flip`` drives the ``mirror`` of ``crop_mirror_normalize`` (or of
+``fn.flip`` for uint8 output), seeded like
 the reader, so an epoch's flips are reproducible. They are not the torch loader's per-image
 rule (:func:`dataio.loading.flip_mask`): applying that rule needs the record's key, which is
 only known after the batch is out of the pipeline, and flipping float batches afterwards
@@ -61,6 +64,7 @@ import torch
 
 from dataio.loading import (
     check_nonneg_int,
+    check_pixels,
     check_positive_int,
     position_state,
     resolve_position,
@@ -200,10 +204,10 @@ class _Part:
 class DaliLoader:
     """One rank's DALI training loader; same interface as :class:`dataio.torch_loader.PackLoader`.
 
-    Iterating yields ``(images float32 [B, 3, H, W], labels int64 [B])`` (plus ``keys int64
-    [B]`` with ``with_keys``) on ``device``, for ``steps_per_epoch`` batches. See the module
-    docstring for sharding, shuffling, resuming and corrupt records. Build it with
-    :func:`build_dali_loader`.
+    Iterating yields ``(images, labels int64 [B])`` (plus ``keys int64 [B]`` with
+    ``with_keys``) on ``device``, images float32 ``[B, 3, H, W]`` or uint8 ``[B, H, W, 3]``
+    (``pixels``), for ``steps_per_epoch`` batches. See the module docstring for sharding,
+    shuffling, resuming and corrupt records. Build it with :func:`build_dali_loader`.
     """
 
     def __init__(
@@ -223,7 +227,9 @@ class DaliLoader:
         prefetch_queue_depth: int = 2,
         cache_dir: str | os.PathLike[str] | None = None,
         with_keys: bool = False,
+        pixels: str = "float32",
     ):
+        self.pixels = check_pixels(pixels)
         self.world_size = check_positive_int("world_size", world_size)
         self.rank = check_nonneg_int("rank", rank)
         if self.rank >= self.world_size:
@@ -391,6 +397,7 @@ class DaliLoader:
         decoder_device = "mixed" if cuda else "cpu"
         augment = self.augment
         flip = self.flip
+        uint8 = self.pixels == "uint8"
 
         @pipeline_def(
             batch_size=self.batch_size,
@@ -434,14 +441,18 @@ class DaliLoader:
                     ),
                 )
             mirror = fn.random.coin_flip(probability=0.5) if flip else 0
-            images = fn.crop_mirror_normalize(
-                images,
-                mirror=mirror,
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                mean=[127.5, 127.5, 127.5],
-                std=[127.5, 127.5, 127.5],
-            )
+            if uint8:  # HWC as decoded: reordering and normalising wait for the device
+                if flip:
+                    images = fn.flip(images, horizontal=mirror)
+            else:
+                images = fn.crop_mirror_normalize(
+                    images,
+                    mirror=mirror,
+                    dtype=types.FLOAT,
+                    output_layout="CHW",
+                    mean=[127.5, 127.5, 127.5],
+                    std=[127.5, 127.5, 127.5],
+                )
             return images, label, source
 
         pipe = pipeline()
@@ -590,7 +601,7 @@ class DaliLoader:
             n = last_size if self._yielded == total - 1 else self.batch_size
             pos = pos[:n]
             mark(pos)
-            x = self._to_torch(images, n)  # [n, 3, H, W]
+            x = self._to_torch(images, n)  # [n, 3, H, W] float32 or [n, H, W, 3] uint8
             y = torch.from_numpy(self.pack.labels[pos].copy()).to(x.device)  # [n] int64
             self._yielded += 1
             if self.with_keys:
@@ -605,7 +616,9 @@ class DaliLoader:
         want = self.pack.labels[pos]
         wrong = np.flatnonzero(got != want)
         h, w = self.pack.image_size
-        dims = [tuple(int(d) for d in shape) for shape in shapes]  # B x (3, H, W)
+        dims = [tuple(int(d) for d in shape) for shape in shapes]  # B x (3, H, W) or (H, W, 3)
+        if self.pixels == "uint8":
+            dims = [(d[2], d[0], d[1]) for d in dims]  # as (3, H, W)
         odd = [j for j, d in enumerate(dims) if d != (3, h, w)]
         if wrong.size:
             j = int(wrong[0])
@@ -629,9 +642,9 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         h, w = self.pack.image_size
-        out = torch.empty(
-            (self.batch_size, 3, h, w), dtype=torch.float32, device=self.device
-        )  # [B, 3, H, W]
+        dtype = torch.uint8 if self.pixels == "uint8" else torch.float32
+        shape = (self.batch_size, h, w, 3) if self.pixels == "uint8" else (self.batch_size, 3, h, w)
+        out = torch.empty(shape, dtype=dtype, device=self.device)
         feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
         return out[:n]
 
@@ -727,6 +740,7 @@ def build_dali_loader(
     prefetch_queue_depth: int = 2,
     cache_dir: str | os.PathLike[str] | None = None,
     with_keys: bool = False,
+    pixels: str = "float32",
 ) -> DaliLoader:
     """The DALI training loader of one rank (same call as ``build_train_loader``).
 
@@ -735,7 +749,8 @@ def build_dali_loader(
     shuffle buffer in records (arcface_torch uses 32768; capped at the shard size).
     ``prefetch_queue_depth``: batches DALI prepares ahead. ``cache_dir``: where the
     image-only index goes (default: see :func:`resolve_cache_dir`). ``augment``: optional
-    colour jitter. ``skip_corrupt``, ``with_keys``: see :class:`DaliLoader`.
+    colour jitter. ``skip_corrupt``, ``with_keys``: see :class:`DaliLoader`. ``pixels``:
+    ``"float32"`` (normalised) or ``"uint8"``, see :mod:`dataio.loading`.
     """
     return DaliLoader(
         pack_dir,
@@ -753,4 +768,5 @@ def build_dali_loader(
         prefetch_queue_depth=prefetch_queue_depth,
         cache_dir=cache_dir,
         with_keys=with_keys,
+        pixels=pixels,
     )

@@ -4,8 +4,15 @@ Why not ``DistributedSampler``: we need the sharding to be a pure function of
 ``(num_samples, rank, world_size, seed, epoch)`` that the trainer can also resume mid-epoch,
 and the augmentation randomness to depend on the sample, not on which worker decoded it, so a
 run is reproducible whatever ``workers`` is. That is what :class:`ShardSampler` and the
-per-sample flip of :func:`dataio.loading.flip_mask` give; the DALI loader flips the same
-samples, so the two loaders agree image for image.
+per-sample flip of :func:`dataio.loading.flip_mask` give.
+
+Batch buffers: a worker decodes a batch straight into a tensor in shared memory, so handing
+it to the main process copies nothing. A fresh shared tensor per batch costs its allocation
+and a page fault per 4 KiB on first touch, in the worker and again in the main process (20 %
+of a 112x112 uint8 batch's decode time on a 2-core machine), so each worker keeps a few
+buffers and reuses them: the main process copies a received batch into ordinary memory (a
+memcpy over pages it has mapped already, unless the batch is pinned anyway) and marks the
+buffer free; a worker that finds none free allocates a fresh one, as before.
 
 Epoch propagation: with persistent workers each worker holds its own copy of the dataset, so
 a plain attribute set in the main process would never reach them. The epoch (and the count of
@@ -23,18 +30,21 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 from dataio.loading import (
     check_nonneg_int,
+    check_pixels,
     check_positive_int,
     flip_mask,
     position_state,
@@ -68,15 +78,17 @@ def decode_image(data: bytes, what: str) -> np.ndarray:
             ) from e
 
 
-def load_normalised(
+def load_pixels(
     pack: FacePack, index: int, out: np.ndarray | None = None, flip: bool = False
 ) -> tuple[np.ndarray, int]:
-    """Image ``index`` of ``pack`` as float32 ``[3, H, W]`` ``(x - 127.5) / 127.5`` + its label.
+    """Image ``index`` of ``pack`` as pixels + its label.
 
-    Written into ``out`` when given (a ``[3, H, W]`` float32 view, e.g. a row of a batch), so
-    a batch is filled without per-image temporaries; ``flip`` mirrors it horizontally on the
-    way. Raises :class:`PackError` naming the file and key when the record cannot be read,
-    its label is wrong, it does not decode, or its size differs from the pack's ``property``.
+    ``out`` (e.g. a row of a batch) decides the format (see :mod:`dataio.loading`): float32
+    ``[3, H, W]`` gets ``(x - 127.5) / 127.5``, uint8 ``[H, W, 3]`` the decoded values;
+    without ``out`` a float32 array is returned. Writing into ``out`` fills a batch without
+    per-image temporaries; ``flip`` mirrors the image horizontally on the way. Raises
+    :class:`PackError` naming the file and key when the record cannot be read, its label is
+    wrong, it does not decode, or its size differs from the pack's ``property``.
     """
     data, label = pack.read(index)
     key = int(pack.image_keys[index])
@@ -89,34 +101,90 @@ def load_normalised(
         )
     if out is None:
         out = np.empty((3, h, w), dtype=np.float32)
-    chw = torch.from_numpy(img).permute(2, 0, 1)  # [3, H, W] uint8 view
+    hwc = torch.from_numpy(img)  # [H, W, 3] uint8
     if flip:
-        chw = chw.flip(-1)
-    # One pass converts to float, centres and moves to CHW; a second scales to [-1, 1].
+        hwc = hwc.flip(1)
     target = torch.from_numpy(out)
-    torch.sub(chw, 127.5, out=target)
+    if target.dtype == torch.uint8:
+        target.copy_(hwc)  # a memcpy unflipped; layout changes wait for the device
+        return out, label
+    # One pass converts to float, centres and moves to CHW; a second scales to [-1, 1]
+    # (the operations of dataio.loading.to_model_input, so both formats agree exactly).
+    torch.sub(hwc.permute(2, 0, 1), 127.5, out=target)
     target.div_(127.5)
     return out, label
 
 
-def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty float32 tensor; in a DataLoader worker, in shared memory.
+def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor in shared memory (sent from a worker without a copy)."""
+    numel = int(np.prod(shape))
+    try:
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+        return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    except (AttributeError, RuntimeError):  # private API moved: a copy when sent instead
+        return torch.empty(shape, dtype=dtype)
 
-    Why: a tensor sent from a worker is moved to shared memory (one more copy of the batch)
-    unless it already lives there; ``default_collate`` allocates its output the same way.
+
+class BatchBuffers:
+    """Reusable shared-memory batch tensors of the DataLoader workers (module docstring).
+
+    ``busy`` holds one flag per ``(worker, buffer)``; it lives in shared memory behind a
+    process-shared lock, whose acquire/release order the main process's copy before the
+    worker's next write on any CPU. Each worker allocates its own buffers on first use.
     """
-    if get_worker_info() is not None:
+
+    def __init__(self, workers: int, per_worker: int):
+        self.per_worker = check_positive_int("per_worker", per_worker)
+        self.busy = multiprocessing.Array("b", max(1, workers) * self.per_worker)
+        self._fresh = multiprocessing.Value("q", 0)
+        self._buffers: dict[int, torch.Tensor] = {}  # in a worker: its buffers by slot
+
+    @property
+    def fresh(self) -> int:
+        """Batches workers had to put in a fresh shared tensor (all their buffers held)."""
+        return int(self._fresh.value)
+
+    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """An empty ``shape`` tensor and its slot (-1: not reusable; outside workers, or all
+        of this worker's buffers are still held by the main process)."""
+        info = get_worker_info()
+        if info is None:
+            return torch.empty(shape, dtype=dtype), -1
+        first = info.id * self.per_worker
+        with self.busy.get_lock():
+            flags = self.busy.get_obj()
+            free = [i for i in range(first, first + self.per_worker) if not flags[i]]
+            if not free:
+                with self._fresh.get_lock():
+                    self._fresh.value += 1
+                return _shared_tensor(shape, dtype), -1
+            slot = free[0]
+            flags[slot] = 1
         numel = int(np.prod(shape))
-        try:
-            storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")
-            return torch.empty(0).new(storage).view(shape)
-        except (AttributeError, RuntimeError):  # private API moved: fall back to a copy
-            pass
-    return torch.empty(shape, dtype=torch.float32)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = self._buffers[slot] = _shared_tensor((numel,), dtype)
+        return buf[:numel].view(shape), slot
+
+    def release(self, slot: int) -> None:
+        """Mark ``slot`` free (main process, after copying its batch out)."""
+        if slot >= 0:
+            with self.busy.get_lock():
+                self.busy.get_obj()[slot] = 0
+
+    def release_all_but(self, keep: Container[int]) -> None:
+        """Free every slot not in ``keep`` (at the start of a pass: the batches a DataLoader
+        discarded from an abandoned pass were never handed out)."""
+        with self.busy.get_lock():
+            flags = self.busy.get_obj()
+            for i in range(len(flags)):
+                if i not in keep:
+                    flags[i] = 0
 
 
 class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
-    """Images of a face pack as normalised float tensors with int64 labels.
+    """Images of a face pack as tensors (``pixels``: normalised float32 ``[3, H, W]``, or uint8
+    ``[H, W, 3]``; see :mod:`dataio.loading`) with int64 labels.
 
     ``flip``: horizontal flip of about half the samples, decided by
     :func:`dataio.loading.flip_mask` from ``(seed, epoch, index)`` so the same sample gets
@@ -137,7 +205,10 @@ class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
         with_keys: bool = False,
         max_replacements: int = 64,
         counter_slots: int = 1,
+        pixels: str = "float32",
     ):
+        self.pixels = check_pixels(pixels)
+        self.dtype = torch.uint8 if self.pixels == "uint8" else torch.float32
         self.pack = FacePack(pack_dir, skip_corrupt=skip_corrupt)
         self.flip = bool(flip)
         self.seed = check_nonneg_int("seed", seed)
@@ -193,7 +264,7 @@ class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
         source = index
         for attempt in range(self.max_replacements + 1):
             try:
-                _, label = load_normalised(self.pack, source, out=out, flip=flip)
+                _, label = load_pixels(self.pack, source, out=out, flip=flip)
                 return label, int(self.pack.image_keys[source])
             except PackError as e:
                 if not self.skip_corrupt:
@@ -212,15 +283,23 @@ class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
         x, y, k = self.load_batch([index])
         return (x[0], y[0], k[0]) if self.with_keys else (x[0], y[0])
 
-    def load_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images ``indices`` as ``(x float32 [n, 3, H, W], labels int64 [n], keys int64 [n])``.
-
-        Each image is decoded straight into its row of the batch (in shared memory inside a
-        DataLoader worker), so a batch costs one decode and two passes over its pixels.
-        """
+    def batch_shape(self, n: int) -> tuple[int, int, int, int]:
+        """The shape of a batch of ``n`` images in this dataset's ``pixels`` format."""
         h, w = self.pack.image_size
+        return (n, h, w, 3) if self.pixels == "uint8" else (n, 3, h, w)
+
+    def load_batch(
+        self, indices: list[int], out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images ``indices`` as ``(x, labels int64 [n], keys int64 [n])``, ``x`` float32
+        ``[n, 3, H, W]`` or uint8 ``[n, H, W, 3]`` (``pixels``).
+
+        Each image is decoded and written into its row of ``x`` (``out`` when given, of
+        :meth:`batch_shape` and this dataset's dtype): a copy (uint8) or two passes (float32)
+        over its pixels.
+        """
         n = len(indices)
-        x = _batch_tensor((n, 3, h, w))  # [n, 3, H, W]
+        x = torch.empty(self.batch_shape(n), dtype=self.dtype) if out is None else out
         rows = x.numpy()
         labels = np.empty(n, dtype=np.int64)
         keys = np.empty(n, dtype=np.int64)
@@ -241,15 +320,29 @@ class _Batches(Dataset[tuple[torch.Tensor, ...]]):
     collate copy.
     """
 
-    def __init__(self, dataset: PackDataset):
+    def __init__(self, dataset: PackDataset, buffers: BatchBuffers):
         self.dataset = dataset
+        self.buffers = buffers
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        x, y, k = self.dataset.load_batch(indices)
-        return (x, y, k) if self.dataset.with_keys else (x, y)
+    def __getitem__(self, indices: list[int]) -> tuple[Any, ...]:  # type: ignore[override]
+        """``(x, labels, keys, slot)``: the batch and the buffer slot it was written into.
+
+        Labels and keys go as numpy arrays, pickled inline: a tensor from a worker is sent as
+        a shared-memory file descriptor over a socket connection of its own, which for a few
+        hundred bytes costs more than the bytes.
+        """
+        ds = self.dataset
+        out, slot = self.buffers.acquire(ds.batch_shape(len(indices)), ds.dtype)
+        x, y, k = ds.load_batch(indices, out=out)
+        return x, y.numpy(), k.numpy(), slot
+
+
+def _as_is(batch: Any) -> Any:
+    """A collate function that changes nothing (the default turns numpy into tensors)."""
+    return batch
 
 
 class ShardSampler(Sampler[int]):
@@ -345,9 +438,15 @@ class PackLoader(DataLoader):
         pin_memory: bool = False,
         prefetch_factor: int = 2,
     ):
+        # Enough buffers for the batches a worker can have queued (prefetch_factor), the one
+        # the consumer holds and the one it has just dropped; a consumer that keeps batches
+        # makes the worker allocate fresh ones instead.
+        self._buffers = BatchBuffers(num_workers, prefetch_factor + 2)
+        self._handed_out: dict[int, StorageWeakRef] = {}  # slot -> its batch's memory
         super().__init__(
-            _Batches(dataset),
+            _Batches(dataset, self._buffers),
             batch_size=None,  # the sampler below yields whole batches of indices
+            collate_fn=_as_is,  # keep the numpy labels numpy (see _Batches.__getitem__)
             sampler=BatchSampler(sampler, batch_size, drop_last),
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -384,9 +483,34 @@ class PackLoader(DataLoader):
         # Every pass starts where the sampler starts: the epoch's resumed start batch.
         self._position = None
         position = self._loader_position()
-        for batch in super().__iter__():
+        with_keys = self.pack_dataset.with_keys
+        # Before the DataLoader starts the pass (it drains an abandoned one, then at once sends
+        # the workers new tasks): what the workers still write for the old pass is discarded.
+        self._buffers.release_all_but(self._handed_out)
+        batches = super().__iter__()
+        for x, labels, keys, slot in batches:
+            self._release_dropped()
+            if slot >= 0:
+                if x.is_pinned():  # a pinned copy: the buffer itself is no longer referenced
+                    self._buffers.release(slot)
+                else:  # reusable once nothing here references its memory any more
+                    self._handed_out[slot] = StorageWeakRef(x.untyped_storage())
             position[1] += 1
-            yield batch
+            yield (
+                (x, torch.as_tensor(labels), torch.as_tensor(keys))
+                if with_keys
+                else (
+                    x,
+                    torch.as_tensor(labels),
+                )
+            )
+
+    def _release_dropped(self) -> None:
+        """Return to the workers the buffers of batches the consumer no longer references."""
+        for slot, ref in list(self._handed_out.items()):
+            if ref.expired():
+                del self._handed_out[slot]
+                self._buffers.release(slot)
 
     def _loader_position(self) -> list[int]:
         if self._position is None:
@@ -440,6 +564,7 @@ def build_train_loader(
     skip_corrupt: bool = False,
     with_keys: bool = False,
     max_replacements: int = 64,
+    pixels: str = "float32",
 ) -> PackLoader:
     """The training loader of one rank: its shard of the pack, in batches.
 
@@ -450,8 +575,8 @@ def build_train_loader(
     each epoch); without it the permutation is padded by wrapping around to
     ``ceil(n / world_size)`` per rank and the last batch is partial. ``workers`` processes
     each build whole batches; ``pin_memory`` helps only when the device is a GPU;
-    ``prefetch_factor`` is batches prefetched per worker; ``skip_corrupt``, ``with_keys``
-    and ``max_replacements``: see :class:`PackDataset`. Call ``loader.set_epoch(epoch)``
+    ``prefetch_factor`` is batches prefetched per worker; ``skip_corrupt``, ``with_keys``,
+    ``max_replacements`` and ``pixels``: see :class:`PackDataset`. Call ``loader.set_epoch(epoch)``
     before each epoch.
     """
     batch_size = check_positive_int("batch_size", batch_size)
@@ -464,6 +589,7 @@ def build_train_loader(
         with_keys=with_keys,
         max_replacements=max_replacements,
         counter_slots=workers + 1,
+        pixels=pixels,
     )
     if len(dataset) < world_size:
         raise ValueError(

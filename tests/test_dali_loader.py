@@ -13,7 +13,7 @@ pytest.importorskip("nvidia.dali")
 
 from dataio.dali_loader import DaliAugment, build_dali_loader, resolve_cache_dir  # noqa: E402
 from dataio.fixtures import corrupt_record, write_test_pack  # noqa: E402
-from dataio.loading import TrainLoader, build_loader  # noqa: E402
+from dataio.loading import TrainLoader, build_loader, to_model_input  # noqa: E402
 from dataio.pack import FacePack, PackError  # noqa: E402
 from dataio.recordio import IRHeader, RecordWriter, pack_record, read_index  # noqa: E402
 from dataio.torch_loader import PackDataset, build_train_loader  # noqa: E402
@@ -217,6 +217,17 @@ def test_augment_and_dispatcher(header_pack, tmp_path):
     with pytest.raises(ValueError, match="DaliAugment.contrast must be in"):
         DaliAugment(contrast=1.5)
     assert build_train_loader  # the torch builder stays importable by its old name
+
+
+def test_uint8_pixels_match_the_float_pipeline(header_pack, tmp_path):
+    kw = dict(batch_size=4, seed=2, workers=2, flip=True, with_keys=True, cache_dir=tmp_path)
+    floats = run_epoch(build_dali_loader(header_pack, 0, 1, **kw), 1)
+    raw = run_epoch(build_dali_loader(header_pack, 0, 1, pixels="uint8", **kw), 1)
+    for (xf, yf, kf), (x8, y8, k8) in zip(floats, raw, strict=True):
+        assert torch.equal(kf, k8) and torch.equal(yf, y8)  # same records, same order
+        assert x8.dtype == torch.uint8 and x8.shape == (len(k8), 20, 18, 3)
+        # same flips; DALI's normalisation rounds within a float32 ulp of ours
+        torch.testing.assert_close(to_model_input(x8, "cpu"), xf, rtol=0, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataio.loading import to_model_input
 from trainer.config import load_config
 from trainer.context import DistContext
 from trainer.loop import Trainer, TrainingError
@@ -70,7 +71,7 @@ def test_accumulation_averages_micro_batch_gradients(tiny_dataset: Path, tmp_pat
     for images, labels in micro:
         reference.opt_backbone.zero_grad(set_to_none=True)
         reference.opt_fc.zero_grad(set_to_none=True)
-        l, _ = reference.partial_fc(reference.engine(images), labels)
+        l, _ = reference.partial_fc(reference.engine(to_model_input(images, "cpu")), labels)
         l.backward()
         per_micro.append((_grads(reference), l.detach()))
     for acc, g1, g2 in zip(captured["accum"], per_micro[0][0], per_micro[1][0], strict=True):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from backbones import create_backbone
-from dataio.loading import build_loader
+from dataio.loading import build_loader, to_model_input
 from dataio.pack import FacePack
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
@@ -155,6 +155,7 @@ class Trainer:
             drop_last=True,
             skip_corrupt=config.data.skip_corrupt,
             device=ctx.device,
+            pixels="uint8",  # normalised on ctx.device by to_model_input
         )
         self.accum = tcfg.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum
@@ -362,7 +363,7 @@ class Trainer:
         stats: dict[str, Any] = {}
         for micro in range(self.accum):
             images, labels = next(batches)
-            images = images.to(ctx.device, non_blocking=True)
+            images = to_model_input(images, ctx.device)  # float32 [B, 3, H, W]
             labels = labels.to(ctx.device, non_blocking=True)
             last_micro = micro == self.accum - 1
             with engine.micro_context(last_micro):
