@@ -8,11 +8,13 @@ per-sample flip of :func:`dataio.loading.flip_mask` give.
 
 Batch buffers: a worker decodes a batch straight into a tensor in shared memory, so handing
 it to the main process copies nothing. A fresh shared tensor per batch costs its allocation
-and a page fault per 4 KiB on first touch, in the worker and again in the main process (20 %
-of a 112x112 uint8 batch's decode time on a 2-core machine), so each worker keeps a few
-buffers and reuses them: the main process copies a received batch into ordinary memory (a
-memcpy over pages it has mapped already, unless the batch is pinned anyway) and marks the
-buffer free; a worker that finds none free allocates a fresh one, as before.
+and a page fault per 4 KiB on first touch (with per-tensor file-descriptor passing for the
+labels, a third of the loader's time on a 2-core machine), so each worker keeps a few buffers
+and reuses them (:class:`BatchBuffers`). The main process hands a batch out as it is and
+marks its buffer free only once nothing references that memory any more (a weak reference to
+the storage, checked at every batch), so a batch the consumer keeps is never overwritten;
+a worker whose buffers are all still held allocates a fresh one. Labels and keys travel
+pickled inline.
 
 Epoch propagation: with persistent workers each worker holds its own copy of the dataset, so
 a plain attribute set in the main process would never reach them. The epoch (and the count of
@@ -128,9 +130,11 @@ def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class BatchBuffers:
     """Reusable shared-memory batch tensors of the DataLoader workers (module docstring).
 
-    ``busy`` holds one flag per ``(worker, buffer)``; it lives in shared memory behind a
-    process-shared lock, whose acquire/release order the main process's copy before the
-    worker's next write on any CPU. Each worker allocates its own buffers on first use.
+    ``busy`` holds one flag per ``(worker, buffer)``: set by the worker that fills the buffer,
+    cleared by the main process when the batch in it is no longer referenced. It lives in
+    shared memory behind a process-shared lock, whose acquire and release order the end of
+    the batch's use before the worker's next write on any CPU. Each worker allocates its own
+    buffers on first use.
     """
 
     def __init__(self, workers: int, per_worker: int):
@@ -167,7 +171,7 @@ class BatchBuffers:
         return buf[:numel].view(shape), slot
 
     def release(self, slot: int) -> None:
-        """Mark ``slot`` free (main process, after copying its batch out)."""
+        """Mark ``slot`` free (main process, once its batch is no longer referenced)."""
         if slot >= 0:
             with self.busy.get_lock():
                 self.busy.get_obj()[slot] = 0
