@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/dataio_bench.py [--pack DIR] [--images 3000] [--workers 2]
-        [--batch-size 128] [--repeats 3] [--epochs 2] [--json output/bench/dataio_bench.json]
+        [--batch-size 128] [--repeats 3] [--epochs 2] [--json bench/results/dataio_bench.json]
 
 Without ``--pack`` it renders a synthetic face pack (``dataio.synth``, 112x112 JPEGs) into a
 temporary folder. Each repeat measures, back to back on the same images:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per loader measurement")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="output/bench/dataio_bench.json")
+    parser.add_argument("--json", default="bench/results/dataio_bench.json")
     args = parser.parse_args(argv)
 
     from dataio.dali_loader import build_dali_loader

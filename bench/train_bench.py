@@ -37,6 +37,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _repo_relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (no machine paths in JSON)."""
+    full = Path(path).resolve()
+    return str(full.relative_to(REPO)) if full.is_relative_to(REPO) else path
+
+
 def _timed_steps(trainer, batches, steps: int) -> float:
     import torch.distributed as dist
 
@@ -104,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
 
     if ctx.is_main:
         result = {
-            "config": args.config,
+            "config": _repo_relative(args.config),
             "overrides": args.overrides,
             "world_size": ctx.world_size,
             "global_batch": global_batch,

@@ -93,9 +93,11 @@ def load_pixels(
     wrong, it does not decode, or its size differs from the pack's ``property``.
     """
     data, label = pack.read(index)
+    h, w = pack.image_size
+    if out is not None and out.dtype == np.uint8 and _decode_jpeg_into(data, out, flip):
+        return out, label
     key = int(pack.image_keys[index])
     img = decode_image(data, f"{pack.rec_path}: key {key}")  # [H, W, 3] uint8
-    h, w = pack.image_size
     if img.shape != (h, w, 3):
         raise PackError(
             f"{pack.rec_path}: key {key}: image is {img.shape[0]}x{img.shape[1]} but "
@@ -108,13 +110,37 @@ def load_pixels(
         hwc = hwc.flip(1)
     target = torch.from_numpy(out)
     if target.dtype == torch.uint8:
-        target.copy_(hwc)  # a memcpy unflipped; layout changes wait for the device
+        target.copy_(hwc)  # layout changes wait for the device
         return out, label
     # One pass converts to float, centres and moves to CHW; a second scales to [-1, 1]
     # (the operations of dataio.loading.to_model_input, so both formats agree exactly).
     torch.sub(hwc.permute(2, 0, 1), 127.5, out=target)
     target.div_(127.5)
     return out, label
+
+
+def _decode_jpeg_into(data: bytes, out: np.ndarray, flip: bool) -> bool:
+    """Decode a JPEG of ``out``'s size straight into uint8 ``out`` ``[H, W, 3]``, mirrored with
+    ``flip``; False (``out`` unspecified) for anything else, left to the general path.
+
+    Why: the uint8 loader's per-image work beyond decoding is mostly copies. Unflipped, the
+    decoder writes into the batch row; flipped, it decodes to BGR, whose rows read backwards
+    byte by byte are the mirrored RGB rows -- one reversed copy of 1-byte elements, ~2x
+    cheaper than flipping 3-byte pixels.
+    """
+    h, w, _ = out.shape
+    if not out.flags.c_contiguous:
+        return False
+    try:
+        if not flip:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out).shape == (h, w, 3)
+        bgr = simplejpeg.decode_jpeg(data, colorspace="BGR")
+    except ValueError:  # not a JPEG, corrupt, or larger than ``out``
+        return False
+    if bgr.shape != (h, w, 3):
+        return False
+    torch.from_numpy(out.reshape(h, w * 3)).copy_(torch.from_numpy(bgr.reshape(h, w * 3)).flip(1))
+    return True
 
 
 def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -145,7 +145,8 @@ def test_dataset_flip_is_per_sample_seeded(tmp_path):
     ]
 
 
-def test_dataset_decodes_png_and_reports_undecodable(tmp_path):
+@pytest.mark.parametrize("pixels", ["float32", "uint8"])
+def test_dataset_decodes_png_and_reports_undecodable(tmp_path, pixels):
     arr = np.arange(H * W * 3, dtype=np.uint8).reshape(H, W, 3)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -155,9 +156,12 @@ def test_dataset_decodes_png_and_reports_undecodable(tmp_path):
         small = simplejpeg.encode_jpeg(np.zeros((4, 4, 3), np.uint8))
         w.write(2, pack_record(IRHeader(0, 1.0, 2, 0), small))
     (tmp_path / "property").write_text(f"2,{H},{W}")
-    ds = PackDataset(tmp_path)
+    ds = PackDataset(tmp_path, pixels=pixels)
     x, _ = ds[0]
-    torch.testing.assert_close(x, (torch.from_numpy(arr).permute(2, 0, 1) - 127.5) / 127.5)
+    if pixels == "uint8":
+        assert torch.equal(x, torch.from_numpy(arr))
+    else:
+        torch.testing.assert_close(x, (torch.from_numpy(arr).permute(2, 0, 1) - 127.5) / 127.5)
     with pytest.raises(PackError, match="train.rec: key 1: cannot decode image"):
         ds[1]
     with pytest.raises(PackError, match=f"key 2: image is 4x4 .* says {H}x{W}"):
@@ -252,15 +256,15 @@ def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
     assert resumed.load_state_dict(state | {"kind": "dali"}, strict=False) == (4, 0)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_skip_corrupt_replaces_and_counts(tmp_path, workers):
+@pytest.mark.parametrize("workers,pixels", [(0, "float32"), (2, "float32"), (0, "uint8")])
+def test_skip_corrupt_replaces_and_counts(tmp_path, workers, pixels):
     from dataio.fixtures import corrupt_record, write_test_pack
 
     pack = tmp_path / "p"
     write_test_pack(pack, list(range(12)), size=(8, 8))  # label == key - 1
     corrupt_record(pack, 5, "jpeg")
     corrupt_record(pack, 8, "label")
-    kw = dict(rank=0, world_size=1, batch_size=4, seed=0, flip=False)
+    kw = dict(rank=0, world_size=1, batch_size=4, seed=0, flip=pixels == "uint8", pixels=pixels)
     if workers == 0:  # (a worker's error leaves persistent workers to time out at exit)
         loader = build_train_loader(pack, with_keys=True, workers=0, **kw)
         loader.set_epoch(0)
