@@ -7,26 +7,18 @@ import pytest
 import simplejpeg
 import torch
 
+from dataio.fixtures import write_test_pack
 from dataio.loading import to_model_input
-from dataio.pack import write_pack
 from dataio.torch_loader import PackDataset, build_train_loader
 
-H, W = 8, 10
-
-
-def make_pack(path, n=40, num_classes=40):
-    rng = np.random.default_rng(3)
-    samples = [
-        (i % num_classes, simplejpeg.encode_jpeg(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)))
-        for i in range(n)
-    ]
-    write_pack(path, samples, num_classes, (H, W))
-    return path
+H, W = 8, 11
 
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    return make_pack(tmp_path_factory.mktemp("pixels"))
+    d = tmp_path_factory.mktemp("pixels")
+    write_test_pack(d, list(range(40)), size=(H, W), seed=3, magic_every=7)  # odd width
+    return d
 
 
 def reference(pack_dir, epoch, seed=5):
