@@ -11,10 +11,11 @@ it to the main process copies nothing. A fresh shared tensor per batch costs its
 and a page fault per 4 KiB on first touch (with per-tensor file-descriptor passing for the
 labels, a third of the loader's time on a 2-core machine), so each worker keeps a few buffers
 and reuses them (:class:`BatchBuffers`). The main process hands a batch out as it is and
-marks its buffer free only once nothing references that memory any more (a weak reference to
-the storage, checked at every batch), so a batch the consumer keeps is never overwritten;
-a worker whose buffers are all still held allocates a fresh one. Labels and keys travel
-pickled inline.
+marks its buffer free only once nothing in this process references that memory any more (a
+weak reference to the storage, checked at every batch), so a batch the consumer keeps is never
+overwritten; a worker whose buffers are all still held allocates a fresh one. A batch sent on
+to another process must be cloned first (that process's reference is invisible here), or the
+loader built with ``reuse_buffers=False``. Labels and keys travel pickled inline.
 
 Epoch propagation: with persistent workers each worker holds its own copy of the dataset, so
 a plain attribute set in the main process would never reach them. The epoch (and the count of
@@ -156,45 +157,53 @@ def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class BatchBuffers:
     """Reusable shared-memory batch tensors of the DataLoader workers (module docstring).
 
-    ``busy`` holds one flag per ``(worker, buffer)``: set by the worker that fills the buffer,
-    cleared by the main process when the batch in it is no longer referenced. It lives in
-    shared memory behind a process-shared lock, whose acquire and release order the end of
-    the batch's use before the worker's next write on any CPU. Each worker allocates its own
-    buffers on first use.
+    ``busy`` holds one entry per ``(worker, buffer)``: 0 when free, else the number of the
+    loader pass whose batch the worker wrote into it; the main process clears it when that
+    batch is no longer referenced, or when its pass was abandoned and the batch discarded. It
+    lives in shared memory behind a process-shared lock, whose acquire and release order the
+    end of a batch's use before the worker's next write on any CPU. Each worker allocates its
+    own buffers on first use. ``per_worker=0`` turns reuse off (a fresh tensor per batch).
     """
 
     def __init__(self, workers: int, per_worker: int):
-        self.per_worker = check_positive_int("per_worker", per_worker)
-        self.busy = multiprocessing.Array("b", max(1, workers) * self.per_worker)
+        self.per_worker = check_nonneg_int("per_worker", per_worker)
+        self.busy = multiprocessing.Array("q", max(1, workers) * max(1, self.per_worker))
         self._fresh = multiprocessing.Value("q", 0)
         self._buffers: dict[int, torch.Tensor] = {}  # in a worker: its buffers by slot
 
     @property
     def fresh(self) -> int:
-        """Batches workers had to put in a fresh shared tensor (all their buffers held)."""
+        """Batches workers put in a fresh shared tensor because all their buffers were held."""
         return int(self._fresh.value)
 
-    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-        """An empty ``shape`` tensor and its slot (-1: not reusable; outside workers, or all
-        of this worker's buffers are still held by the main process)."""
+    def acquire(
+        self, shape: tuple[int, ...], dtype: torch.dtype, pass_id: int
+    ) -> tuple[torch.Tensor, int]:
+        """An empty ``shape`` tensor for a batch of pass ``pass_id`` and its slot (-1: not a
+        reusable buffer -- outside a worker, reuse off, all of this worker's buffers held, or
+        a batch shorter than the buffers, which gets its own tensor so that it does not carry
+        a whole buffer with it)."""
         info = get_worker_info()
         if info is None:
             return torch.empty(shape, dtype=dtype), -1
+        if self.per_worker == 0:
+            return _shared_tensor(shape, dtype), -1
         first = info.id * self.per_worker
         with self.busy.get_lock():
             flags = self.busy.get_obj()
-            free = [i for i in range(first, first + self.per_worker) if not flags[i]]
-            if not free:
+            slot = next((i for i in range(first, first + self.per_worker) if not flags[i]), -1)
+            if slot < 0:
                 with self._fresh.get_lock():
                     self._fresh.value += 1
                 return _shared_tensor(shape, dtype), -1
-            slot = free[0]
-            flags[slot] = 1
-        numel = int(np.prod(shape))
-        buf = self._buffers.get(slot)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            numel = int(np.prod(shape))
+            buf = self._buffers.get(slot)
+            if buf is not None and buf.dtype == dtype and buf.numel() > numel:
+                return _shared_tensor(shape, dtype), -1  # a short last batch
+            flags[slot] = pass_id
+        if buf is None or buf.dtype != dtype or buf.numel() != numel:
             buf = self._buffers[slot] = _shared_tensor((numel,), dtype)
-        return buf[:numel].view(shape), slot
+        return buf.view(shape), slot
 
     def release(self, slot: int) -> None:
         """Mark ``slot`` free (main process, once its batch is no longer referenced)."""
@@ -202,13 +211,14 @@ class BatchBuffers:
             with self.busy.get_lock():
                 self.busy.get_obj()[slot] = 0
 
-    def release_all_but(self, keep: Container[int]) -> None:
-        """Free every slot not in ``keep`` (at the start of a pass: the batches a DataLoader
-        discarded from an abandoned pass were never handed out)."""
+    def release_stale(self, pass_id: int, keep: Container[int]) -> None:
+        """Free the slots written for passes before ``pass_id``, except those in ``keep``
+        (batches handed out): once a new pass has started, the DataLoader has discarded every
+        other batch of an earlier one."""
         with self.busy.get_lock():
             flags = self.busy.get_obj()
             for i in range(len(flags)):
-                if i not in keep:
+                if 0 < flags[i] < pass_id and i not in keep:
                     flags[i] = 0
 
 
@@ -357,17 +367,36 @@ class _Batches(Dataset[tuple[torch.Tensor, ...]]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, indices: list[int]) -> tuple[Any, ...]:  # type: ignore[override]
-        """``(x, labels, keys, slot)``: the batch and the buffer slot it was written into.
+    def __getitem__(self, task: tuple[int, list[int]]) -> tuple[Any, ...]:  # type: ignore[override]
+        """``(x, labels, keys, slot)`` for ``task = (pass_id, indices)``: the batch and the
+        buffer slot it was written into.
 
         Labels and keys go as numpy arrays, pickled inline: a tensor from a worker is sent as
         a shared-memory file descriptor over a socket connection of its own, which for a few
         hundred bytes costs more than the bytes.
         """
+        pass_id, indices = task
         ds = self.dataset
-        out, slot = self.buffers.acquire(ds.batch_shape(len(indices)), ds.dtype)
+        out, slot = self.buffers.acquire(ds.batch_shape(len(indices)), ds.dtype, pass_id)
         x, y, k = ds.load_batch(indices, out=out)
         return x, y.numpy(), k.numpy(), slot
+
+
+class _PassTagged(Sampler[tuple[int, list[int]]]):
+    """The loader's batches of indices, each tagged with the number of the pass that asked
+    for it (``counter[0]`` when the pass starts), so a worker can mark its buffer with it."""
+
+    def __init__(self, batches: BatchSampler, counter: list[int]):
+        self.batches = batches
+        self.counter = counter
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        pass_id = self.counter[0]
+        for indices in self.batches:
+            yield pass_id, indices
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _as_is(batch: Any) -> Any:
@@ -467,17 +496,19 @@ class PackLoader(DataLoader):
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        reuse_buffers: bool = True,
     ):
         # Enough buffers for the batches a worker can have queued (prefetch_factor), the one
         # the consumer holds and the one it has just dropped; a consumer that keeps batches
         # makes the worker allocate fresh ones instead.
-        self._buffers = BatchBuffers(num_workers, prefetch_factor + 2)
+        self._buffers = BatchBuffers(num_workers, prefetch_factor + 2 if reuse_buffers else 0)
         self._handed_out: dict[int, StorageWeakRef] = {}  # slot -> its batch's memory
+        self._pass = [0]  # passes started, shared with the sampler below
         super().__init__(
             _Batches(dataset, self._buffers),
             batch_size=None,  # the sampler below yields whole batches of indices
             collate_fn=_as_is,  # keep the numpy labels numpy (see _Batches.__getitem__)
-            sampler=BatchSampler(sampler, batch_size, drop_last),
+            sampler=_PassTagged(BatchSampler(sampler, batch_size, drop_last), self._pass),
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
@@ -514,26 +545,22 @@ class PackLoader(DataLoader):
         self._position = None
         position = self._loader_position()
         with_keys = self.pack_dataset.with_keys
-        # Before the DataLoader starts the pass (it drains an abandoned one, then at once sends
-        # the workers new tasks): what the workers still write for the old pass is discarded.
-        self._buffers.release_all_but(self._handed_out)
+        self._pass[0] += 1
+        self._release_dropped()
+        # Persistent workers: the DataLoader drains an abandoned pass here (discarding its
+        # batches), then sends the workers this pass's first tasks.
         batches = super().__iter__()
+        self._buffers.release_stale(self._pass[0], self._handed_out)
         for x, labels, keys, slot in batches:
             self._release_dropped()
-            if slot >= 0:
-                if x.is_pinned():  # a pinned copy: the buffer itself is no longer referenced
-                    self._buffers.release(slot)
-                else:  # reusable once nothing here references its memory any more
-                    self._handed_out[slot] = StorageWeakRef(x.untyped_storage())
+            y, k = torch.as_tensor(labels), torch.as_tensor(keys)
+            if x.is_pinned():  # a pinned copy: the buffer itself is no longer referenced
+                self._buffers.release(slot)
+                y, k = y.pin_memory(), k.pin_memory()
+            elif slot >= 0:  # reusable once nothing here references its memory any more
+                self._handed_out[slot] = StorageWeakRef(x.untyped_storage())
             position[1] += 1
-            yield (
-                (x, torch.as_tensor(labels), torch.as_tensor(keys))
-                if with_keys
-                else (
-                    x,
-                    torch.as_tensor(labels),
-                )
-            )
+            yield (x, y, k) if with_keys else (x, y)
 
     def _release_dropped(self) -> None:
         """Return to the workers the buffers of batches the consumer no longer references."""
@@ -595,6 +622,7 @@ def build_train_loader(
     with_keys: bool = False,
     max_replacements: int = 64,
     pixels: str = "float32",
+    reuse_buffers: bool = True,
 ) -> PackLoader:
     """The training loader of one rank: its shard of the pack, in batches.
 
@@ -606,7 +634,8 @@ def build_train_loader(
     ``ceil(n / world_size)`` per rank and the last batch is partial. ``workers`` processes
     each build whole batches; ``pin_memory`` helps only when the device is a GPU;
     ``prefetch_factor`` is batches prefetched per worker; ``skip_corrupt``, ``with_keys``,
-    ``max_replacements`` and ``pixels``: see :class:`PackDataset`. Call ``loader.set_epoch(epoch)``
+    ``max_replacements`` and ``pixels``: see :class:`PackDataset`; ``reuse_buffers``: see the
+    module docstring. Call ``loader.set_epoch(epoch)``
     before each epoch.
     """
     batch_size = check_positive_int("batch_size", batch_size)
@@ -642,4 +671,5 @@ def build_train_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
+        reuse_buffers=reuse_buffers,
     )

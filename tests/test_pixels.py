@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import simplejpeg
@@ -76,20 +78,60 @@ def test_workers_reuse_buffers_and_never_overwrite_a_held_batch(pack):
     # fresh ones; nothing held is overwritten.
     loader.set_epoch(2)
     held = list(loader)
-    assert loader._buffers.fresh > 0
+    fresh_after_held = loader._buffers.fresh
+    assert fresh_after_held > 0
     want = reference(pack, 2)
     assert len(held) == len(want) == 13
     for (x, y), (xf, yf) in zip(held, want, strict=True):
         assert torch.equal(to_model_input(x, "cpu"), xf) and torch.equal(y, yf)
-    # Once they are dropped, the buffers return to the workers. An abandoned pass (its
-    # prefetched batches discarded by the DataLoader) leaks none either.
     del held, x
-    loader.set_epoch(3)
-    first = next(iter(loader))
-    del first
-    fresh = loader._buffers.fresh
     loader.set_epoch(3)
     for (x, _), (xf, _) in zip(loader, reference(pack, 3), strict=True):
         assert torch.equal(to_model_input(x, "cpu"), xf)
         del x
-    assert loader._buffers.fresh == fresh
+    assert loader._buffers.fresh == fresh_after_held  # dropped batches freed their buffers
+
+
+def test_an_abandoned_pass_leaks_no_buffer(pack, monkeypatch):
+    # One worker, one batch prefetched: 3 buffers and no spare. Slow batches keep tasks of
+    # the abandoned pass running while the DataLoader drains it at the next pass's start.
+    original = PackDataset.load_batch
+
+    def slow(self, indices, out=None):
+        time.sleep(0.02)
+        return original(self, indices, out=out)
+
+    monkeypatch.setattr(PackDataset, "load_batch", slow)  # inherited by the forked worker
+    kw = dict(batch_size=3, seed=5, workers=1, pixels="uint8", prefetch_factor=1)
+    loader = build_train_loader(pack, 0, 1, **kw)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for i, _batch in enumerate(loader):
+            if i == 1:
+                break  # abandon the pass with tasks queued and running
+        del _batch
+    loader.set_epoch(3)
+    for (x, _), (xf, _) in zip(loader, reference(pack, 3), strict=True):
+        assert torch.equal(to_model_input(x, "cpu"), xf)
+        del x
+    assert loader._buffers.fresh == 0
+
+
+def test_short_last_batch_and_reuse_off(pack):
+    # 40 images in batches of 3, no drop_last: the last batch holds 1 image in its own
+    # tensor, not in a view of a whole 3-image buffer.
+    loader = build_train_loader(
+        pack, 0, 1, batch_size=3, seed=5, workers=2, pixels="uint8", drop_last=False
+    )
+    loader.set_epoch(0)
+    batches = [x for x, _ in loader]
+    assert [b.shape[0] for b in batches] == [3] * 13 + [1]
+    assert batches[-1].untyped_storage().nbytes() == H * W * 3
+    # Without reuse every batch is its own tensor; same pixels.
+    plain = build_train_loader(
+        pack, 0, 1, batch_size=3, seed=5, workers=2, pixels="uint8", reuse_buffers=False
+    )
+    plain.set_epoch(1)
+    for (x, _), (xf, _) in zip(plain, reference(pack, 1), strict=True):
+        assert torch.equal(to_model_input(x, "cpu"), xf)
+    assert plain._buffers.fresh == 0  # "fresh" counts only fallbacks of reuse

@@ -256,7 +256,9 @@ def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
     assert resumed.load_state_dict(state | {"kind": "dali"}, strict=False) == (4, 0)
 
 
-@pytest.mark.parametrize("workers,pixels", [(0, "float32"), (2, "float32"), (0, "uint8")])
+@pytest.mark.parametrize(
+    "workers,pixels", [(0, "float32"), (2, "float32"), (0, "uint8"), (2, "uint8")]
+)
 def test_skip_corrupt_replaces_and_counts(tmp_path, workers, pixels):
     from dataio.fixtures import corrupt_record, write_test_pack
 
