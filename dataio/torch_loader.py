@@ -498,9 +498,9 @@ class PackLoader(DataLoader):
         prefetch_factor: int = 2,
         reuse_buffers: bool = True,
     ):
-        # Enough buffers for the batches a worker can have queued (prefetch_factor), the one
-        # the consumer holds and the one it has just dropped; a consumer that keeps batches
-        # makes the worker allocate fresh ones instead.
+        # Enough buffers for the batches a worker can have in flight (prefetch_factor), the
+        # one just received and the one the consumer still holds while it asks for the next;
+        # a consumer that keeps more makes the worker allocate fresh ones instead.
         self._buffers = BatchBuffers(num_workers, prefetch_factor + 2 if reuse_buffers else 0)
         self._handed_out: dict[int, StorageWeakRef] = {}  # slot -> its batch's memory
         self._pass = [0]  # passes started, shared with the sampler below
@@ -561,6 +561,11 @@ class PackLoader(DataLoader):
                 self._handed_out[slot] = StorageWeakRef(x.untyped_storage())
             position[1] += 1
             yield (x, y, k) if with_keys else (x, y)
+            # Before the DataLoader receives the next batch and at once sends the worker its
+            # next task: drop our references and free what the consumer has let go of, so the
+            # worker finds a free buffer (prefetch_factor + 2 per worker suffice).
+            del x, y, k
+            self._release_dropped()
 
     def _release_dropped(self) -> None:
         """Return to the workers the buffers of batches the consumer no longer references."""
