@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import multiprocessing
 import numbers
 import os
@@ -542,7 +543,7 @@ class FacePack:
         return values, bad
 
     def _check_label(self, value: float, key: int) -> int:
-        label = int(value) if np.isfinite(value) else -1
+        label = int(value) if math.isfinite(value) else -1  # a Python float: not np (20x slower)
         if label != value or not 0 <= label < self.num_classes:
             raise PackError(
                 f"{self.rec_path}: key {key}: label {value} is not a class id in "
