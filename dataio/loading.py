@@ -81,7 +81,7 @@ def to_model_input(images: torch.Tensor, device: torch.device | str) -> torch.Te
 
     A uint8 ``[B, H, W, 3]`` batch (``pixels="uint8"``) is copied to ``device`` first (4x
     fewer bytes), then reordered to CHW and normalised there as ``(x - 127.5) / 127.5``,
-    exactly as the float32 loaders do it; a float32 batch is only copied.
+    exactly as the torch loader's float32 output is computed; a float32 batch is only copied.
     """
     x = images.to(device, non_blocking=True)
     if x.dtype == torch.float32:
