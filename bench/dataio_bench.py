@@ -14,8 +14,8 @@ temporary folder. Each repeat measures, back to back on the same images:
 * DALI's reader + decoder alone (uint8 out), to separate decoding from the rest;
 * the DALI loader on the CPU (``num_threads = --workers``) and the PyTorch loader
   (``--workers`` worker processes), each for ``--epochs`` whole epochs at ``--batch-size``,
-  flip on, in both pixel formats: uint8 ``[B, 3, H, W]`` batches (decoded, flipped, CHW,
-  labels checked -- what the trainer takes) and normalised float32 batches;
+  flip on, in both pixel formats: uint8 ``[B, H, W, 3]`` batches (decoded, flipped, labels
+  checked -- what the trainer takes) and normalised float32 ``[B, 3, H, W]`` batches;
 * the normalisation the trainer then does (``dataio.loading.to_model_input``, uint8 ->
   float32 on one CPU thread; on a GPU it runs on the device), so its cost is on the table too.
 

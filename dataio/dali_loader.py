@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from dataio.loading import (
+    batch_layout,
     check_nonneg_int,
     check_pixels,
     check_positive_int,
@@ -641,9 +642,7 @@ class DaliLoader:
             return torch.from_numpy(images.as_array()[:n])
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        h, w = self.pack.image_size
-        dtype = torch.uint8 if self.pixels == "uint8" else torch.float32
-        shape = (self.batch_size, h, w, 3) if self.pixels == "uint8" else (self.batch_size, 3, h, w)
+        shape, dtype = batch_layout(self.pixels, self.batch_size, *self.pack.image_size)
         out = torch.empty(shape, dtype=dtype, device=self.device)
         feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
         return out[:n]

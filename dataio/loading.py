@@ -39,6 +39,7 @@ LOADER_KINDS: tuple[str, ...] = ("torch", "dali")
 PIXEL_FORMATS: tuple[str, ...] = ("float32", "uint8")
 """What a loader yields: ``float32`` normalised pixels, or ``uint8`` pixels for
 :func:`to_model_input` to normalise on the training device (see the module docstring)."""
+PIXEL_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "uint8": torch.uint8}
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -73,6 +74,12 @@ def check_pixels(value: Any) -> str:
     if value not in PIXEL_FORMATS:
         raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, got {value!r}")
     return str(value)
+
+
+def batch_layout(pixels: str, n: int, h: int, w: int) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of a batch of ``n`` ``h`` x ``w`` images in pixel format ``pixels``."""
+    shape = (n, h, w, 3) if check_pixels(pixels) == "uint8" else (n, 3, h, w)
+    return shape, PIXEL_DTYPES[pixels]
 
 
 def to_model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -46,6 +46,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 from dataio.loading import (
+    PIXEL_DTYPES,
+    batch_layout,
     check_nonneg_int,
     check_pixels,
     check_positive_int,
@@ -253,7 +255,7 @@ class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
         pixels: str = "float32",
     ):
         self.pixels = check_pixels(pixels)
-        self.dtype = torch.uint8 if self.pixels == "uint8" else torch.float32
+        self.dtype = PIXEL_DTYPES[self.pixels]
         self.pack = FacePack(pack_dir, skip_corrupt=skip_corrupt)
         self.flip = bool(flip)
         self.seed = check_nonneg_int("seed", seed)
@@ -338,8 +340,7 @@ class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
 
     def batch_shape(self, n: int) -> tuple[int, int, int, int]:
         """The shape of a batch of ``n`` images in this dataset's ``pixels`` format."""
-        h, w = self.pack.image_size
-        return (n, h, w, 3) if self.pixels == "uint8" else (n, 3, h, w)
+        return batch_layout(self.pixels, n, *self.pack.image_size)[0]
 
     def load_batch(
         self, indices: list[int], out: torch.Tensor | None = None
@@ -360,7 +361,7 @@ class PackDataset(Dataset[tuple[torch.Tensor, ...]]):
             flips = flip_mask(self.seed, self.epoch, np.asarray(indices, dtype=np.int64))
         else:
             flips = np.zeros(n, dtype=bool)
-        # All records first, then all decodes: ~3 % faster than interleaving them (the
+        # All records first, then all decodes: 3-5 % faster than interleaving them (the
         # decoder's working set stays in cache).
         records = [self._read(int(i)) for i in indices]
         for j, index in enumerate(indices):
@@ -664,8 +665,7 @@ def build_train_loader(
     each build whole batches; ``pin_memory`` helps only when the device is a GPU;
     ``prefetch_factor`` is batches prefetched per worker; ``skip_corrupt``, ``with_keys``,
     ``max_replacements`` and ``pixels``: see :class:`PackDataset`; ``reuse_buffers``: see the
-    module docstring. Call ``loader.set_epoch(epoch)``
-    before each epoch.
+    module docstring. Call ``loader.set_epoch(epoch)`` before each epoch.
     """
     batch_size = check_positive_int("batch_size", batch_size)
     workers = check_nonneg_int("workers", workers)
