@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
+	# Partial FC's fused CPU kernels (g++ + ninja, ~1 min once; torch ops if this fails).
+	-$(PY) -m partialfc.cpu_kernels
 	touch $(STAMP)
 
 $(DEMO_DATA)/val.bin: | $(STAMP)

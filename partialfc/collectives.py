@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 __all__ = [
     "all_gather_no_grad",
+    "all_gather_stack",
     "all_gather_with_grad",
     "all_reduce_inplace",
     "all_reduce_value",
@@ -64,6 +65,22 @@ def all_reduce_inplace(
     if get_world_size(group) > 1:
         dist.all_reduce(tensor, op=ops[op], group=group)
     return tensor
+
+
+def all_gather_stack(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """``[world, *shape]``: every rank's ``tensor`` (same shape on every rank), no autograd.
+
+    One collective where a ring all-reduce takes two message rounds: per-row statistics that
+    need several reductions (a max and sums weighted by it) are gathered once and combined
+    locally. ``tensor[None]`` with one rank or no process group.
+    """
+    world = get_world_size(group)
+    if world == 1:
+        return tensor.detach()[None]
+    src = tensor.detach().contiguous()
+    out = src.new_empty((world, *src.shape))
+    dist.all_gather(list(out.unbind(0)), src, group=group)
+    return out
 
 
 def _gather_sizes(tensor: torch.Tensor, group: ProcessGroup | None, world: int) -> list[int]:

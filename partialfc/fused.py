@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from partialfc.collectives import ProcessGroup, all_reduce_inplace
+from partialfc import cpu_kernels
+from partialfc.collectives import ProcessGroup, all_gather_stack, all_reduce_inplace
 
 __all__ = [
     "NORM_EPS",
@@ -40,6 +41,19 @@ __all__ = [
 
 NORM_EPS = 1e-12
 """Smallest norm used to normalise a row (as ``F.normalize``): a zero row gives zero cosines."""
+
+
+def _storage_users(tensor: torch.Tensor) -> int:
+    """Number of tensors (and other owners) sharing ``tensor``'s storage; a large number
+    when this torch build cannot tell (then a buffer is never assumed free)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return 1 << 30
+    return int(count(tensor.untyped_storage()._cdata))
+
+
+_FREE_STORAGE_USERS = _storage_users(torch.empty(1))
+"""The count ``_storage_users`` reports for a storage referenced by one tensor only."""
 
 
 class Workspace:
@@ -67,6 +81,18 @@ class Workspace:
             buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
+
+    def get_unshared(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Like ``get``, for a result that outlives the step (a gradient): when any tensor
+        outside the workspace still references the buffer (``weight.grad`` not yet cleared,
+        gradient accumulation, a kept reference), that holder keeps it and a new buffer is
+        made; otherwise the old one is reused and overwritten."""
+        buf = self._buffers.get(name)
+        if buf is not None and _storage_users(buf) > _FREE_STORAGE_USERS:
+            del self._buffers[name]
+        return self.get(name, shape, dtype, device)
 
     def nbytes(self) -> int:
         """Bytes held by the workspace."""
@@ -145,11 +171,30 @@ PROJECT_CHUNK_ROWS = 1024
 """Rows per chunk of the radial projection: keeps its temporaries small and cache-resident."""
 
 
+def _gather_rows_inv_norm(
+    weight: torch.Tensor, index: torch.Tensor, out: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor | None:
+    """``out[:] = weight[index]``; returns ``1 / max(|row|, NORM_EPS)`` [S] when the fused CPU
+    kernel did the gather (one sweep), else None (the caller takes the norms itself)."""
+    inv = out.new_empty(index.numel())
+    kern = cpu_kernels.usable(weight, out, inv) if out.dtype == out_dtype else None
+    if kern is not None and index.dtype == torch.long and index.is_contiguous():
+        kern.gather_rows_inv_norm(weight, index, out, inv, NORM_EPS)
+        return inv
+    torch.index_select(weight, 0, index, out=out)
+    return None
+
+
 def _project_out_radial(grad: torch.Tensor, w: torch.Tensor, coef: torch.Tensor) -> None:
     """In place: ``grad_j -= coef_j * (grad_j . w_j) * w_j`` for every row j of [S, D].
 
-    Chunked: a whole-matrix ``(grad * w).sum(1)`` would allocate an [S, D] temporary.
+    One sweep with the fused CPU kernel; else chunked torch ops (a whole-matrix
+    ``(grad * w).sum(1)`` would allocate an [S, D] temporary).
     """
+    kern = cpu_kernels.usable(grad, w, coef)
+    if kern is not None:
+        kern.project_radial_(grad, w, coef)
+        return
     for lo in range(0, grad.shape[0], PROJECT_CHUNK_ROWS):
         g = grad[lo : lo + PROJECT_CHUNK_ROWS]
         wc = w[lo : lo + PROJECT_CHUNK_ROWS]
@@ -181,18 +226,20 @@ class _FusedCosine(torch.autograd.Function):
         out_dtype = x_hat.dtype
         n, d = x_hat.shape
         w = weight.detach()
+        inv = None
         if index is None:
             w_rows = w  # [C_r, D]
         else:
             if workspace is not None:
                 w_rows = workspace.get("rows", (index.numel(), d), w.dtype, w.device)
-                torch.index_select(w, 0, index, out=w_rows)  # [S, D]
+                inv = _gather_rows_inv_norm(w, index, w_rows, out_dtype)  # [S, D], [S]
                 workspace.row_cache = (weight, index, w_rows, weight._version, w_rows._version)
             else:
                 w_rows = w.index_select(0, index)  # [S, D]
         s_cols = w_rows.shape[0]
         w_f = w_rows if w_rows.dtype == out_dtype else w_rows.to(out_dtype)
-        inv = torch.linalg.vector_norm(w_f, dim=1).clamp_min_(NORM_EPS).reciprocal_()  # [S]
+        if inv is None:
+            inv = torch.linalg.vector_norm(w_f, dim=1).clamp_min_(NORM_EPS).reciprocal_()  # [S]
         low = mm_dtype != out_dtype
         prenorm = mm_dtype == torch.float16
         x_s = x_hat * scale  # [N, D]
@@ -225,6 +272,7 @@ class _FusedCosine(torch.autograd.Function):
         ctx.sparse_grad = sparse_grad
         ctx.weight_shape = weight.shape
         ctx.weight_dtype = weight.dtype
+        ctx.workspace = workspace
         return z, c_t
 
     @staticmethod
@@ -254,7 +302,15 @@ class _FusedCosine(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = torch.mm(v, w_f).mul_(scale)  # [N, D]
             if ctx.needs_input_grad[1]:
-                bm = torch.mm(v.T, x_s)  # [S, D]
+                if ctx.workspace is not None:
+                    # Fresh [S, D] memory would cost its page faults every step (on CPU as
+                    # much as a third of the product itself at S = 50k).
+                    bm = ctx.workspace.get_unshared(
+                        "grad", (s_cols, x_s.shape[1]), x_s.dtype, x_s.device
+                    )
+                    torch.mm(v.T, x_s, out=bm)
+                else:
+                    bm = torch.mm(v.T, x_s)  # [S, D]
         if ctx.needs_input_grad[1]:
             if ctx.prenorm:
                 _project_out_radial(bm, w_f * inv[:, None], torch.ones_like(inv))
@@ -286,15 +342,42 @@ def fused_cosine(
     )
 
 
+def _local_exp_sums(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place ``z = exp(z - shift)`` per row; returns (row max [N], shift [N], sum [N]).
+
+    The row max is over this rank's columns only (-inf for a row without a finite value);
+    the shift is that max where finite, else 0 (such a row is all zeros after exp). One sweep
+    per row with the fused CPU kernel, four torch passes otherwise.
+    """
+    n = z.shape[0]
+    row_max = z.new_full((n,), -math.inf)
+    row_sum = z.new_empty(n)
+    kern = cpu_kernels.usable(z, row_max, row_sum) if z.shape[1] > 0 else None
+    if kern is not None:
+        kern.softmax_rows_(z, row_max, row_sum)
+        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        return row_max, shift, row_sum
+    if z.shape[1] > 0:
+        row_max = z.amax(dim=1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    z.sub_(shift[:, None]).exp_()  # masked entries (-inf) -> 0
+    return row_max, shift, z.sum(dim=1)
+
+
 class _FusedSoftmaxCE(torch.autograd.Function):
     """Distributed softmax CE from masked non-target logits [N, S] and target logits [R].
 
-    Forward, per global row i: ``m_i`` = max over every rank's columns and the target logit
-    (all-reduce MAX, which also yields the hardest negative for the statistics);
-    ``Z_i = sum_j exp(z_ij - m_i) + exp(f_i - m_i)`` (all-reduce SUM together with
-    ``f_i - m_i`` from the one rank holding the target); ``loss = mean_i (log Z_i - f_i + m_i)``.
-    ``z`` is overwritten in place by ``exp(z - m)`` and kept for backward; with ``in_place``
-    the backward turns it into the gradient in place too (one backward per forward).
+    Forward, with one collective (an all-gather of per-row statistics): every rank turns its
+    columns into ``exp(z - shift_r)`` with its own row maximum as the shift and sums them;
+    adding its local target terms it has, per global row i, a local maximum ``m_ri`` and
+    ``s_ri = sum exp(. - m_ri)`` over its logits (online softmax). From every rank's
+    ``(m_r, s_r)``, the target logit ``f_i`` (from the one rank holding it) and the row maxima
+    of the non-target logits (the hardest negative), each rank then computes
+    ``M_i = max_r m_ri``, ``Z_i = sum_r s_ri exp(m_ri - M_i)`` and
+    ``loss = mean_i (log Z_i + M_i - f_i)``. A ring all-reduce of the max and then of the sums
+    would take four message rounds instead of one. ``z`` is overwritten in place by
+    ``exp(z - shift)`` and kept for backward; with ``in_place`` the backward turns it into
+    the gradient in place too (one backward per forward).
     """
 
     @staticmethod
@@ -309,35 +392,40 @@ class _FusedSoftmaxCE(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = z.shape[0]
         f_d = f.detach().to(z.dtype)  # [R]
-        if z.shape[1] > 0:
-            neg_max = z.amax(dim=1)  # [N]
-        else:
-            neg_max = z.new_full((n,), -math.inf)
-        both = torch.stack([neg_max, neg_max])  # [2, N]: stabiliser, hardest negative
-        both[0, rows] = torch.maximum(both[0, rows], f_d)
-        all_reduce_inplace(both, "max", group)
-        row_max = torch.where(torch.isfinite(both[0]), both[0], torch.zeros_like(both[0]))
-        z.sub_(row_max[:, None]).exp_()  # [N, S] exp(z - m); masked targets -> 0
+        neg_max, shift, local_sum = _local_exp_sums(z)  # [N] each; z = exp(z - shift)
+        # This rank's online-softmax pair (m, s) per row, its target terms included.
+        m = neg_max.clone()
+        m[rows] = torch.maximum(m[rows], f_d)
+        has_exp = local_sum > 0
+        scaled = torch.where(has_exp, local_sum * torch.exp(shift - m), torch.zeros_like(m))
         n_extra = 0 if extra is None else extra.numel()
-        flat = z.new_zeros(2 * n + n_extra)  # sum of exp [N], shifted target logit [N], extra
-        sums = flat[: 2 * n].view(2, n)
-        sums[0] = z.sum(dim=1)
-        shifted_t = f_d - row_max[rows]  # [R]
-        e_t = shifted_t.exp()
-        sums[0, rows] += e_t
-        sums[1, rows] = shifted_t
+        payload = z.new_zeros(4 * n + n_extra)
+        stats = payload[: 4 * n].view(4, n)
+        stats[0] = neg_max
+        stats[1] = m
+        stats[2] = scaled
+        stats[2, rows] += torch.exp(f_d - m[rows])
+        stats[3, rows] = f_d
         if extra is not None:
-            flat[2 * n :] = extra.to(flat.dtype)
-        all_reduce_inplace(flat, "sum", group)
-        loss = (sums[0].log() - sums[1]).mean()
-        sum_exp = sums[0].clone()
-        ctx.save_for_backward(z, sum_exp, e_t, rows)
+            payload[4 * n :] = extra.to(payload.dtype)
+        every = all_gather_stack(payload, group)  # [W, 4N + E]
+        per_rank = every[:, : 4 * n].view(-1, 4, n)
+        hardest = per_rank[:, 0].amax(dim=0)  # [N]
+        row_max = per_rank[:, 1].amax(dim=0)  # [N]: finite (every row has its target)
+        total = (per_rank[:, 2] * torch.exp(per_rank[:, 1] - row_max)).sum(dim=0)  # [N]
+        target = per_rank[:, 3].sum(dim=0)  # [N]
+        loss = (total.log() + row_max - target).mean()
+        # Backward: softmax_ij = exp(z_ij - shift_i) * exp(shift_i - M_i) / Z_i on this rank.
+        row_coef = torch.where(
+            has_exp, torch.exp(shift - row_max) / total, torch.zeros_like(total)
+        )  # [N]
+        p_t = torch.exp(f_d - row_max[rows]) / total[rows]  # [R] softmax of the targets
+        ctx.save_for_backward(z, row_coef, p_t)
         ctx.n = n
         ctx.in_place = in_place
         ctx.used = False
         ctx.f_dtype = f.dtype
-        hardest = both[1].clone()
-        extra_out = flat[2 * n :].clone()
+        extra_out = every[:, 4 * n :].sum(dim=0)
         ctx.mark_non_differentiable(hardest, extra_out)
         return loss, hardest, extra_out
 
@@ -350,10 +438,11 @@ class _FusedSoftmaxCE(torch.autograd.Function):
                     "with low_memory=False for retain_graph / double backward / gradcheck"
                 )
             ctx.used = True
-        probs, sum_exp, e_t, rows = ctx.saved_tensors
-        coef = grad_loss.to(probs.dtype) / ctx.n / sum_exp  # [N]
-        grad_z = probs.mul_(coef[:, None]) if ctx.in_place else probs * coef[:, None]
-        grad_f = (e_t / sum_exp[rows] - 1.0) * (grad_loss.to(probs.dtype) / ctx.n)  # [R]
+        exps, row_coef, p_t = ctx.saved_tensors
+        scale = grad_loss.to(exps.dtype) / ctx.n
+        coef = row_coef * scale  # [N]
+        grad_z = exps.mul_(coef[:, None]) if ctx.in_place else exps * coef[:, None]
+        grad_f = (p_t - 1.0) * scale  # [R]
         return grad_z, grad_f.to(ctx.f_dtype), None, None, None, None
 
 

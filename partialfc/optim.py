@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from partialfc import cpu_kernels
 from partialfc.collectives import all_reduce_inplace
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "ShardOptimizer", "clip_grad_norm_"]
@@ -171,6 +172,12 @@ class ShardOptimizer(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         buf = state.get("momentum_buffer")
         data = p.data
+        if index is not None:
+            kern = cpu_kernels.usable(data, values, *([] if buf is None else [buf]))
+            if kern is not None and index.is_contiguous():
+                # One sweep over the rows: read momentum, gradient, weight; write both back.
+                kern.sgd_rows_(data, buf, index, values, lr, mu, wd)
+                return
         cached = self._cached_rows(p, index) if index is not None and wd else None
         for sl in self._chunks(values):
             g = values[sl]

@@ -453,8 +453,11 @@ def test_single_process_heads_match_reference() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_distributed_heads_match_reference() -> None:
-    """W = 4, 3 and 2 (sub-groups of one 4-process spawn)."""
+@pytest.mark.parametrize("cpu_kernels", ["1", "0"], ids=["fused-cpu-kernels", "torch-ops"])
+def test_distributed_heads_match_reference(monkeypatch, cpu_kernels: str) -> None:
+    """W = 4, 3 and 2 (sub-groups of one 4-process spawn), with Partial FC's fused CPU
+    kernels and with the torch-op path (what every other device runs)."""
+    monkeypatch.setenv("FACETRAIN_CPU_KERNELS", cpu_kernels)
     run_distributed(_worker, 4)
 
 

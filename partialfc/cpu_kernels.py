@@ -1,0 +1,114 @@
+"""Fused CPU kernels for Partial FC's memory-bound passes, compiled on first use.
+
+On CPU the step's cost beyond its three matrix products is memory traffic: the row gather,
+the softmax's passes over the ``[N, S]`` logits, the radial projection of the centres'
+gradient and the sampled optimizer update each read and write their operands several times
+as separate torch ops. The kernels in ``csrc/cpu_kernels.cpp`` do each in one sweep
+(BENCHMARKS.md, "Partial FC", has the figures):
+
+- ``gather_rows_inv_norm``: ``out = weight[index]`` and ``inv = 1 / max(|out_i|, eps)``;
+- ``softmax_rows_``: per row ``m = max(m_init, max_j z_ij)``, ``z = exp(z - m)``, the sum;
+- ``project_radial_``: ``grad_i -= coef_i * (grad_i . w_i) * w_i``;
+- ``sgd_rows_``: SGD with momentum and coupled weight decay on the indexed rows only.
+
+They are built with ``torch.utils.cpp_extension`` (g++ and ninja, both installed with the
+project) the first time a process needs them, about half a minute, then loaded from torch's
+extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``);
+``make setup`` builds them ahead (``python -m partialfc.cpu_kernels``). The torch-op
+versions stay the reference and the path on every other device, for other dtypes, and when
+the build fails (one warning, then the torch ops) or ``FACETRAIN_CPU_KERNELS=0`` is set.
+Tests check that both paths agree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ENV_SWITCH", "available", "kernels", "usable"]
+
+ENV_SWITCH = "FACETRAIN_CPU_KERNELS"
+"""Set to ``0`` to use the torch-op path on CPU too."""
+
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+# -fopenmp-simd: the `omp simd` reductions vectorise without -ffast-math (which would assume
+# away the -inf of masked logits; no OpenMP runtime is involved); -fno-trapping-math lets the
+# compiler turn float comparisons into vector selects (nothing here reads FP exceptions).
+_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
+_LOCK = threading.Lock()
+_state: dict[str, Any] = {"module": None, "failed": False}
+
+
+def _enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def kernels(build: bool = True) -> Any | None:
+    """The compiled kernel module, or None (switched off, or the build failed: warned once).
+
+    ``build=False`` only returns an already loaded module.
+    """
+    if not _enabled() or _state["failed"]:
+        return None
+    if _state["module"] is not None or not build:
+        return _state["module"]
+    with _LOCK:
+        if _state["module"] is None and not _state["failed"]:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _state["module"] = load(
+                    name="facetrain_pfc_cpu",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=_CFLAGS,
+                    verbose=False,
+                )
+            except Exception as exc:  # noqa: BLE001 - any build problem means "use torch ops"
+                _state["failed"] = True
+                warnings.warn(
+                    f"Partial FC's fused CPU kernels ({_SOURCE.name}) could not be built "
+                    f"({type(exc).__name__}: {exc}); using the slower torch-op path. Set "
+                    f"{ENV_SWITCH}=0 to skip the build.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _state["module"]
+
+
+def usable(*tensors: torch.Tensor) -> Any | None:
+    """The kernel module if every tensor is a contiguous float32/float64 CPU tensor of one
+    dtype and the kernels are available; else None (the caller uses torch ops)."""
+    if not tensors:
+        return None
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+            return None
+    return kernels()
+
+
+def available() -> bool:
+    """Whether the kernels can be used in this process (builds them if needed)."""
+    return kernels() is not None
+
+
+def main() -> int:
+    """Build (or load from the cache) the kernels; exit status 1 if that failed."""
+    if not _enabled():
+        print(f"{ENV_SWITCH}=0: fused CPU kernels switched off")
+        return 0
+    ok = available()
+    print(f"Partial FC fused CPU kernels: {'ready' if ok else 'NOT available (torch-op path)'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The fused CPU kernels (partialfc/csrc/cpu_kernels.cpp) against the torch-op path.
+
+Each kernel is compared with an independent torch computation on random data with the edge
+cases the step produces (masked -inf logits, rows without a finite value, float64), and a
+whole PartialFC step (loss, gradients, optimizer update) is run with the kernels switched on
+and off (``FACETRAIN_CPU_KERNELS``). test_partialfc_dist.py runs its multi-process reference
+comparison both ways too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from partialfc import PartialFC, build_margin, cpu_kernels
+from partialfc.fused import NORM_EPS, _local_exp_sums, _project_out_radial
+
+
+@pytest.fixture(scope="module")
+def kern():
+    module = cpu_kernels.kernels()
+    assert module is not None, "the fused CPU kernels must build here (g++ and ninja)"
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_rows_inv_norm(kern, dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 37, generator=gen, dtype=dtype)
+    weight[5] = 0.0  # a zero row: inverse norm 1 / eps
+    index = torch.tensor([0, 5, 6, 120, 299])
+    out = torch.empty(5, 37, dtype=dtype)
+    inv = torch.empty(5, dtype=dtype)
+    kern.gather_rows_inv_norm(weight, index, out, inv, NORM_EPS)
+    assert torch.equal(out, weight[index])
+    expected = 1.0 / torch.linalg.vector_norm(weight[index], dim=1).clamp_min(NORM_EPS)
+    torch.testing.assert_close(inv, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_rows_matches_torch(kern, dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    z = (torch.randn(9, 2500, generator=gen) * 30).to(dtype)  # exp arguments down to ~-250
+    z[0, :7] = -math.inf  # masked targets
+    z[1] = -math.inf  # a row with no finite value
+    z[2, 3] = 80.0  # a large logit
+    init = torch.full((9,), -math.inf, dtype=dtype)
+    init[4] = 1e3  # a target logit above every column: exp(z - 1000) underflows to 0
+    ref_max = torch.maximum(z.amax(dim=1), init)
+    shift = torch.where(torch.isfinite(ref_max), ref_max, torch.zeros_like(ref_max))
+    arg = z - shift[:, None]  # rounded in dtype, as the kernel does
+    ref = arg.double().exp()
+    out, row_max, row_sum = z.clone(), init.clone(), torch.empty(9, dtype=dtype)
+    kern.softmax_rows_(out, row_max, row_sum)
+    assert torch.equal(row_max, ref_max)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and float(row_sum[1]) == 0.0
+    # Within 2 ulp of exp where exp is a normal float; 0 where it would be subnormal.
+    tiny = torch.finfo(dtype).tiny
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), ref.where(ref >= tiny, 0.0), rtol=2 * ulp, atol=0)
+    torch.testing.assert_close(row_sum.double(), ref.sum(dim=1), rtol=1e-6, atol=0)
+    nan = torch.tensor([[0.0, math.nan, -1.0]], dtype=dtype)
+    kern.softmax_rows_(nan, torch.full((1,), -math.inf, dtype=dtype), torch.empty(1, dtype=dtype))
+    assert bool(torch.isnan(nan[0, 1]))
+
+
+def test_local_exp_sums_agree_with_and_without_kernels(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(16, 700, generator=gen) * 20
+    z[3] = -math.inf
+    z[5, ::2] = -math.inf
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, switch)
+        out = z.clone()
+        results.append((out, *_local_exp_sums(out)))
+    # torch's exp keeps subnormal results (< 1.2e-38) that the kernel flushes to 0.
+    for a, b in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=torch.finfo(z.dtype).tiny)
+
+
+def test_project_radial_matches_torch(kern) -> None:
+    gen = torch.Generator().manual_seed(3)
+    grad, rows = torch.randn(2 * 64 + 5, 512, generator=gen), torch.randn(133, 512, generator=gen)
+    coef = torch.rand(133, generator=gen)
+    expected = grad - ((grad * rows).sum(dim=1) * coef)[:, None] * rows
+    out = grad.clone()
+    kern.project_radial_(out, rows, coef)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # The module's helper takes the kernel for contiguous float tensors only.
+    strided = grad.clone().T.contiguous().T  # same values, column-major
+    _project_out_radial(strided, rows, coef)
+    torch.testing.assert_close(strided, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_sgd_rows_matches_the_formula(kern, momentum) -> None:
+    gen = torch.Generator().manual_seed(4)
+    weight, buf = torch.randn(50, 24, generator=gen), torch.randn(50, 24, generator=gen)
+    index = torch.tensor([1, 7, 8, 49])
+    grad = torch.randn(4, 24, generator=gen)
+    lr, wd = 0.1, 5e-4
+    w_rows = weight[index]
+    step = grad + wd * w_rows
+    if momentum:
+        step = step + momentum * buf[index]
+    expected_w, expected_buf = weight.clone(), buf.clone()
+    expected_w[index] = w_rows - lr * step
+    if momentum:
+        expected_buf[index] = step
+    kern.sgd_rows_(weight, buf if momentum else None, index, grad, lr, momentum, wd)
+    torch.testing.assert_close(weight, expected_w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(buf, expected_buf, rtol=1e-6, atol=1e-7)
+
+
+def test_usable_refuses_what_the_kernels_do_not_take(kern, monkeypatch) -> None:
+    x = torch.zeros(4, 4)
+    assert cpu_kernels.usable(x, torch.zeros(4)) is kern
+    assert cpu_kernels.usable(x.T) is None  # not contiguous
+    assert cpu_kernels.usable(x, torch.zeros(4, dtype=torch.float64)) is None  # mixed dtypes
+    assert cpu_kernels.usable(x.half()) is None
+    assert cpu_kernels.usable(x.to("meta")) is None
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.usable(x) is None
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_partialfc_steps_agree_with_and_without_kernels(monkeypatch, rate, opt_name) -> None:
+    """Three full steps (fused ArcFace, sampled update): same losses, embedding gradients
+    and class centres either way. (AdamW with a large eps: Adam's g / sqrt(v) would turn
+    float noise in near-zero gradients into full-size steps.)"""
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, switch)
+        torch.manual_seed(0)
+        pfc = PartialFC(build_margin("arcface"), 64, 500, rate, 0, 1, update="sampled")
+        hp = {"lr": 0.5, "momentum": 0.9} if opt_name == "sgd" else {"lr": 0.05, "eps": 0.1}
+        opt = pfc.build_optimizer(opt_name, weight_decay=5e-4, **hp)
+        x = torch.randn(32, 64, requires_grad=True)
+        labels = torch.randint(0, 500, (32,))
+        losses, grads = [], []
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            x.grad = None
+            loss, _ = pfc(x, labels)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+            grads.append(x.grad.clone())
+        runs.append((torch.stack(losses), torch.stack(grads), pfc.weight.detach().clone()))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
