@@ -31,6 +31,7 @@ cosine / softmax kernels), ``optim`` (the shard's row-sparse optimizer), ``parti
 
 from partialfc.aux_losses import AuxLoss, aux_loss_names, build_aux_loss
 from partialfc.collectives import (
+    all_gather_batch,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_inplace,
@@ -65,6 +66,7 @@ __all__ = [
     "ShardOptimizer",
     "ShardSpec",
     "Workspace",
+    "all_gather_batch",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "all_reduce_inplace",

@@ -11,12 +11,14 @@ gloo and NCCL ``all_gather`` need equal shapes) and trim the padding afterwards.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_gather_batch",
     "all_gather_no_grad",
     "all_gather_stack",
     "all_gather_with_grad",
@@ -130,8 +132,23 @@ def _gather_padded(
     return out, sizes
 
 
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, bytes per row] uint8 view of a contiguous copy (bit-exact packing)."""
+    t = tensor.detach().contiguous()
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8)
+
+
+def _from_bytes(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_as_bytes`` for rows shaped and typed like ``like``."""
+    return raw.contiguous().view(like.dtype).reshape(raw.shape[0], *like.shape[1:])
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
-    """Autograd wrapper around the variable-size all-gather; see ``all_gather_with_grad``."""
+    """Autograd wrapper around the variable-size all-gather; see ``all_gather_with_grad``.
+
+    An optional ``passenger`` (same dim-0 size, any dtype, no gradient: the labels) travels
+    in the same collective, its bytes appended to each row's.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -140,29 +157,52 @@ class _AllGatherWithGrad(torch.autograd.Function):
         group: ProcessGroup | None,
         ddp_scale: bool,
         sizes: list[int] | None,
-    ) -> torch.Tensor:
+        passenger: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         world = get_world_size(group)
-        out, sizes = _gather_padded(tensor, group, world, sizes)
+        if passenger is None:
+            out, sizes = _gather_padded(tensor, group, world, sizes)
+            riders = None
+        else:
+            if passenger.shape[0] != tensor.shape[0]:
+                raise ValueError(
+                    f"passenger has {passenger.shape[0]} rows, the tensor {tensor.shape[0]}"
+                )
+            head = _as_bytes(tensor)
+            packed = torch.cat([head, _as_bytes(passenger)], dim=1)
+            raw, sizes = _gather_padded(packed, group, world, sizes)
+            out = _from_bytes(raw[:, : head.shape[1]], tensor)
+            riders = _from_bytes(raw[:, head.shape[1] :], passenger)
+            ctx.mark_non_differentiable(riders)
         rank = get_rank(group)
         ctx.group = group
-        ctx.offset = sum(sizes[:rank])
-        ctx.size = sizes[rank]
+        ctx.sizes = sizes
+        ctx.rank = rank
         ctx.scale = float(world) if ddp_scale else 1.0
-        return out
+        return out, riders
 
     @staticmethod
     def backward(
-        ctx: Any, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, None, None]:
+        ctx: Any, grad_output: torch.Tensor, _grad_riders: Any
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
         # Each rank's loss only covers its own shard of the classifier, so the gradient wrt the
-        # gathered batch is the SUM of every rank's partial gradient. Clone: the incoming
-        # gradient buffer may be shared with other graph branches and must not be modified.
-        grad = grad_output.contiguous().clone()  # [sum B_r, ...]
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        local = grad[ctx.offset : ctx.offset + ctx.size]  # [B_r, ...]
+        # gathered batch is the SUM of every rank's partial gradient. One all-to-all sends each
+        # rank the rows it owns from every rank's gradient (one message round; a ring
+        # all-reduce of the whole [N, D] takes two), then they are summed here.
+        grad = grad_output.contiguous()  # [sum B_r, ...]
+        world, size = len(ctx.sizes), ctx.sizes[ctx.rank]
+        parts = grad.new_empty((world * size, *grad.shape[1:]))
+        dist.all_to_all_single(
+            parts,
+            grad,
+            output_split_sizes=[size] * world,
+            input_split_sizes=list(ctx.sizes),
+            group=ctx.group,
+        )
+        local = parts.view(world, size, *grad.shape[1:]).sum(dim=0)  # [B_r, ...]
         if ctx.scale != 1.0:
-            local = local * ctx.scale
-        return local, None, None, None
+            local = local.mul_(ctx.scale)
+        return local, None, None, None, None
 
 
 def all_gather_with_grad(
@@ -176,9 +216,9 @@ def all_gather_with_grad(
     Rows come in rank order, so rank r's rows start at ``sum(B_0..B_{r-1})``. Ranks may hold
     different ``B_r``.
 
-    Backward all-reduces (SUM) the incoming gradient over ranks and returns this rank's rows:
-    every rank computes the same global loss ``L`` but only through its own classifier shard,
-    so the true ``dL/de_r`` is the sum of all ranks' partial gradients.
+    Backward sums the incoming gradient over ranks and returns this rank's rows (one
+    all-to-all): every rank computes the same global loss ``L`` but only through its own
+    classifier shard, so the true ``dL/de_r`` is the sum of all ranks' partial gradients.
 
     ``ddp_scale=True`` multiplies that gradient by ``world_size``. DDP *averages* backbone
     gradients over ranks, i.e. divides the sum by ``world_size``; the sum over ranks of
@@ -192,7 +232,23 @@ def all_gather_with_grad(
     world = get_world_size(group)
     if world == 1:
         return tensor
-    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes)
+    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes, None)[0]
+
+
+def all_gather_batch(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    group: ProcessGroup | None = None,
+    ddp_scale: bool = True,
+    sizes: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``all_gather_with_grad(embeddings)`` and ``all_gather_no_grad(labels)`` in one
+    collective: the labels' bytes ride along with each embedding row (bit-exact for any
+    dtype). Returns ``([sum B_r, D], [sum B_r])``; the inputs unchanged with one rank."""
+    if get_world_size(group) == 1:
+        return embeddings, labels
+    out, riders = _AllGatherWithGrad.apply(embeddings, group, ddp_scale, sizes, labels)
+    return out, riders
 
 
 def all_gather_no_grad(

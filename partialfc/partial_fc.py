@@ -25,10 +25,8 @@ from torch import nn
 
 from partialfc.collectives import (
     ProcessGroup,
-    all_gather_no_grad,
-    all_gather_with_grad,
+    all_gather_batch,
     all_reduce_inplace,
-    gather_sizes,
     get_rank,
     get_world_size,
 )
@@ -442,9 +440,10 @@ class PartialFC(nn.Module):
             - ``num_sampled``: this rank's S, an int.
         """
         self._check_inputs(embeddings, labels)
-        sizes = gather_sizes(embeddings, self.group)  # one size exchange for both gathers
-        emb_all = all_gather_with_grad(embeddings, self.group, self.ddp_scale, sizes)  # [N, D]
-        world_labels = all_gather_no_grad(labels.long(), self.group, sizes)  # [N]
+        # [N, D], [N]: the labels travel in the embeddings' collective.
+        emb_all, world_labels = all_gather_batch(
+            embeddings, labels.long(), self.group, self.ddp_scale
+        )
         head: MarginHead = self.margin  # type: ignore[assignment]
         device_type = emb_all.device.type
         out_dtype = torch.promote_types(

@@ -28,6 +28,7 @@ from partialfc import (
     MarginContext,
     PartialFC,
     ShardSpec,
+    all_gather_batch,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_inplace,
@@ -367,6 +368,23 @@ def check_all_gather(rank: int, world: int, group: object) -> None:
     labels = torch.full((sizes[rank],), rank, dtype=torch.long)
     gathered = all_gather_no_grad(labels, group)
     assert gathered.tolist() == [r for r in range(world) for _ in range(sizes[r])]
+    # Embeddings and labels in one collective: bit-exact labels (large ids, and bit patterns
+    # that are NaNs when read as bf16), the embeddings' gradient as above; a rank may have
+    # no rows (sizes 0).
+    big = (1 << 40) + 0x7FC0 + rank
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = sizes[rank] - 1 if rank == 0 else sizes[rank]  # rank 0 sends nothing
+        emb = (torch.arange(rows, dtype=dtype) + rank)[:, None].repeat(1, 3).requires_grad_(True)
+        ids = torch.full((rows,), big, dtype=torch.long)
+        out, out_ids = all_gather_batch(emb, ids, group, ddp_scale=False)
+        counts = [sizes[r] - 1 if r == 0 else sizes[r] for r in range(world)]
+        assert out_ids.tolist() == [
+            (1 << 40) + 0x7FC0 + r for r in range(world) for _ in range(counts[r])
+        ]
+        expected_rows = torch.cat([torch.arange(c, dtype=dtype) + r for r, c in enumerate(counts)])
+        assert torch.equal(out[:, 0], expected_rows) and out.dtype == dtype
+        (out.float().sum(dim=1) * (rank + 1)).sum().backward()
+        assert torch.equal(emb.grad, torch.full_like(emb, float(sum(range(1, world + 1)))))
     # all_reduce_value: value summed, gradient local; sync_grad: gradient summed.
     x = torch.tensor([float(rank + 1)], requires_grad=True)
     y = all_reduce_value(x * 2.0, group)
