@@ -31,6 +31,7 @@ cosine / softmax kernels), ``optim`` (the shard's row-sparse optimizer), ``parti
 
 from partialfc.aux_losses import AuxLoss, aux_loss_names, build_aux_loss
 from partialfc.collectives import (
+    GatherCapacity,
     all_gather_batch,
     all_gather_no_grad,
     all_gather_with_grad,
@@ -60,6 +61,7 @@ __all__ = [
     "UPDATE_MODES",
     "AuxLoss",
     "CombinedMargin",
+    "GatherCapacity",
     "MarginContext",
     "MarginHead",
     "PartialFC",

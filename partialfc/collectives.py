@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "GatherCapacity",
     "all_gather_batch",
     "all_gather_no_grad",
     "all_gather_stack",
@@ -158,6 +159,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         ddp_scale: bool,
         sizes: list[int] | None,
         passenger: torch.Tensor | None,
+        capacity: GatherCapacity | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         world = get_world_size(group)
         if passenger is None:
@@ -170,7 +172,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
                 )
             head = _as_bytes(tensor)
             packed = torch.cat([head, _as_bytes(passenger)], dim=1)
-            raw, sizes = _gather_padded(packed, group, world, sizes)
+            if capacity is not None and capacity.rows is not None and sizes is None:
+                raw, sizes = _gather_with_capacity(packed, group, world, capacity.rows)
+            else:
+                raw, sizes = _gather_padded(packed, group, world, sizes)
+            if capacity is not None:
+                capacity.rows = max(capacity.rows or 0, *sizes)
             out = _from_bytes(raw[:, : head.shape[1]], tensor)
             riders = _from_bytes(raw[:, head.shape[1] :], passenger)
             ctx.mark_non_differentiable(riders)
@@ -202,7 +209,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         local = parts.view(world, size, *grad.shape[1:]).sum(dim=0)  # [B_r, ...]
         if ctx.scale != 1.0:
             local = local.mul_(ctx.scale)
-        return local, None, None, None, None
+        return local, None, None, None, None, None
 
 
 def all_gather_with_grad(
@@ -232,7 +239,38 @@ def all_gather_with_grad(
     world = get_world_size(group)
     if world == 1:
         return tensor
-    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes, None)[0]
+    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes, None, None)[0]
+
+
+class GatherCapacity:
+    """Rows per rank that ``all_gather_batch`` pads to: the largest batch seen so far.
+
+    Every rank of the group updates it from the same gathered sizes, so all agree on it
+    without communicating; with it, a gather needs no size exchange of its own (each rank's
+    row count travels in a header row). A rank with more rows than the capacity makes every
+    rank fall back to exchanging sizes for that call. Give each group its own instance.
+    """
+
+    def __init__(self) -> None:
+        self.rows: int | None = None
+
+
+def _gather_with_capacity(
+    packed: torch.Tensor, group: ProcessGroup | None, world: int, cap: int
+) -> tuple[torch.Tensor, list[int]]:
+    """``_gather_padded`` of uint8 rows [B_r, R] (R >= 8) in one collective when every
+    ``B_r <= cap``: rows padded to ``cap`` plus a header row holding ``B_r``."""
+    rows, width = packed.shape
+    frame = packed.new_zeros((cap + 1, width))
+    keep = min(rows, cap)
+    frame[:keep] = packed[:keep]
+    frame[cap, :8] = torch.tensor([rows], dtype=torch.int64).view(torch.uint8)
+    parts = [torch.empty_like(frame) for _ in range(world)]
+    dist.all_gather(parts, frame, group=group)
+    sizes = [int(p[cap, :8].clone().view(torch.int64)) for p in parts]
+    if max(sizes) > cap:  # somebody's batch grew: gather again, sizes now known
+        return _gather_padded(packed, group, world, sizes)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0), sizes
 
 
 def all_gather_batch(
@@ -240,14 +278,20 @@ def all_gather_batch(
     labels: torch.Tensor,
     group: ProcessGroup | None = None,
     ddp_scale: bool = True,
-    sizes: list[int] | None = None,
+    capacity: GatherCapacity | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``all_gather_with_grad(embeddings)`` and ``all_gather_no_grad(labels)`` in one
     collective: the labels' bytes ride along with each embedding row (bit-exact for any
-    dtype). Returns ``([sum B_r, D], [sum B_r])``; the inputs unchanged with one rank."""
+    dtype; ``labels`` must be 1-D with 8-byte elements). With a ``GatherCapacity`` (kept by
+    the caller across steps) the size exchange is skipped once the capacity is known.
+    Returns ``([sum B_r, D], [sum B_r])``; the inputs unchanged with one rank."""
     if get_world_size(group) == 1:
         return embeddings, labels
-    out, riders = _AllGatherWithGrad.apply(embeddings, group, ddp_scale, sizes, labels)
+    if labels.dim() != 1 or labels.element_size() != 8:
+        raise ValueError(
+            f"labels must be 1-D with 8-byte elements, got {tuple(labels.shape)} {labels.dtype}"
+        )
+    out, riders = _AllGatherWithGrad.apply(embeddings, group, ddp_scale, None, labels, capacity)
     return out, riders
 
 

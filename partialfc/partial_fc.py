@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partialfc.collectives import (
+    GatherCapacity,
     ProcessGroup,
     all_gather_batch,
     all_reduce_inplace,
@@ -266,6 +267,9 @@ class PartialFC(nn.Module):
         self.sample_generator = torch.Generator().manual_seed(_mixed_seed("sample", seed, rank))
         self.last_sampled_global: torch.Tensor | None = None
         self.workspace: Workspace | None = Workspace() if self.low_memory else None
+        # Largest per-rank batch so far, the same on every rank: lets the batch's all-gather
+        # skip its size exchange.
+        self._gather_capacity = GatherCapacity()
 
     @staticmethod
     def _check_group_matches(group: ProcessGroup | None, rank: int, world_size: int) -> None:
@@ -442,7 +446,7 @@ class PartialFC(nn.Module):
         self._check_inputs(embeddings, labels)
         # [N, D], [N]: the labels travel in the embeddings' collective.
         emb_all, world_labels = all_gather_batch(
-            embeddings, labels.long(), self.group, self.ddp_scale
+            embeddings, labels.long(), self.group, self.ddp_scale, self._gather_capacity
         )
         head: MarginHead = self.margin  # type: ignore[assignment]
         device_type = emb_all.device.type

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from _dist import run_distributed
 
 from partialfc import (
+    GatherCapacity,
     MarginContext,
     PartialFC,
     ShardSpec,
@@ -385,6 +386,32 @@ def check_all_gather(rank: int, world: int, group: object) -> None:
         assert torch.equal(out[:, 0], expected_rows) and out.dtype == dtype
         (out.float().sum(dim=1) * (rank + 1)).sum().backward()
         assert torch.equal(emb.grad, torch.full_like(emb, float(sum(range(1, world + 1)))))
+    # With a GatherCapacity the size exchange is skipped once the largest batch is known;
+    # a batch above it makes every rank exchange sizes again (one extra collective).
+    capacity, calls = GatherCapacity(), []
+    real_all_gather = dist.all_gather
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_all_gather(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        for step, (grow, expected_calls) in enumerate([(0, 2), (0, 1), (-1, 1), (2, 2), (0, 1)]):
+            rows = max(0, sizes[rank] + (grow if rank == world - 1 else 0))
+            emb = torch.randn(rows, 4)
+            ids = torch.arange(rows) + 100 * rank + step
+            calls.clear()
+            out, out_ids = all_gather_batch(emb, ids, group, capacity=capacity)
+            assert len(calls) == expected_calls, (step, len(calls))
+            counts = [sizes[r] + (grow if r == world - 1 else 0) for r in range(world)]
+            assert out_ids.tolist() == [
+                i + 100 * r + step for r in range(world) for i in range(max(0, counts[r]))
+            ]
+            assert out.shape == (sum(max(0, c) for c in counts), 4)
+        assert capacity.rows == world + 2  # the last rank's grown batch
+    finally:
+        dist.all_gather = real_all_gather
     # all_reduce_value: value summed, gradient local; sync_grad: gradient summed.
     x = torch.tensor([float(rank + 1)], requires_grad=True)
     y = all_reduce_value(x * 2.0, group)
