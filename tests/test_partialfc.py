@@ -413,3 +413,18 @@ def test_partialfc_rejects_bad_input() -> None:
         PartialFC(torch.nn.Identity(), D, 10, 1.0, 0, 1)
     with pytest.raises(ValueError, match="stats_columns"):
         PartialFC(margin, D, 10, 1.0, 0, 1, stats_columns=0)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "num_pos"),
+    [(10, 3, 0), (10, 10, 2), (1000, 999, 5), (1000, 100, 100), (50_000, 5_000, 256), (7, 1, 0)],
+)
+def test_largest_sorted_is_the_sorted_top_k(n: int, k: int, num_pos: int) -> None:
+    """The thresholded selection used for sampling picks exactly topk's set, in order."""
+    from partialfc.partial_fc import _largest_sorted
+
+    gen = torch.Generator().manual_seed(n + k)
+    keys = torch.rand(n, generator=gen)
+    keys[torch.randperm(n, generator=gen)[:num_pos]] = 2.0
+    expected = torch.topk(keys, k).indices.sort().values
+    assert torch.equal(_largest_sorted(keys, k, num_pos), expected)
