@@ -203,11 +203,15 @@ def _project_out_radial(grad: torch.Tensor, w: torch.Tensor, coef: torch.Tensor)
 
 
 class _FusedCosine(torch.autograd.Function):
-    """``z = scale * cos`` [N, S] with local targets masked to -inf, and target cosines [R].
+    """``u = scale * x_hat . W_j`` [N, S] with local targets masked to -inf, the column scale
+    ``1 / |W_j|`` [S] that turns it into ``scale * cos``, and the target cosines [R].
 
     Inputs: ``x_hat`` [N, D] normalised gathered embeddings, ``weight`` [C_r, D] the shard,
     ``index`` [S] sorted sampled rows (None: all rows). Its only consumer is
-    ``_FusedSoftmaxCE``, whose gradient buffer this backward reuses in place.
+    ``_FusedSoftmaxCE``, which applies the column scale inside its own sweep over ``u`` and
+    hands back ``dL/du`` (the column scale applied again) in a buffer this backward reuses in
+    place; the dependence of the scale on ``W`` is this backward's radial projection. Under
+    float16 the rows are normalised before the product and the column scale is None.
     """
 
     @staticmethod
@@ -222,7 +226,7 @@ class _FusedCosine(torch.autograd.Function):
         mm_dtype: torch.dtype,
         sparse_grad: bool,
         workspace: Workspace | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         out_dtype = x_hat.dtype
         n, d = x_hat.shape
         w = weight.detach()
@@ -252,15 +256,9 @@ class _FusedCosine(torch.autograd.Function):
         b_low = None
         if low:
             b_low = (w_f * inv[:, None]).to(mm_dtype) if prenorm else w_f.to(mm_dtype)
-            prod = torch.mm(x_s.to(mm_dtype), b_low.T)  # [N, S] low precision
-            if prenorm:
-                z.copy_(prod)
-            else:
-                torch.mul(prod, inv, out=z)
-            del prod
+            z.copy_(torch.mm(x_s.to(mm_dtype), b_low.T))  # [N, S] from low precision
         else:
-            torch.mm(x_s, w_f.T, out=z)
-            z.mul_(inv)  # [N, S] = scale * cos
+            torch.mm(x_s, w_f.T, out=z)  # [N, S]; times col_scale = scale * cos
         # Exact target cosines in the output precision (O(R * D)), whatever the matmul dtype.
         c_t = (x_hat[rows] * w_f[cols]).sum(dim=1) * inv[cols]  # [R]
         z.index_put_((rows, cols), torch.tensor(-math.inf, dtype=out_dtype, device=z.device))
@@ -273,19 +271,22 @@ class _FusedCosine(torch.autograd.Function):
         ctx.weight_shape = weight.shape
         ctx.weight_dtype = weight.dtype
         ctx.workspace = workspace
-        return z, c_t
+        col_scale = None if prenorm else inv
+        if col_scale is not None:
+            ctx.mark_non_differentiable(col_scale)
+        return z, c_t, col_scale
 
     @staticmethod
-    def backward(ctx: Any, gz: torch.Tensor | None, gct: torch.Tensor | None) -> tuple[Any, ...]:
+    def backward(
+        ctx: Any, gz: torch.Tensor | None, gct: torch.Tensor | None, _g_scale: Any
+    ) -> tuple[Any, ...]:
         x_s, w_f, inv, rows, cols, b_low, index = ctx.saved_tensors
         n, s_cols = x_s.shape[0], w_f.shape[0]
         scale = ctx.scale
-        # v[i, j] = dL/dz_ij * (1/|W_j|): gz is _FusedSoftmaxCE's fresh gradient buffer.
+        # v[i, j] = dL/du_ij = dL/dz_ij * (1/|W_j|), from _FusedSoftmaxCE (its fresh buffer).
         v = gz if gz is not None else x_s.new_zeros(n, s_cols)  # [N, S]
         if not v.is_contiguous():
             v = v.contiguous()
-        if not ctx.prenorm:
-            v.mul_(inv)
         t_grad = gct if gct is not None else x_s.new_zeros(rows.numel())
         t_val = t_grad.to(v.dtype) / scale
         if not ctx.prenorm:
@@ -332,31 +333,40 @@ def fused_cosine(
     mm_dtype: torch.dtype,
     sparse_grad: bool,
     workspace: Workspace | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale * cos [N, S] with local targets = -inf, target cos [R])``; see the module doc.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(u [N, S] with local targets = -inf, column scale [S] or None, target cos [R])``:
+    ``u * column scale = scale * cos``; see ``_FusedCosine`` and the module doc.
 
-    Only ``fused_softmax_ce`` may consume the first output (its backward buffer is reused).
+    Only ``fused_softmax_ce`` may consume ``u``, with the column scale (its backward
+    buffer is reused and it returns ``dL/du``).
     """
-    return _FusedCosine.apply(
+    u, c_t, col_scale = _FusedCosine.apply(
         x_hat, weight, index, rows, cols, scale, mm_dtype, sparse_grad, workspace
     )
+    return u, col_scale, c_t
 
 
-def _local_exp_sums(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place ``z = exp(z - shift)`` per row; returns (row max [N], shift [N], sum [N]).
+def _local_exp_sums(
+    z: torch.Tensor, col_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place ``z = exp(z * col_scale - shift)`` per row (``col_scale`` [S] optional);
+    returns (row max [N], shift [N], sum [N]) of the scaled logits.
 
     The row max is over this rank's columns only (-inf for a row without a finite value);
     the shift is that max where finite, else 0 (such a row is all zeros after exp). One sweep
-    per row with the fused CPU kernel, four torch passes otherwise.
+    per row with the fused CPU kernel, four or five torch passes otherwise.
     """
     n = z.shape[0]
     row_max = z.new_full((n,), -math.inf)
     row_sum = z.new_empty(n)
-    kern = cpu_kernels.usable(z, row_max, row_sum) if z.shape[1] > 0 else None
+    extra = () if col_scale is None else (col_scale,)
+    kern = cpu_kernels.usable(z, row_max, row_sum, *extra) if z.shape[1] > 0 else None
     if kern is not None:
-        kern.softmax_rows_(z, row_max, row_sum)
+        kern.softmax_rows_(z, col_scale, row_max, row_sum)
         shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         return row_max, shift, row_sum
+    if col_scale is not None:
+        z.mul_(col_scale)
     if z.shape[1] > 0:
         row_max = z.amax(dim=1)
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -368,7 +378,8 @@ class _FusedSoftmaxCE(torch.autograd.Function):
     """Distributed softmax CE from masked non-target logits [N, S] and target logits [R].
 
     Forward, with one collective (an all-gather of per-row statistics): every rank turns its
-    columns into ``exp(z - shift_r)`` with its own row maximum as the shift and sums them;
+    columns (``z * col_scale`` when a column scale is given) into ``exp(z - shift_r)`` with
+    its own row maximum as the shift and sums them;
     adding its local target terms it has, per global row i, a local maximum ``m_ri`` and
     ``s_ri = sum exp(. - m_ri)`` over its logits (online softmax). From every rank's
     ``(m_r, s_r)``, the target logit ``f_i`` (from the one rank holding it) and the row maxima
@@ -389,10 +400,12 @@ class _FusedSoftmaxCE(torch.autograd.Function):
         group: ProcessGroup | None,
         in_place: bool,
         extra: torch.Tensor | None,
+        col_scale: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = z.shape[0]
         f_d = f.detach().to(z.dtype)  # [R]
-        neg_max, shift, local_sum = _local_exp_sums(z)  # [N] each; z = exp(z - shift)
+        # [N] each; z = exp(z * col_scale - shift)
+        neg_max, shift, local_sum = _local_exp_sums(z, col_scale)
         # This rank's online-softmax pair (m, s) per row, its target terms included.
         m = neg_max.clone()
         m[rows] = torch.maximum(m[rows], f_d)
@@ -420,7 +433,7 @@ class _FusedSoftmaxCE(torch.autograd.Function):
             has_exp, torch.exp(shift - row_max) / total, torch.zeros_like(total)
         )  # [N]
         p_t = torch.exp(f_d - row_max[rows]) / total[rows]  # [R] softmax of the targets
-        ctx.save_for_backward(z, row_coef, p_t)
+        ctx.save_for_backward(z, row_coef, p_t, col_scale)
         ctx.n = n
         ctx.in_place = in_place
         ctx.used = False
@@ -438,12 +451,26 @@ class _FusedSoftmaxCE(torch.autograd.Function):
                     "with low_memory=False for retain_graph / double backward / gradcheck"
                 )
             ctx.used = True
-        exps, row_coef, p_t = ctx.saved_tensors
+        exps, row_coef, p_t, col_scale = ctx.saved_tensors
         scale = grad_loss.to(exps.dtype) / ctx.n
         coef = row_coef * scale  # [N]
-        grad_z = exps.mul_(coef[:, None]) if ctx.in_place else exps * coef[:, None]
         grad_f = (p_t - 1.0) * scale  # [R]
-        return grad_z, grad_f.to(ctx.f_dtype), None, None, None, None
+        # dL/dz_ij = softmax_ij * coef_i (targets handled through f); times the column scale
+        # this is dL/d(input), in one sweep where the kernel applies.
+        if not ctx.in_place:
+            grad_z = exps * coef[:, None]
+            if col_scale is not None:
+                grad_z.mul_(col_scale)
+        elif col_scale is None:
+            grad_z = exps.mul_(coef[:, None])
+        else:
+            grad_z = exps
+            kern = cpu_kernels.usable(exps, coef, col_scale)
+            if kern is not None:
+                kern.scale_rows_cols_(exps, coef, col_scale)
+            else:
+                exps.mul_(coef[:, None]).mul_(col_scale)
+        return grad_z, grad_f.to(ctx.f_dtype), None, None, None, None, None
 
 
 def fused_softmax_ce(
@@ -453,14 +480,16 @@ def fused_softmax_ce(
     group: ProcessGroup | None,
     in_place: bool,
     extra: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, hardest non-target logit per row [N], extra summed over ranks)``.
 
-    ``extra`` (optional, 1-D, no gradient) is summed over ranks in the same all-reduce as the
-    softmax normaliser, so per-step statistics cost no collective of their own.
-    See ``_FusedSoftmaxCE``.
+    The non-target logits are ``z * col_scale`` (``col_scale`` [S] optional, no gradient:
+    the gradient returned for ``z`` then includes it). ``extra`` (optional, 1-D, no
+    gradient) is summed over ranks in the same collective as the softmax statistics, so
+    per-step statistics cost no collective of their own. See ``_FusedSoftmaxCE``.
     """
-    return _FusedSoftmaxCE.apply(z, f, rows, group, in_place, extra)
+    return _FusedSoftmaxCE.apply(z, f, rows, group, in_place, extra, col_scale)
 
 
 # ---------------------------------------------------------------------------- generic path

@@ -563,9 +563,9 @@ class PartialFC(nn.Module):
         sparse = self.update == "sampled"
         if fused:
             assert scale is not None
-            z, c_t = fused_cosine(
+            z, col_scale, c_t = fused_cosine(
                 x_hat, self.weight, index, rows, cols, scale, mm_dtype, sparse, self.workspace
-            )  # [N, S], [R]
+            )  # [N, S] (times col_scale [S]: scale * cos), [R]
             ctx.target_cos = c_t
             target_rows = cols if index is None else index[cols]  # [R] local shard rows
 
@@ -587,10 +587,10 @@ class PartialFC(nn.Module):
                 extra = z.new_zeros(2 * n + 2)
                 extra[rows] = c_t.detach().to(extra.dtype)
                 extra[n + rows] = 1.0
-                extra[2 * n :] = self._negative_angle_sums(z.detach(), None, scale)
+                extra[2 * n :] = self._negative_angle_sums(z.detach(), None, scale, col_scale)
             f = head.target_logits(ctx, c_t)  # [R]
             loss_ce, hardest, extra = fused_softmax_ce(
-                z, f, rows, self.group, self.low_memory, extra
+                z, f, rows, self.group, self.low_memory, extra, col_scale
             )
             ctx.cache["global_target_cos"] = (extra[:n], extra[n : 2 * n] > 0)
             neg_sample = extra[2 * n :]
@@ -658,16 +658,23 @@ class PartialFC(nn.Module):
         return all_reduce_inplace(neg.contiguous(), "max", self.group)
 
     def _negative_angle_sums(
-        self, values: torch.Tensor, target: torch.Tensor | None, scale: float
+        self,
+        values: torch.Tensor,
+        target: torch.Tensor | None,
+        scale: float,
+        col_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[sum of angles (deg), count] over a strided subset of this rank's non-target columns.
 
-        ``values`` is ``scale * cos`` with targets at -inf (fused) or ``cos`` with ``target``.
+        ``values`` is ``scale * cos`` with targets at -inf (fused; times ``col_scale`` when
+        given) or ``cos`` with ``target``.
         """
         n, s_cols = values.shape
         stride = max(1, -(-s_cols // self.stats_columns))
         picked = torch.arange(0, s_cols, stride, device=values.device)  # [<= stats_columns]
         sub = values[:, picked] / scale  # [N, k]
+        if col_scale is not None:
+            sub = sub * col_scale[picked].to(sub.dtype)
         keep = torch.isfinite(sub)
         if target is not None:
             keep &= target[:, None] != picked[None, :]

@@ -53,7 +53,7 @@ def test_softmax_rows_matches_torch(kern, dtype) -> None:
     arg = z - shift[:, None]  # rounded in dtype, as the kernel does
     ref = arg.double().exp()
     out, row_max, row_sum = z.clone(), init.clone(), torch.empty(9, dtype=dtype)
-    kern.softmax_rows_(out, row_max, row_sum)
+    kern.softmax_rows_(out, None, row_max, row_sum)
     assert torch.equal(row_max, ref_max)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and float(row_sum[1]) == 0.0
     # Within 2 ulp of exp where exp is a normal float; 0 where it would be subnormal.
@@ -62,20 +62,44 @@ def test_softmax_rows_matches_torch(kern, dtype) -> None:
     torch.testing.assert_close(out.double(), ref.where(ref >= tiny, 0.0), rtol=2 * ulp, atol=0)
     torch.testing.assert_close(row_sum.double(), ref.sum(dim=1), rtol=1e-6, atol=0)
     nan = torch.tensor([[0.0, math.nan, -1.0]], dtype=dtype)
-    kern.softmax_rows_(nan, torch.full((1,), -math.inf, dtype=dtype), torch.empty(1, dtype=dtype))
+    kern.softmax_rows_(
+        nan, None, torch.full((1,), -math.inf, dtype=dtype), torch.empty(1, dtype=dtype)
+    )
     assert bool(torch.isnan(nan[0, 1]))
 
 
-def test_local_exp_sums_agree_with_and_without_kernels(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_rows_column_scale_and_row_column_scaling(kern, dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    z = (torch.randn(6, 301, generator=gen) * 10).to(dtype)
+    z[2, 4] = -math.inf
+    col = (torch.rand(301, generator=gen) + 0.5).to(dtype)
+    scaled = z * col
+    expected_max = scaled.amax(dim=1)
+    expected = (scaled - expected_max[:, None]).exp()
+    out, row_max, row_sum = z.clone(), torch.full((6,), -math.inf, dtype=dtype), z.new_empty(6)
+    kern.softmax_rows_(out, col, row_max, row_sum)
+    torch.testing.assert_close(row_max, expected_max, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(row_sum, expected.sum(dim=1), rtol=1e-5, atol=0)
+    row = (torch.rand(6, generator=gen) - 0.5).to(dtype)
+    grad = out.clone()
+    kern.scale_rows_cols_(grad, row, col)
+    torch.testing.assert_close(grad, out * row[:, None] * col, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_local_exp_sums_agree_with_and_without_kernels(monkeypatch, with_scale) -> None:
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(16, 700, generator=gen) * 20
     z[3] = -math.inf
     z[5, ::2] = -math.inf
+    col = torch.rand(700, generator=gen) + 0.5 if with_scale else None
     results = []
     for switch in ("1", "0"):
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, switch)
         out = z.clone()
-        results.append((out, *_local_exp_sums(out)))
+        results.append((out, *_local_exp_sums(out, col)))
     # torch's exp keeps subnormal results (< 1.2e-38) that the kernel flushes to 0.
     for a, b in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=torch.finfo(z.dtype).tiny)

@@ -111,6 +111,24 @@ inline T row_max_t(const T* row, int64_t s, T m) {
   return m;
 }
 
+// row *= col elementwise, then the row's maximum (with m as the starting value).
+template <typename T>
+inline T scale_row_max_t(T* row, const T* col, int64_t s, T m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < s; ++j) {
+    const T v = row[j] * col[j];
+    row[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+template <typename T>
+inline void scale_row_t(T* row, const T* col, int64_t s, T a) {
+#pragma omp simd
+  for (int64_t j = 0; j < s; ++j) row[j] *= a * col[j];
+}
+
 template <typename T>
 inline double row_exp_sum_t(T* row, int64_t s, T shift) {
   // Vectorised partial sums over blocks, added up in double.
@@ -153,6 +171,18 @@ PFC_MULTIVERSION float row_max(const float* row, int64_t s, float m) {
   return row_max_t(row, s, m);
 }
 double row_max(const double* row, int64_t s, double m) { return row_max_t(row, s, m); }
+PFC_MULTIVERSION float scale_row_max(float* row, const float* col, int64_t s, float m) {
+  return scale_row_max_t(row, col, s, m);
+}
+double scale_row_max(double* row, const double* col, int64_t s, double m) {
+  return scale_row_max_t(row, col, s, m);
+}
+PFC_MULTIVERSION void scale_row(float* row, const float* col, int64_t s, float a) {
+  scale_row_t(row, col, s, a);
+}
+void scale_row(double* row, const double* col, int64_t s, double a) {
+  scale_row_t(row, col, s, a);
+}
 PFC_MULTIVERSION double row_exp_sum(float* row, int64_t s, float shift) {
   return row_exp_sum_t(row, s, shift);
 }
@@ -206,19 +236,32 @@ void gather_rows_inv_norm_impl(const at::Tensor& weight, const at::Tensor& index
 }
 
 template <typename T>
-void softmax_rows_impl(at::Tensor& z, at::Tensor& max_out, at::Tensor& sum_out) {
+void softmax_rows_impl(at::Tensor& z, const at::Tensor& col_scale, at::Tensor& max_out,
+                       at::Tensor& sum_out) {
   const int64_t s = z.size(1);
   T* z_base = z.data_ptr<T>();
+  const T* col = col_scale.defined() ? col_scale.data_ptr<T>() : nullptr;
   T* mx = max_out.data_ptr<T>();
   T* sm = sum_out.data_ptr<T>();
   at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = z_base + i * s;
-      const T m = row_max(row, s, mx[i]);
+      const T m = col == nullptr ? row_max(row, s, mx[i]) : scale_row_max(row, col, s, mx[i]);
       mx[i] = m;
       // A row with no finite value (every column masked, no target) is all zeros after exp.
       sm[i] = static_cast<T>(row_exp_sum(row, s, std::isfinite(m) ? m : T(0)));
     }
+  });
+}
+
+template <typename T>
+void scale_rows_cols_impl(at::Tensor& z, const at::Tensor& row_scale, const at::Tensor& col_scale) {
+  const int64_t s = z.size(1);
+  T* z_base = z.data_ptr<T>();
+  const T* r = row_scale.data_ptr<T>();
+  const T* c = col_scale.data_ptr<T>();
+  at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) scale_row(z_base + i * s, c, s, r[i]);
   });
 }
 
@@ -269,18 +312,36 @@ void gather_rows_inv_norm(at::Tensor weight, at::Tensor index, at::Tensor out, a
   });
 }
 
-void softmax_rows_(at::Tensor z, at::Tensor row_max, at::Tensor row_sum) {
+void softmax_rows_(at::Tensor z, std::optional<at::Tensor> col_scale_opt, at::Tensor row_max,
+                   at::Tensor row_sum) {
+  at::Tensor col_scale = col_scale_opt.has_value() ? *col_scale_opt : at::Tensor();
   check_pair(z, row_max, "softmax_rows_");
   check_pair(z, row_sum, "softmax_rows_");
+  if (col_scale.defined()) {
+    check_pair(z, col_scale, "softmax_rows_");
+    TORCH_CHECK(col_scale.size(0) == z.size(1), "softmax_rows_: col_scale must be [S]");
+  }
   TORCH_CHECK(row_max.size(0) == z.size(0) && row_sum.size(0) == z.size(0),
               "softmax_rows_: shapes");
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "softmax_rows_",
-                             [&] { softmax_rows_impl<scalar_t>(z, row_max, row_sum); });
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "softmax_rows_", [&] {
+    softmax_rows_impl<scalar_t>(z, col_scale, row_max, row_sum);
+  });
+}
+
+void scale_rows_cols_(at::Tensor z, at::Tensor row_scale, at::Tensor col_scale) {
+  check_pair(z, row_scale, "scale_rows_cols_");
+  check_pair(z, col_scale, "scale_rows_cols_");
+  TORCH_CHECK(row_scale.size(0) == z.size(0) && col_scale.size(0) == z.size(1),
+              "scale_rows_cols_: shapes");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_rows_cols_",
+                             [&] { scale_rows_cols_impl<scalar_t>(z, row_scale, col_scale); });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_rows_", &sgd_rows_, "SGD (momentum, coupled weight decay) on the indexed rows");
   m.def("project_radial_", &project_radial_, "grad_i -= coef_i * (grad_i . w_i) * w_i");
   m.def("gather_rows_inv_norm", &gather_rows_inv_norm, "out = weight[index], inv = 1/|row|");
-  m.def("softmax_rows_", &softmax_rows_, "z = exp(z - max), per-row max and sum");
+  m.def("softmax_rows_", &softmax_rows_,
+        "z = z * col_scale (optional), then exp(z - row max); per-row max and sum");
+  m.def("scale_rows_cols_", &scale_rows_cols_, "z_ij *= row_i * col_j");
 }
