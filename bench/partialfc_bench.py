@@ -60,6 +60,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="per rank; 0: cores // world")
     p.add_argument("--no-baseline", action="store_true", help="skip the dense single process")
     p.add_argument(
+        "--no-cpu-kernels",
+        action="store_true",
+        help="Partial FC's torch-op path instead of its fused CPU kernels",
+    )
+    p.add_argument(
         "--thp",
         action="store_true",
         help="THP_MEM_ALLOC_ENABLE=1 for the workers (huge pages for big tensors)",
@@ -233,9 +238,12 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
     import torch.distributed as dist
 
     sys.path.insert(0, str(REPO))
-    from partialfc import PartialFC, build_margin
+    from partialfc import PartialFC, build_margin, cpu_kernels
 
     torch.set_num_threads(cfg["threads"])
+    cpu_kernels.set_enabled(cfg["cpu_kernels"])
+    if cfg["cpu_kernels"] and not cpu_kernels.available():
+        raise RuntimeError("the fused CPU kernels did not build; see the warning above")
     world = cfg["world"]
     dist.init_process_group(
         "gloo",
@@ -439,6 +447,9 @@ def _fmt_ms(x: float | None) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]], dense: list[dict[str, Any]]) -> None:
+    if rows:
+        path = "fused CPU kernels" if rows[0]["cpu_kernels"] else "torch ops (no CPU kernels)"
+        print(f"Partial FC, {rows[0]['world']} ranks, {path}:")
     print(
         f"{'C':>9} {'rate':>5} {'update':>7} {'S/rank':>8} {'step ms':>9} {'GEMM ms':>9} "
         f"{'x GEMM':>7} {'peak GiB':>9} {'state GiB':>9} {'x state':>8}"
@@ -481,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "threads": threads,
+        "cpu_kernels": not args.no_cpu_kernels,
     }
     rows: list[dict[str, Any]] = []
     dense: list[dict[str, Any]] = []

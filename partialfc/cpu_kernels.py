@@ -15,14 +15,13 @@ They are built with ``torch.utils.cpp_extension`` (g++ and ninja, both installed
 project) the first time a process needs them, about half a minute, then loaded from torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``);
 ``make setup`` builds them ahead (``python -m partialfc.cpu_kernels``). The torch-op
-versions stay the reference and the path on every other device, for other dtypes, and when
-the build fails (one warning, then the torch ops) or ``FACETRAIN_CPU_KERNELS=0`` is set.
-Tests check that both paths agree.
+versions stay the reference and the path on every other device, for other dtypes, when the
+build fails (one warning, then the torch ops) and after ``set_enabled(False)`` (the
+trainer's ``partialfc.cpu_kernels: false``). Tests check that both paths agree.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import warnings
@@ -31,10 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ENV_SWITCH", "available", "kernels", "usable"]
-
-ENV_SWITCH = "FACETRAIN_CPU_KERNELS"
-"""Set to ``0`` to use the torch-op path on CPU too."""
+__all__ = ["available", "enabled", "kernels", "set_enabled", "usable"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # -fopenmp-simd: the `omp simd` reductions vectorise without -ffast-math (which would assume
@@ -42,11 +38,17 @@ _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # compiler turn float comparisons into vector selects (nothing here reads FP exceptions).
 _CFLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
 _LOCK = threading.Lock()
-_state: dict[str, Any] = {"module": None, "failed": False}
+_state: dict[str, Any] = {"module": None, "failed": False, "enabled": True}
 
 
-def _enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+def set_enabled(flag: bool) -> None:
+    """Use the kernels on CPU (the default) or the torch-op path everywhere (this process)."""
+    _state["enabled"] = bool(flag)
+
+
+def enabled() -> bool:
+    """Whether ``set_enabled`` allows the kernels in this process."""
+    return bool(_state["enabled"])
 
 
 def kernels(build: bool = True) -> Any | None:
@@ -54,7 +56,7 @@ def kernels(build: bool = True) -> Any | None:
 
     ``build=False`` only returns an already loaded module.
     """
-    if not _enabled() or _state["failed"]:
+    if not _state["enabled"] or _state["failed"]:
         return None
     if _state["module"] is not None or not build:
         return _state["module"]
@@ -73,8 +75,8 @@ def kernels(build: bool = True) -> Any | None:
                 _state["failed"] = True
                 warnings.warn(
                     f"Partial FC's fused CPU kernels ({_SOURCE.name}) could not be built "
-                    f"({type(exc).__name__}: {exc}); using the slower torch-op path. Set "
-                    f"{ENV_SWITCH}=0 to skip the build.",
+                    f"({type(exc).__name__}: {exc}); using the slower torch-op path "
+                    "(partialfc.cpu_kernels: false skips the build).",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -102,9 +104,6 @@ def available() -> bool:
 
 def main() -> int:
     """Build (or load from the cache) the kernels; exit status 1 if that failed."""
-    if not _enabled():
-        print(f"{ENV_SWITCH}=0: fused CPU kernels switched off")
-        return 0
     ok = available()
     print(f"Partial FC fused CPU kernels: {'ready' if ok else 'NOT available (torch-op path)'}")
     return 0 if ok else 1

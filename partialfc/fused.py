@@ -3,14 +3,17 @@
 Two paths compute the loss of a step:
 
 - **fused** (heads whose non-target logits are ``s * cos``: ArcFace, CosFace, NormFace,
-  combined margins, AdaFace, MagFace, DiscFace): ``_FusedCosine`` computes
-  ``z = s * cos`` of the sampled columns with the local target entries masked to -inf, plus
-  the exact target cosines ``[R]``; the head turns those into target logits ``[R]`` (plain
-  autograd); ``_FusedSoftmaxCE`` finishes the distributed softmax cross-entropy. No
-  ``[N, S]`` tensor ever enters autograd, and with a ``Workspace`` the whole step touches one
-  ``[N, S]`` buffer (logits -> exp -> gradient, in place) and one ``[S, D]`` buffer of gathered
-  rows, both reused across steps. The per-step cost over the three matrix products is a few
-  O(N*S) passes and O(S*D) passes (see BENCHMARKS.md).
+  combined margins, AdaFace, MagFace, DiscFace): ``_FusedCosine`` computes the product
+  ``u = s * x_hat . W_j`` of the sampled columns (local target entries masked to -inf), the
+  column scale ``1 / |W_j|`` and the exact target cosines ``[R]``; the head turns those into
+  target logits ``[R]`` (plain autograd); ``_FusedSoftmaxCE`` applies the column scale and
+  finishes the distributed softmax cross-entropy with one all-gather of per-row statistics.
+  No ``[N, S]`` tensor ever enters autograd, and with a ``Workspace`` the whole step touches
+  one ``[N, S]`` buffer (product -> exp -> gradient, in place), one ``[S, D]`` buffer of
+  gathered rows and one ``[S, D]`` gradient buffer, all reused across steps. Beyond the three
+  matrix products a step sweeps ``[N, S]`` twice and ``[S, D]`` a few times; on CPU each
+  sweep is one fused kernel (``partialfc.cpu_kernels``), elsewhere a few torch ops (see
+  BENCHMARKS.md).
 - **generic** (every other head): ``gather_rows`` + plain autograd for the cosine, the head's
   ``logits(ctx)`` and ``_DistSoftmaxCE``.
 

@@ -13,8 +13,11 @@ Update semantics for rows that were not sampled (``PartialFC(update=...)``):
 
 ``ShardOptimizer`` follows ``torch.optim.SGD`` (dampening 0, no Nesterov) and
 ``torch.optim.AdamW`` (no amsgrad) formulas exactly, including for dense gradients, and works
-row chunk by row chunk so it never allocates a temporary of the shard's size. It is a regular
-``torch.optim.Optimizer``: LR schedulers, ``state_dict`` and GradScaler work unchanged.
+row chunk by row chunk so it never allocates a temporary of the shard's size. On CPU the
+row-sparse SGD update is one fused sweep over the rows (``partialfc.cpu_kernels``: read
+momentum, gradient and weight, write momentum and weight), the torch-op chunks elsewhere.
+It is a regular ``torch.optim.Optimizer``: LR schedulers, ``state_dict`` and GradScaler
+work unchanged.
 """
 
 from __future__ import annotations

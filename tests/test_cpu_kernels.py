@@ -3,7 +3,7 @@
 Each kernel is compared with an independent torch computation on random data with the edge
 cases the step produces (masked -inf logits, rows without a finite value, float64), and a
 whole PartialFC step (loss, gradients, optimizer update) is run with the kernels switched on
-and off (``FACETRAIN_CPU_KERNELS``). test_partialfc_dist.py runs its multi-process reference
+and off (``cpu_kernels.set_enabled``). test_partialfc_dist.py runs its multi-process reference
 comparison both ways too.
 """
 
@@ -16,6 +16,14 @@ import torch
 
 from partialfc import PartialFC, build_margin, cpu_kernels
 from partialfc.fused import NORM_EPS, _local_exp_sums, _project_out_radial
+
+
+@pytest.fixture
+def switch():
+    """``switch(flag)`` turns the kernels on or off for this test; restored afterwards."""
+    before = cpu_kernels.enabled()
+    yield cpu_kernels.set_enabled
+    cpu_kernels.set_enabled(before)
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +97,15 @@ def test_softmax_rows_column_scale_and_row_column_scaling(kern, dtype) -> None:
 
 
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_local_exp_sums_agree_with_and_without_kernels(monkeypatch, with_scale) -> None:
+def test_local_exp_sums_agree_with_and_without_kernels(switch, with_scale) -> None:
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(16, 700, generator=gen) * 20
     z[3] = -math.inf
     z[5, ::2] = -math.inf
     col = torch.rand(700, generator=gen) + 0.5 if with_scale else None
     results = []
-    for switch in ("1", "0"):
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, switch)
+    for flag in (True, False):
+        switch(flag)
         out = z.clone()
         results.append((out, *_local_exp_sums(out, col)))
     # torch's exp keeps subnormal results (< 1.2e-38) that the kernel flushes to 0.
@@ -139,26 +147,26 @@ def test_sgd_rows_matches_the_formula(kern, momentum) -> None:
     torch.testing.assert_close(buf, expected_buf, rtol=1e-6, atol=1e-7)
 
 
-def test_usable_refuses_what_the_kernels_do_not_take(kern, monkeypatch) -> None:
+def test_usable_refuses_what_the_kernels_do_not_take(kern, switch) -> None:
     x = torch.zeros(4, 4)
     assert cpu_kernels.usable(x, torch.zeros(4)) is kern
     assert cpu_kernels.usable(x.T) is None  # not contiguous
     assert cpu_kernels.usable(x, torch.zeros(4, dtype=torch.float64)) is None  # mixed dtypes
     assert cpu_kernels.usable(x.half()) is None
     assert cpu_kernels.usable(x.to("meta")) is None
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    switch(False)
     assert cpu_kernels.usable(x) is None
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.3])
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
-def test_partialfc_steps_agree_with_and_without_kernels(monkeypatch, rate, opt_name) -> None:
+def test_partialfc_steps_agree_with_and_without_kernels(switch, rate, opt_name) -> None:
     """Three full steps (fused ArcFace, sampled update): same losses, embedding gradients
     and class centres either way. (AdamW with a large eps: Adam's g / sqrt(v) would turn
     float noise in near-zero gradients into full-size steps.)"""
     runs = []
-    for switch in ("1", "0"):
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, switch)
+    for flag in (True, False):
+        switch(flag)
         torch.manual_seed(0)
         pfc = PartialFC(build_margin("arcface"), 64, 500, rate, 0, 1, update="sampled")
         hp = {"lr": 0.5, "momentum": 0.9} if opt_name == "sgd" else {"lr": 0.05, "eps": 0.1}

@@ -36,6 +36,7 @@ from partialfc import (
     all_reduce_value,
     build_margin,
     class_range,
+    cpu_kernels,
     sync_grad,
 )
 
@@ -477,8 +478,9 @@ def check_sampling(rank: int, world: int, group: object, single: object) -> None
     assert differs.tolist() == [1.0, 1.0]
 
 
-def _worker(rank: int, world: int) -> None:
+def _worker(rank: int, world: int, kernels: bool) -> None:
     assert world == 4
+    cpu_kernels.set_enabled(kernels)
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     subgroups = {4: None, 3: dist.new_group([0, 1, 2]), 2: dist.new_group([0, 1])}
     for w in (4, 3, 2):
@@ -498,12 +500,11 @@ def test_single_process_heads_match_reference() -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("cpu_kernels", ["1", "0"], ids=["fused-cpu-kernels", "torch-ops"])
-def test_distributed_heads_match_reference(monkeypatch, cpu_kernels: str) -> None:
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused-cpu-kernels", "torch-ops"])
+def test_distributed_heads_match_reference(kernels: bool) -> None:
     """W = 4, 3 and 2 (sub-groups of one 4-process spawn), with Partial FC's fused CPU
     kernels and with the torch-op path (what every other device runs)."""
-    monkeypatch.setenv("FACETRAIN_CPU_KERNELS", cpu_kernels)
-    run_distributed(_worker, 4)
+    run_distributed(_worker, 4, kernels)
 
 
 def test_discface_displacement_and_fused_paths_agree() -> None:

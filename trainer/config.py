@@ -84,6 +84,10 @@ class PartialFCConfig(_Section):
     """Classifier weight decay; defaults to optimizer.weight_decay."""
     clip_grad_norm: float | None = Field(None, gt=0.0)
     """Clip the classifier's gradient norm (over all shards together); null: no clipping."""
+    cpu_kernels: bool = True
+    """On CPU, run the classifier's memory-bound sweeps (row gather, softmax, projection,
+    sampled SGD) as fused C++ kernels, built with g++ on first use (torch ops if the build
+    fails); false: torch ops. GPUs always use torch ops."""
 
     @model_validator(mode="after")
     def _margin_builds(self) -> PartialFCConfig:

@@ -29,7 +29,7 @@ from dataio.pack import FacePack
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
-from partialfc import PartialFC, all_gather_no_grad, build_margin
+from partialfc import PartialFC, all_gather_no_grad, build_margin, cpu_kernels
 from trainer import checkpoint as ckpt
 from trainer import state as train_state
 from trainer.config import Config, ConfigError, dump_config
@@ -127,6 +127,7 @@ class Trainer:
         self.backbone = create_backbone(mcfg.backbone, **self.backbone_kwargs).to(ctx.device)
 
         pcfg = config.partialfc
+        cpu_kernels.set_enabled(pcfg.cpu_kernels)
         margin = build_margin(pcfg.margin, **pcfg.margin_kwargs)
         self.partial_fc = PartialFC(
             margin,
