@@ -14,7 +14,7 @@ as separate torch ops. The kernels in ``csrc/cpu_kernels.cpp`` do each in one sw
 They are built with ``torch.utils.cpp_extension`` (g++ and ninja, both installed with the
 project) the first time a process needs them, about half a minute, then loaded from torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``);
-``make setup`` builds them ahead (``python -m partialfc.cpu_kernels``). The torch-op
+``make setup`` builds them ahead (``cpu_kernels.main()``). The torch-op
 versions stay the reference and the path on every other device, for other dtypes, when the
 build fails (one warning, then the torch ops) and after ``set_enabled(False)`` (the
 trainer's ``partialfc.cpu_kernels: false``). Tests check that both paths agree.
@@ -22,7 +22,6 @@ trainer's ``partialfc.cpu_kernels: false``). Tests check that both paths agree.
 
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -107,7 +106,3 @@ def main() -> int:
     ok = available()
     print(f"Partial FC fused CPU kernels: {'ready' if ok else 'NOT available (torch-op path)'}")
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -147,6 +147,14 @@ def test_sgd_rows_matches_the_formula(kern, momentum) -> None:
     torch.testing.assert_close(buf, expected_buf, rtol=1e-6, atol=1e-7)
 
 
+def test_kernels_reject_indices_out_of_range(kern) -> None:
+    weight, grad = torch.zeros(10, 4), torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kern.sgd_rows_(weight, None, torch.tensor([3, 10]), grad, 0.1, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kern.gather_rows_inv_norm(weight, torch.tensor([-1, 2]), grad, torch.zeros(2), 1e-12)
+
+
 def test_usable_refuses_what_the_kernels_do_not_take(kern, switch) -> None:
     x = torch.zeros(4, 4)
     assert cpu_kernels.usable(x, torch.zeros(4)) is kern

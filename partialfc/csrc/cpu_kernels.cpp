@@ -5,8 +5,10 @@
 // The torch-op versions in partialfc/fused.py and partialfc/optim.py remain the reference
 // (and the path on every other device); tests compare the two.
 //
-// Preconditions, checked by the Python wrappers: CPU, contiguous, same floating dtype
-// (float32 or float64), int64 row indices without duplicates.
+// Preconditions (checked here; partialfc.cpu_kernels.usable routes everything else to the
+// torch ops): CPU, contiguous, one floating dtype (float32 or float64), int64 row indices
+// within range. sgd_rows_ also needs indices without duplicates (rows are updated in
+// parallel); ShardOptimizer coalesces its sparse gradients first.
 
 #include <torch/extension.h>
 
@@ -265,6 +267,18 @@ void scale_rows_cols_impl(at::Tensor& z, const at::Tensor& row_scale, const at::
   });
 }
 
+// Every index within [0, rows): a bad one would write outside the tensor.
+void check_index(const at::Tensor& index, int64_t rows, const char* what) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong &&
+                  index.is_contiguous() && index.dim() == 1,
+              what, ": index must be a contiguous 1-D int64 CPU tensor");
+  if (index.numel() == 0) return;
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(idx, idx + index.numel());
+  TORCH_CHECK(*lo >= 0 && *hi < rows, what, ": index out of range [0, ", rows, "): ", *lo,
+              " .. ", *hi);
+}
+
 void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), what, ": CPU tensors only");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), what, ": contiguous tensors only");
@@ -281,7 +295,8 @@ void sgd_rows_(at::Tensor param, std::optional<at::Tensor> momentum_opt, at::Ten
     check_pair(param, momentum, "sgd_rows_");
     TORCH_CHECK(momentum.sizes() == param.sizes(), "sgd_rows_: momentum shape");
   }
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous(), "sgd_rows_: index");
+  TORCH_CHECK(param.dim() == 2, "sgd_rows_: param must be [rows, D]");
+  check_index(index, param.size(0), "sgd_rows_");
   TORCH_CHECK(grad.size(0) == index.size(0) && grad.size(1) == param.size(1),
               "sgd_rows_: grad must be [len(index), D]");
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_rows_", [&] {
@@ -302,8 +317,8 @@ void gather_rows_inv_norm(at::Tensor weight, at::Tensor index, at::Tensor out, a
                           double eps) {
   check_pair(weight, out, "gather_rows_inv_norm");
   check_pair(weight, inv, "gather_rows_inv_norm");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous(),
-              "gather_rows_inv_norm: index");
+  TORCH_CHECK(weight.dim() == 2, "gather_rows_inv_norm: weight must be [rows, D]");
+  check_index(index, weight.size(0), "gather_rows_inv_norm");
   TORCH_CHECK(out.size(0) == index.size(0) && out.size(1) == weight.size(1) &&
                   inv.size(0) == index.size(0),
               "gather_rows_inv_norm: shapes");
