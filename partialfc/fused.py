@@ -64,10 +64,12 @@ class Workspace:
 
     On CPU every large allocation is a fresh ``mmap`` whose pages fault in one by one (about
     1 ms per MB on the development machine); on GPU the caching allocator hides that, but the
-    workspace still keeps peak memory to one ``[N, S]`` and one ``[S, D]`` buffer. Safety: the
-    buffers are views of one base, so a tensor saved for backward that is overwritten by the
-    next step's forward makes autograd raise ("modified by an inplace operation") instead of
-    silently using wrong values; run each forward's backward before the next forward.
+    workspace still keeps peak memory to one ``[N, S]`` buffer and two ``[S, D]`` buffers
+    (gathered rows, the rows' gradient). Safety: the buffers are views of one base, so a
+    tensor saved for backward that is overwritten by the next step's forward makes autograd
+    raise ("modified by an inplace operation") instead of silently using wrong values; run
+    each forward's backward before the next forward. The gradient buffer (``get_unshared``)
+    is reused only when no tensor outside the workspace still references it.
     """
 
     def __init__(self) -> None:

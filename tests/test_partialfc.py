@@ -428,3 +428,31 @@ def test_largest_sorted_is_the_sorted_top_k(n: int, k: int, num_pos: int) -> Non
     keys[torch.randperm(n, generator=gen)[:num_pos]] = 2.0
     expected = torch.topk(keys, k).indices.sort().values
     assert torch.equal(_largest_sorted(keys, k, num_pos), expected)
+
+
+@pytest.mark.parametrize("update", ["sampled", "dense"])
+def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str) -> None:
+    """The centres' gradient lives in a workspace buffer reused across steps: accumulating
+    two backwards must sum them, and a cleared gradient the caller still holds must stay
+    intact. (Accumulation itself may update ``.grad`` in place: torch's own semantics.)"""
+    torch.manual_seed(0)
+    pfc = PartialFC(build_margin("arcface"), 16, 40, 1.0, 0, 1, update=update)
+    x1, x2 = torch.randn(6, 16), torch.randn(6, 16)
+    y1, y2 = torch.randint(0, 40, (6,)), torch.randint(0, 40, (6,))
+
+    def grad_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pfc.weight.grad = None
+        pfc(x, y)[0].backward()
+        return pfc.weight.grad.to_dense().clone()
+
+    g1, g2 = grad_of(x1, y1), grad_of(x2, y2)
+    pfc.weight.grad = None
+    pfc(x1, y1)[0].backward()
+    pfc(x2, y2)[0].backward()
+    torch.testing.assert_close(pfc.weight.grad.to_dense(), g1 + g2, rtol=1e-5, atol=1e-6)
+    kept = pfc.weight.grad
+    kept_before = kept.to_dense().clone()
+    pfc.weight.grad = None  # cleared, but the caller still holds the tensor
+    pfc(x1, y1)[0].backward()
+    assert torch.equal(kept.to_dense(), kept_before)
+    torch.testing.assert_close(pfc.weight.grad.to_dense(), g1, rtol=1e-5, atol=1e-6)
