@@ -22,6 +22,7 @@ trainer's ``partialfc.cpu_kernels: false``). Tests check that both paths agree.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 from pathlib import Path
@@ -38,6 +39,13 @@ _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 _CFLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
 _LOCK = threading.Lock()
 _state: dict[str, Any] = {"module": None, "failed": False, "enabled": True}
+
+
+def _build_name() -> str:
+    """Extension name with a digest of the source and flags: a changed source gets its own
+    build directory in torch's cache, so an older build can never be loaded for it."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()
+    return f"facetrain_pfc_cpu_{digest[:12]}"
 
 
 def set_enabled(flag: bool) -> None:
@@ -65,7 +73,7 @@ def kernels(build: bool = True) -> Any | None:
                 from torch.utils.cpp_extension import load
 
                 _state["module"] = load(
-                    name="facetrain_pfc_cpu",
+                    name=_build_name(),
                     sources=[str(_SOURCE)],
                     extra_cflags=_CFLAGS,
                     verbose=False,
