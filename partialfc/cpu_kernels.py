@@ -90,9 +90,11 @@ def kernels(build: bool = True) -> Any | None:
     return _state["module"]
 
 
-def usable(*tensors: torch.Tensor) -> Any | None:
+def usable(*tensors: torch.Tensor | None) -> Any | None:
     """The kernel module if every tensor is a contiguous float32/float64 CPU tensor of one
-    dtype and the kernels are available; else None (the caller uses torch ops)."""
+    dtype and the kernels are available; else None (the caller uses torch ops). None
+    arguments (an optional operand that is absent) are skipped."""
+    tensors = tuple(t for t in tensors if t is not None)
     if not tensors:
         return None
     dtype = tensors[0].dtype

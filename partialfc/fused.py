@@ -181,13 +181,14 @@ def _gather_rows_inv_norm(
 ) -> torch.Tensor | None:
     """``out[:] = weight[index]``; returns ``1 / max(|row|, NORM_EPS)`` [S] when the fused CPU
     kernel did the gather (one sweep), else None (the caller takes the norms itself)."""
+    plain = out.dtype != out_dtype or index.dtype != torch.long or not index.is_contiguous()
+    kern = None if plain else cpu_kernels.usable(weight, out)
+    if kern is None:
+        torch.index_select(weight, 0, index, out=out)
+        return None
     inv = out.new_empty(index.numel())
-    kern = cpu_kernels.usable(weight, out, inv) if out.dtype == out_dtype else None
-    if kern is not None and index.dtype == torch.long and index.is_contiguous():
-        kern.gather_rows_inv_norm(weight, index, out, inv, NORM_EPS)
-        return inv
-    torch.index_select(weight, 0, index, out=out)
-    return None
+    kern.gather_rows_inv_norm(weight, index, out, inv, NORM_EPS)
+    return inv
 
 
 def _project_out_radial(grad: torch.Tensor, w: torch.Tensor, coef: torch.Tensor) -> None:
@@ -364,19 +365,22 @@ def _local_exp_sums(
     n = z.shape[0]
     row_max = z.new_full((n,), -math.inf)
     row_sum = z.new_empty(n)
-    extra = () if col_scale is None else (col_scale,)
-    kern = cpu_kernels.usable(z, row_max, row_sum, *extra) if z.shape[1] > 0 else None
+    kern = cpu_kernels.usable(z, row_max, row_sum, col_scale) if z.shape[1] > 0 else None
     if kern is not None:
         kern.softmax_rows_(z, col_scale, row_max, row_sum)
-        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        return row_max, shift, row_sum
+        return row_max, _finite_or_zero(row_max), row_sum
     if col_scale is not None:
         z.mul_(col_scale)
     if z.shape[1] > 0:
         row_max = z.amax(dim=1)
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shift = _finite_or_zero(row_max)
     z.sub_(shift[:, None]).exp_()  # masked entries (-inf) -> 0
     return row_max, shift, z.sum(dim=1)
+
+
+def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with every non-finite entry replaced by 0 (a row's exp shift)."""
+    return torch.where(torch.isfinite(values), values, torch.zeros_like(values))
 
 
 class _FusedSoftmaxCE(torch.autograd.Function):

@@ -176,7 +176,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         buf = state.get("momentum_buffer")
         data = p.data
         if index is not None:
-            kern = cpu_kernels.usable(data, values, *([] if buf is None else [buf]))
+            kern = cpu_kernels.usable(data, values, buf)
             if kern is not None and index.is_contiguous():
                 # One sweep over the rows: read momentum, gradient, weight; write both back.
                 kern.sgd_rows_(data, buf, index, values, lr, mu, wd)

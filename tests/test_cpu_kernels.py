@@ -158,6 +158,7 @@ def test_kernels_reject_indices_out_of_range(kern) -> None:
 def test_usable_refuses_what_the_kernels_do_not_take(kern, switch) -> None:
     x = torch.zeros(4, 4)
     assert cpu_kernels.usable(x, torch.zeros(4)) is kern
+    assert cpu_kernels.usable(x, None) is kern  # an absent optional operand
     assert cpu_kernels.usable(x.T) is None  # not contiguous
     assert cpu_kernels.usable(x, torch.zeros(4, dtype=torch.float64)) is None  # mixed dtypes
     assert cpu_kernels.usable(x.half()) is None
