@@ -12,6 +12,7 @@ gloo and NCCL ``all_gather`` need equal shapes) and trim the padding afterwards.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 __all__ = [
     "GatherCapacity",
+    "PendingGather",
     "all_gather_batch",
     "all_gather_no_grad",
     "all_gather_stack",
@@ -30,6 +32,7 @@ __all__ = [
     "gather_sizes",
     "get_world_size",
     "replicated_term",
+    "start_all_gather_stack",
     "sync_grad",
 ]
 
@@ -70,6 +73,36 @@ def all_reduce_inplace(
     return tensor
 
 
+class PendingGather:
+    """An all-gather in flight (``start_all_gather_stack``); ``wait()`` returns its result."""
+
+    def __init__(self, out: torch.Tensor, work: Any | None) -> None:
+        self._out = out
+        self._work = work
+
+    def wait(self) -> torch.Tensor:
+        """``[world, *shape]``, once every rank's part has arrived."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._out
+
+
+def start_all_gather_stack(
+    tensor: torch.Tensor, group: ProcessGroup | None = None
+) -> PendingGather:
+    """Start ``all_gather_stack`` without waiting: the caller computes something else while
+    the ranks' messages travel (on CPU gloo's own thread carries them), then calls
+    ``wait()``. ``tensor`` must not change before then."""
+    world = get_world_size(group)
+    if world == 1:
+        return PendingGather(tensor.detach()[None], None)
+    src = tensor.detach().contiguous()
+    out = src.new_empty((world, *src.shape))
+    work = dist.all_gather(list(out.unbind(0)), src, group=group, async_op=True)
+    return PendingGather(out, work)
+
+
 def all_gather_stack(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """``[world, *shape]``: every rank's ``tensor`` (same shape on every rank), no autograd.
 
@@ -77,13 +110,7 @@ def all_gather_stack(tensor: torch.Tensor, group: ProcessGroup | None = None) ->
     need several reductions (a max and sums weighted by it) are gathered once and combined
     locally. ``tensor[None]`` with one rank or no process group.
     """
-    world = get_world_size(group)
-    if world == 1:
-        return tensor.detach()[None]
-    src = tensor.detach().contiguous()
-    out = src.new_empty((world, *src.shape))
-    dist.all_gather(list(out.unbind(0)), src, group=group)
-    return out
+    return start_all_gather_stack(tensor, group).wait()
 
 
 def _gather_sizes(tensor: torch.Tensor, group: ProcessGroup | None, world: int) -> list[int]:
@@ -148,7 +175,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """Autograd wrapper around the variable-size all-gather; see ``all_gather_with_grad``.
 
     An optional ``passenger`` (same dim-0 size, any dtype, no gradient: the labels) travels
-    in the same collective, its bytes appended to each row's.
+    in the same collective, its bytes appended to each row's. An optional ``overlap``
+    callable runs in backward while the gradient exchange is in flight.
     """
 
     @staticmethod
@@ -160,6 +188,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         sizes: list[int] | None,
         passenger: torch.Tensor | None,
         capacity: GatherCapacity | None,
+        overlap: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         world = get_world_size(group)
         if passenger is None:
@@ -186,12 +215,13 @@ class _AllGatherWithGrad(torch.autograd.Function):
         ctx.sizes = sizes
         ctx.rank = rank
         ctx.scale = float(world) if ddp_scale else 1.0
+        ctx.overlap = overlap
         return out, riders
 
     @staticmethod
     def backward(
         ctx: Any, grad_output: torch.Tensor, _grad_riders: Any
-    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         # Each rank's loss only covers its own shard of the classifier, so the gradient wrt the
         # gathered batch is the SUM of every rank's partial gradient. One all-to-all sends each
         # rank the rows it owns from every rank's gradient (one message round; a ring
@@ -199,17 +229,21 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad_output.contiguous()  # [sum B_r, ...]
         world, size = len(ctx.sizes), ctx.sizes[ctx.rank]
         parts = grad.new_empty((world * size, *grad.shape[1:]))
-        dist.all_to_all_single(
+        work = dist.all_to_all_single(
             parts,
             grad,
             output_split_sizes=[size] * world,
             input_split_sizes=list(ctx.sizes),
             group=ctx.group,
+            async_op=True,
         )
+        if ctx.overlap is not None:
+            ctx.overlap()  # e.g. the classifier's weight gradient, while the rows travel
+        work.wait()
         local = parts.view(world, size, *grad.shape[1:]).sum(dim=0)  # [B_r, ...]
         if ctx.scale != 1.0:
             local = local.mul_(ctx.scale)
-        return local, None, None, None, None, None
+        return local, None, None, None, None, None, None
 
 
 def all_gather_with_grad(
@@ -239,7 +273,7 @@ def all_gather_with_grad(
     world = get_world_size(group)
     if world == 1:
         return tensor
-    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes, None, None)[0]
+    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes, None, None, None)[0]
 
 
 class GatherCapacity:
@@ -279,19 +313,24 @@ def all_gather_batch(
     group: ProcessGroup | None = None,
     ddp_scale: bool = True,
     capacity: GatherCapacity | None = None,
+    overlap: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``all_gather_with_grad(embeddings)`` and ``all_gather_no_grad(labels)`` in one
     collective: the labels' bytes ride along with each embedding row (bit-exact for any
     dtype; ``labels`` must be 1-D with 8-byte elements). With a ``GatherCapacity`` (kept by
     the caller across steps) the size exchange is skipped once the capacity is known.
-    Returns ``([sum B_r, D], [sum B_r])``; the inputs unchanged with one rank."""
+    ``overlap`` (optional) is called in backward while the embeddings' gradient travels
+    between the ranks (it must not need that gradient). Returns ``([sum B_r, D], [sum
+    B_r])``; the inputs unchanged with one rank."""
     if get_world_size(group) == 1:
         return embeddings, labels
     if labels.dim() != 1 or labels.element_size() != 8:
         raise ValueError(
             f"labels must be 1-D with 8-byte elements, got {tuple(labels.shape)} {labels.dtype}"
         )
-    out, riders = _AllGatherWithGrad.apply(embeddings, group, ddp_scale, None, labels, capacity)
+    out, riders = _AllGatherWithGrad.apply(
+        embeddings, group, ddp_scale, None, labels, capacity, overlap
+    )
     return out, riders
 
 

@@ -8,12 +8,15 @@ Two paths compute the loss of a step:
   column scale ``1 / |W_j|`` and the exact target cosines ``[R]``; the head turns those into
   target logits ``[R]`` (plain autograd); ``_FusedSoftmaxCE`` applies the column scale and
   finishes the distributed softmax cross-entropy with one all-gather of per-row statistics.
-  No ``[N, S]`` tensor ever enters autograd, and with a ``Workspace`` the whole step touches
-  one ``[N, S]`` buffer (product -> exp -> gradient, in place), one ``[S, D]`` buffer of
-  gathered rows and one ``[S, D]`` gradient buffer, all reused across steps. Beyond the three
-  matrix products a step sweeps ``[N, S]`` twice and ``[S, D]`` a few times; on CPU each
-  sweep is one fused kernel (``partialfc.cpu_kernels``), elsewhere a few torch ops (see
-  BENCHMARKS.md).
+  No ``[N, S]`` tensor ever enters autograd and none is built for the gradient: the
+  softmax's gradient is ``coef_i * E_ij`` with ``E`` the exponentials it left in place, and
+  ``coef`` [N] is folded into the ``[N, D]`` operands of the two backward products (see
+  ``FusedLink``). With a ``Workspace`` the whole step touches one ``[N, S]`` buffer (product
+  -> exp, in place), one ``[S, D]`` buffer of gathered rows and one ``[S, D]`` gradient
+  buffer, all reused across steps. Beyond the three matrix products a step sweeps ``[N, S]``
+  once and ``[S, D]`` a few times; on CPU each sweep is one fused kernel
+  (``partialfc.cpu_kernels``), elsewhere a few torch ops (see BENCHMARKS.md). The product
+  ``E @ B`` of the embeddings' gradient runs while the softmax's collective is in flight.
 - **generic** (every other head): ``gather_rows`` + plain autograd for the cosine, the head's
   ``logits(ctx)`` and ``_DistSoftmaxCE``.
 
@@ -29,9 +32,10 @@ import math
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from partialfc import cpu_kernels
-from partialfc.collectives import ProcessGroup, all_gather_stack, all_reduce_inplace
+from partialfc.collectives import ProcessGroup, all_reduce_inplace, start_all_gather_stack
 
 __all__ = [
     "NORM_EPS",
@@ -40,6 +44,7 @@ __all__ = [
     "fused_cosine",
     "fused_softmax_ce",
     "gather_rows",
+    "normalize_rows",
 ]
 
 NORM_EPS = 1e-12
@@ -64,12 +69,14 @@ class Workspace:
 
     On CPU every large allocation is a fresh ``mmap`` whose pages fault in one by one (about
     1 ms per MB on the development machine); on GPU the caching allocator hides that, but the
-    workspace still keeps peak memory to one ``[N, S]`` buffer and two ``[S, D]`` buffers
-    (gathered rows, the rows' gradient). Safety: the buffers are views of one base, so a
-    tensor saved for backward that is overwritten by the next step's forward makes autograd
-    raise ("modified by an inplace operation") instead of silently using wrong values; run
-    each forward's backward before the next forward. The gradient buffer (``get_unshared``)
-    is reused only when no tensor outside the workspace still references it.
+    workspace still keeps peak memory to one ``[N, S]`` buffer and one ``[S, D]`` buffer: the
+    gathered rows, which the backward overwrites with the rows' gradient (a second ``[S, D]``
+    buffer under low-precision products, whose backward still reads the rows). Safety: a
+    tensor saved for backward that is overwritten by the next step's forward (or by the
+    backward itself) makes autograd raise ("modified by an inplace operation") instead of
+    silently using wrong values; run one backward per forward, before the next forward. A
+    buffer that becomes a gradient (``get_unshared``) is reused only when no tensor outside
+    the workspace still references it.
     """
 
     def __init__(self) -> None:
@@ -107,6 +114,49 @@ class Workspace:
         """Drop every buffer (they are re-created on the next step)."""
         self._buffers.clear()
         self.row_cache = None
+
+
+# ------------------------------------------------------------------------------ normalisation
+
+
+class _NormalizeRows(torch.autograd.Function):
+    """``(x / max(|x|, eps), |x|)`` per row, with one fused backward (autograd's generic
+    version of the same expression runs a handful of ``[N, D]`` passes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        norms = torch.linalg.vector_norm(x, dim=1)  # [N]
+        inv = norms.clamp_min(NORM_EPS).reciprocal_()  # [N]
+        x_hat = x * inv[:, None]
+        ctx.save_for_backward(x_hat, norms, inv)
+        return x_hat, norms
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, g_hat: torch.Tensor | None, g_norm: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        x_hat, norms, inv = ctx.saved_tensors
+        # dx = g_hat / max(|x|, eps) + c x_hat, with c = -(g_hat . x_hat) / |x| where
+        # |x| > eps (below, the clamped norm is a constant: no radial term) plus
+        # g_norm / (|x| inv) from d|x| = x / |x| (0 at x = 0).
+        c = torch.zeros_like(norms)
+        if g_hat is not None:
+            c = torch.where(norms > NORM_EPS, -(g_hat * x_hat).sum(dim=1) * inv, c)
+        if g_norm is not None:
+            c = c + torch.where(norms > 0, g_norm / (norms * inv), torch.zeros_like(c))
+        grad = x_hat * c[:, None]
+        if g_hat is not None:
+            grad.addcmul_(g_hat, inv[:, None])
+        return grad
+
+
+def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / max(|x_i|, NORM_EPS), |x_i|)`` for the rows of ``x`` [N, D]: the normalised
+    rows and their norms [N], both differentiable (as ``F.normalize`` and
+    ``torch.linalg.vector_norm``)."""
+    return _NormalizeRows.apply(x)
 
 
 # ------------------------------------------------------------------------------ row gathers
@@ -191,21 +241,116 @@ def _gather_rows_inv_norm(
     return inv
 
 
-def _project_out_radial(grad: torch.Tensor, w: torch.Tensor, coef: torch.Tensor) -> None:
-    """In place: ``grad_j -= coef_j * (grad_j . w_j) * w_j`` for every row j of [S, D].
+def _project_out_radial(
+    grad: torch.Tensor, w: torch.Tensor, coef: torch.Tensor, index: torch.Tensor | None = None
+) -> None:
+    """In place: ``grad_j -= coef_j * (grad_j . w_j) * w_j`` for every row j of [S, D], with
+    ``w_j`` row j of ``w`` [S, D], or row ``index[j]`` of ``w`` [C, D] when ``index`` is given.
 
     One sweep with the fused CPU kernel; else chunked torch ops (a whole-matrix
     ``(grad * w).sum(1)`` would allocate an [S, D] temporary).
     """
-    kern = cpu_kernels.usable(grad, w, coef)
-    if kern is not None:
-        kern.project_radial_(grad, w, coef)
-        return
+    if index is None:
+        kern = cpu_kernels.usable(grad, w, coef)
+        if kern is not None:
+            kern.project_radial_(grad, w, coef)
+            return
+    elif index.dtype == torch.long and index.is_contiguous():
+        kern = cpu_kernels.usable(grad, w, coef)
+        if kern is not None:
+            kern.project_radial_rows_(grad, w, index, coef)
+            return
     for lo in range(0, grad.shape[0], PROJECT_CHUNK_ROWS):
-        g = grad[lo : lo + PROJECT_CHUNK_ROWS]
-        wc = w[lo : lo + PROJECT_CHUNK_ROWS]
+        hi = lo + PROJECT_CHUNK_ROWS
+        g = grad[lo:hi]
+        wc = w[lo:hi] if index is None else w.index_select(0, index[lo:hi])
         dots = (g * wc).sum(dim=1)  # [chunk]
-        g.addcmul_(wc, (-dots * coef[lo : lo + PROJECT_CHUNK_ROWS])[:, None])
+        g.addcmul_(wc, (-dots * coef[lo:hi])[:, None])
+
+
+class DeferredGrad:
+    """The shard's gradient, computed after its autograd node, when the caller chooses.
+
+    ``_FusedCosine``'s backward leaves the centres' gradient (a matrix product and a sweep
+    over ``[S, D]``) here instead of computing it; the embeddings' all-gather runs it
+    (``run``) while the embeddings' gradient travels between the ranks, and the node of
+    ``shard_handle`` hands the result to autograd (``take``; it runs it itself if nobody
+    did, e.g. with one rank). Without this the exchange would wait for the product.
+    """
+
+    def __init__(self) -> None:
+        self._fn: Any = None
+        self._result: torch.Tensor | None = None
+
+    def defer(self, fn: Any) -> None:
+        """Keep ``fn() -> gradient`` for later."""
+        self._fn = fn
+        self._result = None
+
+    def run(self) -> None:
+        """Compute the deferred gradient now (no-op when there is none)."""
+        if self._fn is not None:
+            fn, self._fn = self._fn, None
+            self._result = fn()
+
+    def take(self) -> torch.Tensor | None:
+        """The gradient (computed now if still pending); None when nothing was deferred."""
+        self.run()
+        out, self._result = self._result, None
+        return out
+
+
+class _ShardHandle(torch.autograd.Function):
+    """A 0-dim stand-in for the shard in the graph; its backward delivers the shard's
+    gradient from a ``DeferredGrad``."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, deferred: DeferredGrad) -> torch.Tensor:  # type: ignore[override]
+        ctx.deferred = deferred
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _grad: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        return ctx.deferred.take(), None
+
+
+def shard_handle(weight: torch.Tensor, deferred: DeferredGrad) -> torch.Tensor:
+    """A 0-dim tensor standing for ``weight`` in ``fused_cosine`` (with ``deferred``): the
+    gradient ``fused_cosine`` computes for ``weight`` reaches it through this handle's node,
+    as late as autograd runs that node. Create the handle before the embeddings' all-gather:
+    autograd runs later-created nodes first, so the gather's backward (and the exchange it
+    overlaps with the deferred product) comes before the handle's."""
+    return _ShardHandle.apply(weight, deferred)
+
+
+class FusedLink:
+    """What the two halves of the fused loss (``_FusedCosine``, then the head, then
+    ``_FusedSoftmaxCE``) hand each other besides autograd's tensors.
+
+    The gradient of the product ``u`` is never materialised as an ``[N, S]`` tensor: it is
+    ``dL/du_ij = coef_i * E_ij`` off the targets, with ``E = exp(u * col_scale - shift) *
+    col_scale`` the buffer the softmax leaves in place, so ``_FusedSoftmaxCE``'s backward
+    passes ``coef`` [N] (and ``E``) here instead of a gradient for ``u``, and
+    ``_FusedCosine``'s backward folds ``coef`` into the ``[N, D]`` operands. The cosine half
+    also lends its ``[S, D]`` operand, so that the softmax half computes ``E @ B`` (the bulk of
+    the embeddings' gradient) while its collective is in flight.
+    """
+
+    def __init__(self) -> None:
+        self.rows_mm: torch.Tensor | None = None  # [S, D] B of u = x_s . B_j, in mm dtype
+        self.mm_dtype: torch.dtype | None = None
+        self.need_x_grad = False
+        self.need_w_grad = False
+        self.exps: torch.Tensor | None = None  # [N, S] E, from the softmax's backward
+        self.exps_mm: torch.Tensor | None = None  # E in mm dtype (low precision only)
+        self.exps_b: torch.Tensor | None = None  # [N, D] E @ B
+        self.coef: torch.Tensor | None = None  # [N]
+
+    def take_backward(self) -> tuple[torch.Tensor | None, ...]:
+        """(coef, E, E in mm dtype, E @ B), released here (one read per backward)."""
+        out = (self.coef, self.exps, self.exps_mm, self.exps_b)
+        self.coef = self.exps = self.exps_mm = self.exps_b = None
+        return out
 
 
 class _FusedCosine(torch.autograd.Function):
@@ -215,8 +360,8 @@ class _FusedCosine(torch.autograd.Function):
     Inputs: ``x_hat`` [N, D] normalised gathered embeddings, ``weight`` [C_r, D] the shard,
     ``index`` [S] sorted sampled rows (None: all rows). Its only consumer is
     ``_FusedSoftmaxCE``, which applies the column scale inside its own sweep over ``u`` and
-    hands back ``dL/du`` (the column scale applied again) in a buffer this backward reuses in
-    place; the dependence of the scale on ``W`` is this backward's radial projection. Under
+    gives ``u``'s gradient back through the ``FusedLink`` (factored, see there); the
+    dependence of the column scale on ``W`` is this backward's radial projection. Under
     float16 the rows are normalised before the product and the column scale is None.
     """
 
@@ -232,7 +377,11 @@ class _FusedCosine(torch.autograd.Function):
         mm_dtype: torch.dtype,
         sparse_grad: bool,
         workspace: Workspace | None,
+        link: FusedLink,
+        handle: torch.Tensor | None,
+        deferred: DeferredGrad | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        ctx.set_materialize_grads(False)
         out_dtype = x_hat.dtype
         n, d = x_hat.shape
         w = weight.detach()
@@ -241,9 +390,11 @@ class _FusedCosine(torch.autograd.Function):
             w_rows = w  # [C_r, D]
         else:
             if workspace is not None:
-                w_rows = workspace.get("rows", (index.numel(), d), w.dtype, w.device)
+                # The backward may turn this buffer into the rows' gradient: reused only when
+                # the previous step's gradient no longer holds it.
+                workspace.row_cache = None
+                w_rows = workspace.get_unshared("rows", (index.numel(), d), w.dtype, w.device)
                 inv = _gather_rows_inv_norm(w, index, w_rows, out_dtype)  # [S, D], [S]
-                workspace.row_cache = (weight, index, w_rows, weight._version, w_rows._version)
             else:
                 w_rows = w.index_select(0, index)  # [S, D]
         s_cols = w_rows.shape[0]
@@ -268,7 +419,14 @@ class _FusedCosine(torch.autograd.Function):
         # Exact target cosines in the output precision (O(R * D)), whatever the matmul dtype.
         c_t = (x_hat[rows] * w_f[cols]).sum(dim=1) * inv[cols]  # [R]
         z.index_put_((rows, cols), torch.tensor(-math.inf, dtype=out_dtype, device=z.device))
-        ctx.save_for_backward(x_s, w_f, inv, rows, cols, b_low, index)
+        # The backward reuses the gathered rows' buffer for their gradient (one [S, D] buffer
+        # fewer); the projection then reads the rows from the shard itself (saved, so that
+        # autograd checks it is unchanged).
+        ctx.rows_buffer = workspace is not None and index is not None and w_f is w_rows and not low
+        if workspace is not None and index is not None and not ctx.rows_buffer:
+            # The optimizer may reuse the gathered rows (``PartialFC._cached_rows``).
+            workspace.row_cache = (weight, index, w_rows, weight._version, w_rows._version)
+        ctx.save_for_backward(x_s, w_f, inv, rows, cols, b_low, index, weight)
         ctx.scale = float(scale)
         ctx.low = low
         ctx.prenorm = prenorm
@@ -277,6 +435,12 @@ class _FusedCosine(torch.autograd.Function):
         ctx.weight_shape = weight.shape
         ctx.weight_dtype = weight.dtype
         ctx.workspace = workspace
+        ctx.link = link
+        ctx.deferred = deferred
+        link.rows_mm = b_low if low else w_f
+        link.mm_dtype = mm_dtype
+        link.need_x_grad = bool(ctx.needs_input_grad[0])
+        link.need_w_grad = _needs_weight_grad(ctx)
         col_scale = None if prenorm else inv
         if col_scale is not None:
             ctx.mark_non_differentiable(col_scale)
@@ -286,47 +450,85 @@ class _FusedCosine(torch.autograd.Function):
     def backward(
         ctx: Any, gz: torch.Tensor | None, gct: torch.Tensor | None, _g_scale: Any
     ) -> tuple[Any, ...]:
-        x_s, w_f, inv, rows, cols, b_low, index = ctx.saved_tensors
-        n, s_cols = x_s.shape[0], w_f.shape[0]
+        if gz is not None:
+            raise RuntimeError(
+                "the fused cosine product may only feed fused_softmax_ce (its gradient "
+                "comes back through the FusedLink)"
+            )
+        x_s, w_f, inv, rows, cols, b_low, index, weight = ctx.saved_tensors
+        coef, exps, exps_mm, exps_b = ctx.link.take_backward()
+        n, d, s_cols = x_s.shape[0], x_s.shape[1], w_f.shape[0]
         scale = ctx.scale
-        # v[i, j] = dL/du_ij = dL/dz_ij * (1/|W_j|), from _FusedSoftmaxCE (its fresh buffer).
-        v = gz if gz is not None else x_s.new_zeros(n, s_cols)  # [N, S]
-        if not v.is_contiguous():
-            v = v.contiguous()
-        t_grad = gct if gct is not None else x_s.new_zeros(rows.numel())
-        t_val = t_grad.to(v.dtype) / scale
-        if not ctx.prenorm:
-            t_val = t_val * inv[cols]
-        v.index_put_((rows, cols), t_val)  # the target entries' only path is c_t
-        grad_x = grad_w = None
-        if ctx.low:
-            vl = v.to(ctx.mm_dtype)
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(vl, b_low).to(x_s.dtype).mul_(scale)  # [N, D]
-            if ctx.needs_input_grad[1]:
-                bm = torch.mm(vl.T, x_s.to(ctx.mm_dtype)).to(x_s.dtype)  # [S, D]
+        # dL/du at the targets: the target entries' only path is c_t.
+        t_val = x_s.new_zeros(rows.numel()) if gct is None else gct.to(x_s.dtype) / scale
+        b_t = w_f[cols]  # [R, D]: the targets' rows of B (u = x_s . B_j)
+        if ctx.prenorm:
+            b_t = b_t * inv[cols, None]
         else:
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(v, w_f).mul_(scale)  # [N, D]
-            if ctx.needs_input_grad[1]:
-                if ctx.workspace is not None:
+            t_val = t_val * inv[cols]
+        # Off the targets dL/du_ij = coef_i * E_ij (E is 0 at the masked targets), so
+        # dL/dx_s = coef * (E @ B) + targets and dL/dB = E^T (coef * x_s) + targets.
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if coef is None:
+                grad_x = x_s.new_zeros(n, d)
+            else:
+                if exps_b is None:
+                    exps_b = _exps_times_rows(exps, exps_mm, b_low if ctx.low else w_f)
+                grad_x = exps_b * coef[:, None]
+            grad_x.index_add_(0, rows, b_t * t_val[:, None]).mul_(scale)  # [N, D]
+        if not _needs_weight_grad(ctx):
+            return grad_x, None, None, None, None, None, None, None, None, None, None, None
+
+        def weight_grad() -> torch.Tensor:
+            if ctx.low and coef is not None:
+                bm = torch.mm(exps_mm.T, (x_s * coef[:, None]).to(ctx.mm_dtype)).to(x_s.dtype)
+            else:
+                if ctx.rows_buffer:
+                    bm = w_f  # the gathered rows are not read after this point
+                elif ctx.workspace is not None:
                     # Fresh [S, D] memory would cost its page faults every step (on CPU as
                     # much as a third of the product itself at S = 50k).
-                    bm = ctx.workspace.get_unshared(
-                        "grad", (s_cols, x_s.shape[1]), x_s.dtype, x_s.device
-                    )
-                    torch.mm(v.T, x_s, out=bm)
+                    bm = ctx.workspace.get_unshared("grad", (s_cols, d), x_s.dtype, x_s.device)
                 else:
-                    bm = torch.mm(v.T, x_s)  # [S, D]
-        if ctx.needs_input_grad[1]:
+                    bm = x_s.new_empty(s_cols, d)
+                if coef is None:
+                    bm.zero_()
+                else:
+                    torch.mm(exps.T, x_s * coef[:, None], out=bm)  # [S, D]
+            bm.index_add_(0, cols, x_s[rows] * t_val[:, None])
             if ctx.prenorm:
                 _project_out_radial(bm, w_f * inv[:, None], torch.ones_like(inv))
                 bm.mul_(inv[:, None])
+            elif ctx.rows_buffer:
+                _project_out_radial(bm, weight.detach(), inv * inv, index)
             else:
                 # dL/dW_j = b_j - (b_j . W_j) W_j / |W_j|^2 : project out the radial part.
                 _project_out_radial(bm, w_f, inv * inv)
-            grad_w = _weight_grad(bm.to(ctx.weight_dtype), index, ctx.weight_shape, ctx.sparse_grad)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+            return _weight_grad(bm.to(ctx.weight_dtype), index, ctx.weight_shape, ctx.sparse_grad)
+
+        if ctx.deferred is None:
+            grad_w, grad_handle = weight_grad(), None
+        else:
+            ctx.deferred.defer(weight_grad)
+            grad_w = None
+            grad_handle = torch.zeros((), dtype=ctx.weight_dtype, device=x_s.device)
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, grad_handle, None
+
+
+def _needs_weight_grad(ctx: Any) -> bool:
+    """Whether ``_FusedCosine``'s backward must produce the shard's gradient (for the shard
+    itself or for its ``shard_handle``)."""
+    return bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[10])
+
+
+def _exps_times_rows(
+    exps: torch.Tensor, exps_mm: torch.Tensor | None, rows_mm: torch.Tensor
+) -> torch.Tensor:
+    """``E @ B`` [N, D] in the output dtype, from E in the product's dtype."""
+    if exps_mm is None:
+        return torch.mm(exps, rows_mm)
+    return torch.mm(exps_mm, rows_mm).to(exps.dtype)
 
 
 def fused_cosine(
@@ -339,28 +541,46 @@ def fused_cosine(
     mm_dtype: torch.dtype,
     sparse_grad: bool,
     workspace: Workspace | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(u [N, S] with local targets = -inf, column scale [S] or None, target cos [R])``:
-    ``u * column scale = scale * cos``; see ``_FusedCosine`` and the module doc.
+    handle: torch.Tensor | None = None,
+    deferred: DeferredGrad | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, FusedLink]:
+    """``(u [N, S] with local targets = -inf, column scale [S] or None, target cos [R],
+    link)``: ``u * column scale = scale * cos``; see ``_FusedCosine`` and the module doc.
 
-    Only ``fused_softmax_ce`` may consume ``u``, with the column scale (its backward
-    buffer is reused and it returns ``dL/du``).
+    Only ``fused_softmax_ce`` may consume ``u``, with the column scale and the link. With
+    ``handle`` and ``deferred`` (``shard_handle``) the gradient for ``weight`` is left in
+    ``deferred`` and reaches ``weight`` through the handle.
     """
+    if (handle is None) != (deferred is None):
+        raise ValueError("pass both handle and deferred (shard_handle), or neither")
+    link = FusedLink()
     u, c_t, col_scale = _FusedCosine.apply(
-        x_hat, weight, index, rows, cols, scale, mm_dtype, sparse_grad, workspace
+        x_hat,
+        weight,
+        index,
+        rows,
+        cols,
+        scale,
+        mm_dtype,
+        sparse_grad,
+        workspace,
+        link,
+        handle,
+        deferred,
     )
-    return u, col_scale, c_t
+    return u, col_scale, c_t, link
 
 
 def _local_exp_sums(
     z: torch.Tensor, col_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place ``z = exp(z * col_scale - shift)`` per row (``col_scale`` [S] optional);
-    returns (row max [N], shift [N], sum [N]) of the scaled logits.
+    """In place ``z = exp(z * col_scale - shift) * col_scale`` per row (``col_scale`` [S]
+    optional); returns (row max [N], shift [N], sum of the exponentials [N]) of the scaled
+    logits.
 
     The row max is over this rank's columns only (-inf for a row without a finite value);
     the shift is that max where finite, else 0 (such a row is all zeros after exp). One sweep
-    per row with the fused CPU kernel, four or five torch passes otherwise.
+    per row with the fused CPU kernel, four to six torch passes otherwise.
     """
     n = z.shape[0]
     row_max = z.new_full((n,), -math.inf)
@@ -375,7 +595,10 @@ def _local_exp_sums(
         row_max = z.amax(dim=1)
     shift = _finite_or_zero(row_max)
     z.sub_(shift[:, None]).exp_()  # masked entries (-inf) -> 0
-    return row_max, shift, z.sum(dim=1)
+    row_sum = z.sum(dim=1)
+    if col_scale is not None:
+        z.mul_(col_scale)
+    return row_max, shift, row_sum
 
 
 def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
@@ -395,9 +618,13 @@ class _FusedSoftmaxCE(torch.autograd.Function):
     of the non-target logits (the hardest negative), each rank then computes
     ``M_i = max_r m_ri``, ``Z_i = sum_r s_ri exp(m_ri - M_i)`` and
     ``loss = mean_i (log Z_i + M_i - f_i)``. A ring all-reduce of the max and then of the sums
-    would take four message rounds instead of one. ``z`` is overwritten in place by
-    ``exp(z - shift)`` and kept for backward; with ``in_place`` the backward turns it into
-    the gradient in place too (one backward per forward).
+    would take four message rounds instead of one. While the statistics travel this rank
+    computes ``E @ B`` for the embeddings' gradient (see ``FusedLink``): on a shared machine
+    the wait for the slowest rank overlaps a matrix product instead of idling.
+
+    ``z`` is overwritten in place by ``E = exp(z * col_scale - shift) * col_scale`` and kept
+    for backward, which only reads it: no gradient for ``z`` is returned, its factor ``coef``
+    [N] goes to the link.
     """
 
     @staticmethod
@@ -407,13 +634,13 @@ class _FusedSoftmaxCE(torch.autograd.Function):
         f: torch.Tensor,
         rows: torch.Tensor,
         group: ProcessGroup | None,
-        in_place: bool,
         extra: torch.Tensor | None,
         col_scale: torch.Tensor | None,
+        link: FusedLink,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = z.shape[0]
         f_d = f.detach().to(z.dtype)  # [R]
-        # [N] each; z = exp(z * col_scale - shift)
+        # [N] each; z = exp(z * col_scale - shift) * col_scale
         neg_max, shift, local_sum = _local_exp_sums(z, col_scale)
         # This rank's online-softmax pair (m, s) per row, its target terms included.
         m = neg_max.clone()
@@ -430,7 +657,15 @@ class _FusedSoftmaxCE(torch.autograd.Function):
         stats[3, rows] = f_d
         if extra is not None:
             payload[4 * n :] = extra.to(payload.dtype)
-        every = all_gather_stack(payload, group)  # [W, 4N + E]
+        pending = start_all_gather_stack(payload, group)  # [W, 4N + E]
+        exps_mm = exps_b = None
+        if link.rows_mm is not None and (link.need_x_grad or link.need_w_grad):
+            if link.mm_dtype != z.dtype:
+                exps_mm = z.to(link.mm_dtype)
+            if link.need_x_grad:
+                exps_b = _exps_times_rows(z, exps_mm, link.rows_mm)  # [N, D]
+        link.rows_mm = None
+        every = pending.wait()
         per_rank = every[:, : 4 * n].view(-1, 4, n)
         hardest = per_rank[:, 0].amax(dim=0)  # [N]
         row_max = per_rank[:, 1].amax(dim=0)  # [N]: finite (every row has its target)
@@ -442,44 +677,24 @@ class _FusedSoftmaxCE(torch.autograd.Function):
             has_exp, torch.exp(shift - row_max) / total, torch.zeros_like(total)
         )  # [N]
         p_t = torch.exp(f_d - row_max[rows]) / total[rows]  # [R] softmax of the targets
-        ctx.save_for_backward(z, row_coef, p_t, col_scale)
+        ctx.save_for_backward(z, row_coef, p_t, exps_mm, exps_b)
         ctx.n = n
-        ctx.in_place = in_place
-        ctx.used = False
         ctx.f_dtype = f.dtype
+        ctx.link = link
         extra_out = every[:, 4 * n :].sum(dim=0)
         ctx.mark_non_differentiable(hardest, extra_out)
         return loss, hardest, extra_out
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any) -> tuple[Any, ...]:
-        if ctx.in_place:
-            if ctx.used:
-                raise RuntimeError(
-                    "PartialFC(low_memory=True) supports one backward per forward; build it "
-                    "with low_memory=False for retain_graph / double backward / gradcheck"
-                )
-            ctx.used = True
-        exps, row_coef, p_t, col_scale = ctx.saved_tensors
+        exps, row_coef, p_t, exps_mm, exps_b = ctx.saved_tensors
         scale = grad_loss.to(exps.dtype) / ctx.n
-        coef = row_coef * scale  # [N]
+        link = ctx.link
+        # dL/dz_ij = softmax_ij * scale = coef_i * E_ij (targets handled through f).
+        link.coef = row_coef * scale  # [N]
+        link.exps, link.exps_mm, link.exps_b = exps, exps_mm, exps_b
         grad_f = (p_t - 1.0) * scale  # [R]
-        # dL/dz_ij = softmax_ij * coef_i (targets handled through f); times the column scale
-        # this is dL/d(input), in one sweep where the kernel applies.
-        if not ctx.in_place:
-            grad_z = exps * coef[:, None]
-            if col_scale is not None:
-                grad_z.mul_(col_scale)
-        elif col_scale is None:
-            grad_z = exps.mul_(coef[:, None])
-        else:
-            grad_z = exps
-            kern = cpu_kernels.usable(exps, coef, col_scale)
-            if kern is not None:
-                kern.scale_rows_cols_(exps, coef, col_scale)
-            else:
-                exps.mul_(coef[:, None]).mul_(col_scale)
-        return grad_z, grad_f.to(ctx.f_dtype), None, None, None, None, None
+        return None, grad_f.to(ctx.f_dtype), None, None, None, None, None
 
 
 def fused_softmax_ce(
@@ -487,18 +702,18 @@ def fused_softmax_ce(
     f: torch.Tensor,
     rows: torch.Tensor,
     group: ProcessGroup | None,
-    in_place: bool,
+    link: FusedLink,
     extra: torch.Tensor | None = None,
     col_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, hardest non-target logit per row [N], extra summed over ranks)``.
 
-    The non-target logits are ``z * col_scale`` (``col_scale`` [S] optional, no gradient:
-    the gradient returned for ``z`` then includes it). ``extra`` (optional, 1-D, no
-    gradient) is summed over ranks in the same collective as the softmax statistics, so
-    per-step statistics cost no collective of their own. See ``_FusedSoftmaxCE``.
+    ``z``, ``col_scale`` and ``link`` come from ``fused_cosine``; the non-target logits are
+    ``z * col_scale``. ``extra`` (optional, 1-D, no gradient) is summed over ranks in the
+    same collective as the softmax statistics, so per-step statistics cost no collective of
+    their own. See ``_FusedSoftmaxCE``.
     """
-    return _FusedSoftmaxCE.apply(z, f, rows, group, in_place, extra, col_scale)
+    return _FusedSoftmaxCE.apply(z, f, rows, group, extra, col_scale, link)
 
 
 # ---------------------------------------------------------------------------- generic path

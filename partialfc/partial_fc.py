@@ -34,12 +34,15 @@ from partialfc.collectives import (
 from partialfc.context import MarginContext, ShardSpec
 from partialfc.fused import (
     NORM_EPS,
+    DeferredGrad,
     Workspace,
     _DistSoftmaxCE,
     distributed_cross_entropy,
     fused_cosine,
     fused_softmax_ce,
     gather_rows,
+    normalize_rows,
+    shard_handle,
 )
 from partialfc.margins import MarginHead
 from partialfc.optim import DEFAULT_CHUNK_ELEMENTS, ShardOptimizer, clip_grad_norm_
@@ -172,9 +175,10 @@ class PartialFC(nn.Module):
             optimizer; at sample_rate = 1 the two are the same update.
         fused: use the fused kernel for heads that allow it (``MarginHead.fused_scale``);
             False forces the generic autograd path (same numbers; for tests and new heads).
-        low_memory: keep the big per-step buffers in a ``Workspace`` reused across steps and
-            compute the backward in place (one backward per forward). False allocates fresh
-            tensors each step and supports retain_graph / gradcheck.
+        low_memory: keep the big per-step buffers in a ``Workspace`` reused across steps: a
+            forward overwrites what the previous forward's backward needs (autograd then
+            raises), so run each backward before the next forward. False allocates fresh
+            tensors each step (gradcheck, several forwards before a backward).
         stats_columns: columns per rank used to estimate the mean negative angle.
         hist_size: at most this many target angles in ``stats["target_angles_deg"]``.
 
@@ -468,11 +472,22 @@ class PartialFC(nn.Module):
             - ``num_sampled``: this rank's S, an int.
         """
         self._check_inputs(embeddings, labels)
+        head: MarginHead = self.margin  # type: ignore[assignment]
+        deferred = handle = None
+        if self._uses_fused(head) and self.weight.requires_grad and torch.is_grad_enabled():
+            # The shard's gradient is computed while the embeddings' gradient is exchanged
+            # (the handle must exist before the gather; see shard_handle).
+            deferred = DeferredGrad()
+            handle = shard_handle(self.weight, deferred)
         # [N, D], [N]: the labels travel in the embeddings' collective.
         emb_all, world_labels = all_gather_batch(
-            embeddings, labels.long(), self.group, self.ddp_scale, self._gather_capacity
+            embeddings,
+            labels.long(),
+            self.group,
+            self.ddp_scale,
+            self._gather_capacity,
+            overlap=None if deferred is None else deferred.run,
         )
-        head: MarginHead = self.margin  # type: ignore[assignment]
         device_type = emb_all.device.type
         out_dtype = torch.promote_types(
             torch.promote_types(emb_all.dtype, self.weight.dtype), torch.float32
@@ -481,16 +496,27 @@ class PartialFC(nn.Module):
         # Autocast is switched off so that the dtypes below are exactly the ones chosen.
         with torch.autocast(device_type=device_type, enabled=False):
             emb = emb_all.to(out_dtype)  # [N, D]
-            norms = torch.linalg.vector_norm(emb, dim=1)  # [N], differentiable
-            x_hat = emb / norms.clamp_min(NORM_EPS)[:, None]  # [N, D]
+            x_hat, norms = normalize_rows(emb)  # [N, D], [N]: both differentiable
             if head.uses_classifier:
-                loss, stats = self._classifier_loss(head, emb, norms, x_hat, world_labels, mm_dtype)
+                loss, stats = self._classifier_loss(
+                    head, emb, norms, x_hat, world_labels, mm_dtype, (handle, deferred)
+                )
             else:
                 loss, stats = self._aux_only_loss(head, emb, norms, x_hat, world_labels)
         if self.training and self.count_steps:
             with torch.no_grad():
                 self.num_steps.add_(1)
         return loss, stats
+
+    def _uses_fused(self, head: MarginHead) -> bool:
+        """Whether the step takes the fused path (see ``partialfc.fused``) for ``head``."""
+        return (
+            self.fused
+            and head.uses_classifier
+            and head.fused_scale is not None
+            and self.num_subcenters == 1
+            and not head.needs_bias
+        )
 
     def _context(self, **kw: Any) -> MarginContext:
         return MarginContext(
@@ -534,6 +560,7 @@ class PartialFC(nn.Module):
         x_hat: torch.Tensor,
         world_labels: torch.Tensor,
         mm_dtype: torch.dtype,
+        shard: tuple[torch.Tensor | None, DeferredGrad | None],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         local_labels = world_labels - self.class_start  # [N], new tensor
         is_local = (local_labels >= 0) & (local_labels < self.num_local)  # [N]
@@ -559,12 +586,23 @@ class PartialFC(nn.Module):
             normalized=x_hat,
         )
         scale = head.fused_scale
-        fused = self.fused and scale is not None and k == 1 and not head.needs_bias
+        fused = self._uses_fused(head)
         sparse = self.update == "sampled"
         if fused:
             assert scale is not None
-            z, col_scale, c_t = fused_cosine(
-                x_hat, self.weight, index, rows, cols, scale, mm_dtype, sparse, self.workspace
+            handle, deferred = shard
+            z, col_scale, c_t, link = fused_cosine(
+                x_hat,
+                self.weight,
+                index,
+                rows,
+                cols,
+                scale,
+                mm_dtype,
+                sparse,
+                self.workspace,
+                handle,
+                deferred,
             )  # [N, S] (times col_scale [S]: scale * cos), [R]
             ctx.target_cos = c_t
             target_rows = cols if index is None else index[cols]  # [R] local shard rows
@@ -590,7 +628,7 @@ class PartialFC(nn.Module):
                 extra[2 * n :] = self._negative_angle_sums(z.detach(), None, scale, col_scale)
             f = head.target_logits(ctx, c_t)  # [R]
             loss_ce, hardest, extra = fused_softmax_ce(
-                z, f, rows, self.group, self.low_memory, extra, col_scale
+                z, f, rows, self.group, link, extra, col_scale
             )
             ctx.cache["global_target_cos"] = (extra[:n], extra[n : 2 * n] > 0)
             neg_sample = extra[2 * n :]

@@ -18,6 +18,7 @@ from partialfc import (
     distributed_cross_entropy,
     init_class_centers,
 )
+from partialfc.fused import NORM_EPS, normalize_rows
 
 
 @pytest.fixture(autouse=True)
@@ -218,14 +219,27 @@ def test_partialfc_gradcheck_float64(name: str, kwargs: dict, fused: bool) -> No
     assert torch.autograd.gradcheck(loss_of_weight, (w0,), atol=1e-5)
 
 
-def test_low_memory_backward_is_single_use_and_guarded() -> None:
+def test_low_memory_backward_is_guarded() -> None:
     weight, x, labels = make_problem(9, [6], seed=3)
     pfc = PartialFC(build_margin("arcface"), D, 9, 1.0, 0, 1, low_memory=True)
     e = x.clone().requires_grad_(True)
     loss, _ = pfc(e, labels)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="low_memory"):
+    once_e, once_w = e.grad.clone(), pfc.weight.grad.clone()
+    # Without sampling the backward only reads the workspace: a second one (retain_graph)
+    # accumulates the same gradient again, into a new buffer.
+    loss.backward()
+    torch.testing.assert_close(e.grad, 2 * once_e)
+    torch.testing.assert_close(pfc.weight.grad, 2 * once_w)
+    # With sampling the backward writes the gradient over the gathered rows: a second
+    # backward of the same graph fails loudly instead of reading the gradient as rows.
+    sampled = PartialFC(build_margin("arcface"), D, 9, 0.5, 0, 1, low_memory=True)
+    loss, _ = sampled(e, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    e.grad = None
+    pfc.weight.grad = None
     # A second forward reuses the workspace: backward of the first graph must fail loudly.
     first, _ = pfc(e, labels)
     pfc(e, labels)
@@ -431,28 +445,73 @@ def test_largest_sorted_is_the_sorted_top_k(n: int, k: int, num_pos: int) -> Non
 
 
 @pytest.mark.parametrize("update", ["sampled", "dense"])
-def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str) -> None:
-    """The centres' gradient lives in a workspace buffer reused across steps: accumulating
-    two backwards must sum them, and a cleared gradient the caller still holds must stay
-    intact. (Accumulation itself may update ``.grad`` in place: torch's own semantics.)"""
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str, rate: float) -> None:
+    """The centres' gradient lives in a workspace buffer reused across steps (at rate < 1 the
+    gathered rows' buffer): accumulating two backwards must sum them, and a cleared gradient
+    the caller still holds must stay intact. (Accumulation itself may update ``.grad`` in
+    place: torch's own semantics.)"""
     torch.manual_seed(0)
-    pfc = PartialFC(build_margin("arcface"), 16, 40, 1.0, 0, 1, update=update)
+    pfc = PartialFC(build_margin("arcface"), 16, 40, rate, 0, 1, update=update)
     x1, x2 = torch.randn(6, 16), torch.randn(6, 16)
     y1, y2 = torch.randint(0, 40, (6,)), torch.randint(0, 40, (6,))
+    draws = {}  # the same sampled rows every time a batch comes back
 
-    def grad_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pfc.weight.grad = None
+    def backward(x: torch.Tensor, y: torch.Tensor, key: int) -> None:
+        draws.setdefault(key, pfc.sample_generator.get_state())
+        pfc.sample_generator.set_state(draws[key])
         pfc(x, y)[0].backward()
+
+    def grad_of(x: torch.Tensor, y: torch.Tensor, key: int) -> torch.Tensor:
+        pfc.weight.grad = None
+        backward(x, y, key)
         return pfc.weight.grad.to_dense().clone()
 
-    g1, g2 = grad_of(x1, y1), grad_of(x2, y2)
+    g1, g2 = grad_of(x1, y1, 1), grad_of(x2, y2, 2)
     pfc.weight.grad = None
-    pfc(x1, y1)[0].backward()
-    pfc(x2, y2)[0].backward()
+    backward(x1, y1, 1)
+    backward(x2, y2, 2)
     torch.testing.assert_close(pfc.weight.grad.to_dense(), g1 + g2, rtol=1e-5, atol=1e-6)
     kept = pfc.weight.grad
     kept_before = kept.to_dense().clone()
     pfc.weight.grad = None  # cleared, but the caller still holds the tensor
-    pfc(x1, y1)[0].backward()
+    backward(x1, y1, 1)
     assert torch.equal(kept.to_dense(), kept_before)
     torch.testing.assert_close(pfc.weight.grad.to_dense(), g1, rtol=1e-5, atol=1e-6)
+    if rate < 1:
+        # With nothing holding the last gradient, the next step reuses the same buffer.
+        assert pfc.workspace is not None
+        before = pfc.workspace._buffers["rows"].data_ptr()
+        pfc.weight.grad = None
+        kept = None
+        backward(x2, y2, 2)
+        assert pfc.workspace._buffers["rows"].data_ptr() == before
+
+
+def test_normalize_rows_matches_autograd_of_the_plain_expression() -> None:
+    """The fused row normalisation (values and both gradients) against autograd through
+    ``x / max(|x|, eps)`` and ``|x|``, with a zero row and a row below eps; gradcheck on
+    regular rows."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    x[1] = 0.0
+    x[3] = 1e-14  # |x| ~ 2.6e-14 < NORM_EPS: only scaled
+    g_hat = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    g_norm = torch.randn(5, generator=gen, dtype=torch.float64)
+
+    def grads(fn) -> tuple[torch.Tensor, ...]:
+        leaf = x.clone().requires_grad_(True)
+        x_hat, norms = fn(leaf)
+        only_hat = torch.autograd.grad((x_hat * g_hat).sum(), leaf, retain_graph=True)[0]
+        only_norm = torch.autograd.grad((norms * g_norm).sum(), leaf, retain_graph=True)[0]
+        both = torch.autograd.grad((x_hat * g_hat).sum() + (norms * g_norm).sum(), leaf)[0]
+        return x_hat.detach(), norms.detach(), only_hat, only_norm, both
+
+    def plain(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        norms = torch.linalg.vector_norm(t, dim=1)
+        return t / norms.clamp_min(NORM_EPS)[:, None], norms
+
+    for got, want in zip(grads(normalize_rows), grads(plain), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    regular = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(normalize_rows, (regular,))

@@ -125,24 +125,29 @@ inline T scale_row_max_t(T* row, const T* col, int64_t s, T m) {
   return m;
 }
 
+// row = exp(row - shift), times col elementwise when col is given; returns the sum of the
+// exponentials (before the column factor).
 template <typename T>
-inline void scale_row_t(T* row, const T* col, int64_t s, T a) {
-#pragma omp simd
-  for (int64_t j = 0; j < s; ++j) row[j] *= a * col[j];
-}
-
-template <typename T>
-inline double row_exp_sum_t(T* row, int64_t s, T shift) {
+inline double row_exp_sum_t(T* row, const T* col, int64_t s, T shift) {
   // Vectorised partial sums over blocks, added up in double.
   double total = 0;
   for (int64_t j0 = 0; j0 < s; j0 += kSumBlock) {
     const int64_t j1 = std::min(s, j0 + kSumBlock);
     T acc = 0;
+    if (col == nullptr) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = j0; j < j1; ++j) {
-      const T e = exp_any(row[j] - shift);
-      row[j] = e;
-      acc += e;
+      for (int64_t j = j0; j < j1; ++j) {
+        const T e = exp_any(row[j] - shift);
+        row[j] = e;
+        acc += e;
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T e = exp_any(row[j] - shift);
+        row[j] = e * col[j];
+        acc += e;
+      }
     }
     total += static_cast<double>(acc);
   }
@@ -179,17 +184,11 @@ PFC_MULTIVERSION float scale_row_max(float* row, const float* col, int64_t s, fl
 double scale_row_max(double* row, const double* col, int64_t s, double m) {
   return scale_row_max_t(row, col, s, m);
 }
-PFC_MULTIVERSION void scale_row(float* row, const float* col, int64_t s, float a) {
-  scale_row_t(row, col, s, a);
+PFC_MULTIVERSION double row_exp_sum(float* row, const float* col, int64_t s, float shift) {
+  return row_exp_sum_t(row, col, s, shift);
 }
-void scale_row(double* row, const double* col, int64_t s, double a) {
-  scale_row_t(row, col, s, a);
-}
-PFC_MULTIVERSION double row_exp_sum(float* row, int64_t s, float shift) {
-  return row_exp_sum_t(row, s, shift);
-}
-double row_exp_sum(double* row, int64_t s, double shift) {
-  return row_exp_sum_t(row, s, shift);
+double row_exp_sum(double* row, const double* col, int64_t s, double shift) {
+  return row_exp_sum_t(row, col, s, shift);
 }
 
 // ------------------------------------------------------------------------- tensor kernels
@@ -218,6 +217,21 @@ void project_radial_impl(at::Tensor& grad, const at::Tensor& rows, const at::Ten
   const T* c = coef.data_ptr<T>();
   at::parallel_for(0, grad.size(0), kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) project_row(g_base + i * d, w_base + i * d, d, c[i]);
+  });
+}
+
+template <typename T>
+void project_radial_rows_impl(at::Tensor& grad, const at::Tensor& weight, const at::Tensor& index,
+                              const at::Tensor& coef) {
+  const int64_t d = grad.size(1);
+  T* g_base = grad.data_ptr<T>();
+  const T* w_base = weight.data_ptr<T>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const T* c = coef.data_ptr<T>();
+  at::parallel_for(0, grad.size(0), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      project_row(g_base + i * d, w_base + idx[i] * d, d, c[i]);
+    }
   });
 }
 
@@ -251,19 +265,8 @@ void softmax_rows_impl(at::Tensor& z, const at::Tensor& col_scale, at::Tensor& m
       const T m = col == nullptr ? row_max(row, s, mx[i]) : scale_row_max(row, col, s, mx[i]);
       mx[i] = m;
       // A row with no finite value (every column masked, no target) is all zeros after exp.
-      sm[i] = static_cast<T>(row_exp_sum(row, s, std::isfinite(m) ? m : T(0)));
+      sm[i] = static_cast<T>(row_exp_sum(row, col, s, std::isfinite(m) ? m : T(0)));
     }
-  });
-}
-
-template <typename T>
-void scale_rows_cols_impl(at::Tensor& z, const at::Tensor& row_scale, const at::Tensor& col_scale) {
-  const int64_t s = z.size(1);
-  T* z_base = z.data_ptr<T>();
-  const T* r = row_scale.data_ptr<T>();
-  const T* c = col_scale.data_ptr<T>();
-  at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) scale_row(z_base + i * s, c, s, r[i]);
   });
 }
 
@@ -313,6 +316,18 @@ void project_radial_(at::Tensor grad, at::Tensor rows, at::Tensor coef) {
                              [&] { project_radial_impl<scalar_t>(grad, rows, coef); });
 }
 
+void project_radial_rows_(at::Tensor grad, at::Tensor weight, at::Tensor index, at::Tensor coef) {
+  check_pair(grad, weight, "project_radial_rows_");
+  check_pair(grad, coef, "project_radial_rows_");
+  TORCH_CHECK(weight.dim() == 2 && grad.dim() == 2 && grad.size(1) == weight.size(1) &&
+                  index.size(0) == grad.size(0) && coef.size(0) == grad.size(0),
+              "project_radial_rows_: shapes");
+  check_index(index, weight.size(0), "project_radial_rows_");
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "project_radial_rows_", [&] {
+    project_radial_rows_impl<scalar_t>(grad, weight, index, coef);
+  });
+}
+
 void gather_rows_inv_norm(at::Tensor weight, at::Tensor index, at::Tensor out, at::Tensor inv,
                           double eps) {
   check_pair(weight, out, "gather_rows_inv_norm");
@@ -343,20 +358,13 @@ void softmax_rows_(at::Tensor z, std::optional<at::Tensor> col_scale_opt, at::Te
   });
 }
 
-void scale_rows_cols_(at::Tensor z, at::Tensor row_scale, at::Tensor col_scale) {
-  check_pair(z, row_scale, "scale_rows_cols_");
-  check_pair(z, col_scale, "scale_rows_cols_");
-  TORCH_CHECK(row_scale.size(0) == z.size(0) && col_scale.size(0) == z.size(1),
-              "scale_rows_cols_: shapes");
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_rows_cols_",
-                             [&] { scale_rows_cols_impl<scalar_t>(z, row_scale, col_scale); });
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_rows_", &sgd_rows_, "SGD (momentum, coupled weight decay) on the indexed rows");
   m.def("project_radial_", &project_radial_, "grad_i -= coef_i * (grad_i . w_i) * w_i");
+  m.def("project_radial_rows_", &project_radial_rows_,
+        "grad_i -= coef_i * (grad_i . w_k) * w_k with w_k = weight[index_i]");
   m.def("gather_rows_inv_norm", &gather_rows_inv_norm, "out = weight[index], inv = 1/|row|");
   m.def("softmax_rows_", &softmax_rows_,
-        "z = z * col_scale (optional), then exp(z - row max); per-row max and sum");
-  m.def("scale_rows_cols_", &scale_rows_cols_, "z_ij *= row_i * col_j");
+        "per row: u = z * col_scale (optional), m = max(m, max u), z = exp(u - m) * col_scale; "
+        "the max and the sum of exp(u - m)");
 }
