@@ -339,6 +339,7 @@ class FusedLink:
     def __init__(self) -> None:
         self.rows_mm: torch.Tensor | None = None  # [S, D] B of u = x_s . B_j, in mm dtype
         self.mm_dtype: torch.dtype | None = None
+        self.grad_enabled = torch.is_grad_enabled()  # made outside autograd's forward
         self.need_x_grad = False
         self.need_w_grad = False
         self.exps: torch.Tensor | None = None  # [N, S] E, from the softmax's backward
@@ -439,8 +440,9 @@ class _FusedCosine(torch.autograd.Function):
         ctx.deferred = deferred
         link.rows_mm = b_low if low else w_f
         link.mm_dtype = mm_dtype
-        link.need_x_grad = bool(ctx.needs_input_grad[0])
-        link.need_w_grad = _needs_weight_grad(ctx)
+        # (needs_input_grad is also set under no_grad: the wrapper records the grad mode.)
+        link.need_x_grad = link.grad_enabled and bool(ctx.needs_input_grad[0])
+        link.need_w_grad = link.grad_enabled and _needs_weight_grad(ctx)
         col_scale = None if prenorm else inv
         if col_scale is not None:
             ctx.mark_non_differentiable(col_scale)

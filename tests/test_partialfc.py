@@ -515,3 +515,23 @@ def test_normalize_rows_matches_autograd_of_the_plain_expression() -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     regular = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(normalize_rows, (regular,))
+
+
+def test_fused_forward_without_grad_skips_the_backward_product(monkeypatch) -> None:
+    """Under no_grad the fused softmax computes no E @ B for a backward that cannot come
+    (custom Functions see needs_input_grad even then); with grad it does, once."""
+    from partialfc import fused
+
+    calls = []
+    real = fused._exps_times_rows
+    monkeypatch.setattr(fused, "_exps_times_rows", lambda *a: calls.append(1) or real(*a))
+    weight, x, labels = make_problem(9, [6], seed=5)
+    pfc = PartialFC(build_margin("arcface"), D, 9, 1.0, 0, 1)
+    with torch.no_grad():
+        no_grad_loss, _ = pfc(x.clone().requires_grad_(True), labels)
+    assert calls == []
+    loss, _ = pfc(x.clone().requires_grad_(True), labels)
+    assert calls == [1]
+    torch.testing.assert_close(loss.detach(), no_grad_loss)
+    loss.backward()
+    assert calls == [1]  # the backward used the forward's product
