@@ -528,3 +528,49 @@ def test_discface_displacement_and_fused_paths_agree() -> None:
     assert_close(results[0][1], results[1][1], "displacement")
     assert_close(results[0][2], results[1][2], "weights")
     assert math.isfinite(float(results[0][0]))
+
+
+def _overlap_worker(rank: int, world: int) -> None:
+    """The centres' gradient is computed inside the embeddings' gather backward (while the
+    all-to-all is in flight), before the shard handle's node asks for it; the gradients are
+    the same as without the deferral."""
+    import partialfc.partial_fc as pfc_module
+    from partialfc.fused import DeferredGrad
+
+    order: list[str] = []
+
+    class Recording(DeferredGrad):
+        def run(self) -> None:
+            if self._fn is not None:
+                order.append("run")
+            super().run()
+
+        def take(self) -> torch.Tensor | None:
+            order.append("take")
+            return super().take()
+
+    weight, x, labels = make_problem(1, 7 * world, seed=21)
+    grads = []
+    for deferral in (True, False):
+        pfc = PartialFC(build_margin("arcface"), D, NUM_CLASSES, 0.5, rank, world, seed=3)
+        with torch.no_grad():
+            pfc.weight.copy_(weight[pfc.class_start : pfc.class_start + pfc.num_local])
+        e = x[7 * rank : 7 * (rank + 1)].clone().requires_grad_(True)
+        # The same sampled rows both times; without deferral the direct gradient.
+        pfc.sample_generator.manual_seed(5 + rank)
+        saved = pfc_module.DeferredGrad, pfc_module.shard_handle
+        pfc_module.DeferredGrad = Recording if deferral else lambda: None
+        if not deferral:
+            pfc_module.shard_handle = lambda weight, deferred: None
+        try:
+            pfc(e, labels[7 * rank : 7 * (rank + 1)])[0].backward()
+        finally:
+            pfc_module.DeferredGrad, pfc_module.shard_handle = saved
+        grads.append((e.grad.clone(), pfc.weight.grad.to_dense().clone()))
+    assert order == ["run", "take"], order
+    assert_close(grads[0][0], grads[1][0], "embedding gradient")
+    assert_close(grads[0][1], grads[1][1], "centre gradient")
+
+
+def test_centre_gradient_overlaps_the_embedding_exchange() -> None:
+    run_distributed(_overlap_worker, 2)
