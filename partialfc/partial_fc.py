@@ -709,12 +709,13 @@ class PartialFC(nn.Module):
         """
         n, s_cols = values.shape
         stride = max(1, -(-s_cols // self.stats_columns))
-        picked = torch.arange(0, s_cols, stride, device=values.device)  # [<= stats_columns]
-        sub = values[:, picked] / scale  # [N, k]
+        # Columns 0, stride, 2 * stride, ... (<= stats_columns): a strided view, no gather.
+        sub = values[:, ::stride] / scale  # [N, k]
         if col_scale is not None:
-            sub = sub * col_scale[picked].to(sub.dtype)
+            sub = sub * col_scale[::stride].to(sub.dtype)
         keep = torch.isfinite(sub)
         if target is not None:
+            picked = torch.arange(0, s_cols, stride, device=values.device)  # [k]
             keep &= target[:, None] != picked[None, :]
         deg = torch.rad2deg(torch.acos(sub.clamp(-1.0, 1.0)))
         return torch.stack(
