@@ -237,9 +237,11 @@ class _AllGatherWithGrad(torch.autograd.Function):
             group=ctx.group,
             async_op=True,
         )
-        if ctx.overlap is not None:
-            ctx.overlap()  # e.g. the classifier's weight gradient, while the rows travel
-        work.wait()
+        try:
+            if ctx.overlap is not None:
+                ctx.overlap()  # e.g. the classifier's weight gradient, while the rows travel
+        finally:
+            work.wait()
         local = parts.view(world, size, *grad.shape[1:]).sum(dim=0)  # [B_r, ...]
         if ctx.scale != 1.0:
             local = local.mul_(ctx.scale)

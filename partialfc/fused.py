@@ -12,8 +12,9 @@ Two paths compute the loss of a step:
   softmax's gradient is ``coef_i * E_ij`` with ``E`` the exponentials it left in place, and
   ``coef`` [N] is folded into the ``[N, D]`` operands of the two backward products (see
   ``FusedLink``). With a ``Workspace`` the whole step touches one ``[N, S]`` buffer (product
-  -> exp, in place), one ``[S, D]`` buffer of gathered rows and one ``[S, D]`` gradient
-  buffer, all reused across steps. Beyond the three matrix products a step sweeps ``[N, S]``
+  -> exp, in place) and, when sampling, one ``[S, D]`` buffer of gathered rows that the
+  backward overwrites with their gradient (see ``Workspace``), reused across steps. Beyond
+  the three matrix products a step sweeps ``[N, S]``
   once and ``[S, D]`` a few times; on CPU each sweep is one fused kernel
   (``partialfc.cpu_kernels``), elsewhere a few torch ops (see BENCHMARKS.md). The product
   ``E @ B`` of the embeddings' gradient runs while the softmax's collective is in flight.
@@ -32,7 +33,6 @@ import math
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from partialfc import cpu_kernels
 from partialfc.collectives import ProcessGroup, all_reduce_inplace, start_all_gather_stack
@@ -70,8 +70,10 @@ class Workspace:
     On CPU every large allocation is a fresh ``mmap`` whose pages fault in one by one (about
     1 ms per MB on the development machine); on GPU the caching allocator hides that, but the
     workspace still keeps peak memory to one ``[N, S]`` buffer and one ``[S, D]`` buffer: the
-    gathered rows, which the backward overwrites with the rows' gradient (a second ``[S, D]``
-    buffer under low-precision products, whose backward still reads the rows). Safety: a
+    gathered rows, which the backward overwrites with the rows' gradient. A separate
+    gradient buffer (``"grad"``) is used without sampling (the rows are the shard itself) and
+    when the rows were converted to another dtype; under low-precision products the gradient
+    is a fresh tensor and the rows stay (their backward still reads them). Safety: a
     tensor saved for backward that is overwritten by the next step's forward (or by the
     backward itself) makes autograd raise ("modified by an inplace operation") instead of
     silently using wrong values; run one backward per forward, before the next forward. A
@@ -121,23 +123,23 @@ class Workspace:
 
 class _NormalizeRows(torch.autograd.Function):
     """``(x / max(|x|, eps), |x|)`` per row, with one fused backward (autograd's generic
-    version of the same expression runs a handful of ``[N, D]`` passes)."""
+    version of the same expression runs a handful of ``[N, D]`` passes). The backward is
+    built from the saved outputs with differentiable ops, so double backward works too."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ctx.set_materialize_grads(False)
         norms = torch.linalg.vector_norm(x, dim=1)  # [N]
-        inv = norms.clamp_min(NORM_EPS).reciprocal_()  # [N]
-        x_hat = x * inv[:, None]
-        ctx.save_for_backward(x_hat, norms, inv)
+        x_hat = x * norms.clamp_min(NORM_EPS).reciprocal()[:, None]
+        ctx.save_for_backward(x_hat, norms)
         return x_hat, norms
 
     @staticmethod
-    @once_differentiable
     def backward(
         ctx: Any, g_hat: torch.Tensor | None, g_norm: torch.Tensor | None
     ) -> torch.Tensor | None:
-        x_hat, norms, inv = ctx.saved_tensors
+        x_hat, norms = ctx.saved_tensors
+        inv = norms.clamp_min(NORM_EPS).reciprocal()  # [N]
         # dx = g_hat / max(|x|, eps) + c x_hat, with c = -(g_hat . x_hat) / |x| where
         # |x| > eps (below, the clamped norm is a constant: no radial term) plus
         # g_norm / (|x| inv) from d|x| = x / |x| (0 at x = 0).
@@ -148,7 +150,7 @@ class _NormalizeRows(torch.autograd.Function):
             c = c + torch.where(norms > 0, g_norm / (norms * inv), torch.zeros_like(c))
         grad = x_hat * c[:, None]
         if g_hat is not None:
-            grad.addcmul_(g_hat, inv[:, None])
+            grad = grad + g_hat * inv[:, None]
         return grad
 
 
@@ -276,6 +278,12 @@ class DeferredGrad:
     (``run``) while the embeddings' gradient travels between the ranks, and the node of
     ``shard_handle`` hands the result to autograd (``take``; it runs it itself if nobody
     did, e.g. with one rank). Without this the exchange would wait for the product.
+
+    The gradient passes from node to node outside autograd's edges, so autograd's stream
+    synchronisation does not cover it: the nodes of one step must run on one CUDA stream
+    (PartialFC records them all on the current stream). When a backward only asks for the
+    embeddings' gradient, the gather's backward still computes the deferred gradient and it
+    is kept (here) until the graph is freed.
     """
 
     def __init__(self) -> None:
@@ -333,7 +341,9 @@ class FusedLink:
     passes ``coef`` [N] (and ``E``) here instead of a gradient for ``u``, and
     ``_FusedCosine``'s backward folds ``coef`` into the ``[N, D]`` operands. The cosine half
     also lends its ``[S, D]`` operand, so that the softmax half computes ``E @ B`` (the bulk of
-    the embeddings' gradient) while its collective is in flight.
+    the embeddings' gradient) while its collective is in flight: a forward with grad enabled
+    pays for that product even if no backward follows (evaluate under ``torch.no_grad()``).
+    Like ``DeferredGrad`` it passes tensors outside autograd's edges (one CUDA stream).
     """
 
     def __init__(self) -> None:
@@ -661,13 +671,15 @@ class _FusedSoftmaxCE(torch.autograd.Function):
             payload[4 * n :] = extra.to(payload.dtype)
         pending = start_all_gather_stack(payload, group)  # [W, 4N + E]
         exps_mm = exps_b = None
-        if link.rows_mm is not None and (link.need_x_grad or link.need_w_grad):
-            if link.mm_dtype != z.dtype:
-                exps_mm = z.to(link.mm_dtype)
-            if link.need_x_grad:
-                exps_b = _exps_times_rows(z, exps_mm, link.rows_mm)  # [N, D]
-        link.rows_mm = None
-        every = pending.wait()
+        try:  # the collective is waited for even if this work fails (e.g. out of memory)
+            if link.rows_mm is not None and (link.need_x_grad or link.need_w_grad):
+                if link.mm_dtype != z.dtype:
+                    exps_mm = z.to(link.mm_dtype)
+                if link.need_x_grad:
+                    exps_b = _exps_times_rows(z, exps_mm, link.rows_mm)  # [N, D]
+        finally:
+            link.rows_mm = None
+            every = pending.wait()
         per_rank = every[:, : 4 * n].view(-1, 4, n)
         hardest = per_rank[:, 0].amax(dim=0)  # [N]
         row_max = per_rank[:, 1].amax(dim=0)  # [N]: finite (every row has its target)
@@ -691,10 +703,11 @@ class _FusedSoftmaxCE(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any) -> tuple[Any, ...]:
         exps, row_coef, p_t, exps_mm, exps_b = ctx.saved_tensors
         scale = grad_loss.to(exps.dtype) / ctx.n
-        link = ctx.link
-        # dL/dz_ij = softmax_ij * scale = coef_i * E_ij (targets handled through f).
-        link.coef = row_coef * scale  # [N]
-        link.exps, link.exps_mm, link.exps_b = exps, exps_mm, exps_b
+        if ctx.needs_input_grad[0]:
+            # dL/dz_ij = softmax_ij * scale = coef_i * E_ij (targets handled through f).
+            link = ctx.link
+            link.coef = row_coef * scale  # [N]
+            link.exps, link.exps_mm, link.exps_b = exps, exps_mm, exps_b
         grad_f = (p_t - 1.0) * scale  # [R]
         return None, grad_f.to(ctx.f_dtype), None, None, None, None, None
 

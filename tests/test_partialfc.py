@@ -515,6 +515,8 @@ def test_normalize_rows_matches_autograd_of_the_plain_expression() -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     regular = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(normalize_rows, (regular,))
+    # Double backward (e.g. a gradient penalty on the embeddings through the generic path).
+    assert torch.autograd.gradgradcheck(normalize_rows, (regular,))
 
 
 def test_fused_forward_without_grad_skips_the_backward_product(monkeypatch) -> None:
