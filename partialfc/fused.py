@@ -252,16 +252,14 @@ def _project_out_radial(
     One sweep with the fused CPU kernel; else chunked torch ops (a whole-matrix
     ``(grad * w).sum(1)`` would allocate an [S, D] temporary).
     """
-    if index is None:
-        kern = cpu_kernels.usable(grad, w, coef)
-        if kern is not None:
+    plain_index = index is None or (index.dtype == torch.long and index.is_contiguous())
+    kern = cpu_kernels.usable(grad, w, coef) if plain_index else None
+    if kern is not None:
+        if index is None:
             kern.project_radial_(grad, w, coef)
-            return
-    elif index.dtype == torch.long and index.is_contiguous():
-        kern = cpu_kernels.usable(grad, w, coef)
-        if kern is not None:
+        else:
             kern.project_radial_rows_(grad, w, index, coef)
-            return
+        return
     for lo in range(0, grad.shape[0], PROJECT_CHUNK_ROWS):
         hi = lo + PROJECT_CHUNK_ROWS
         g = grad[lo:hi]
