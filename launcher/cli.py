@@ -209,7 +209,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(config))
         print(format_plan(plan))
         return 0
-    if launch_env.under_launcher() or (config.dist.nproc == 1 and args.nnodes == 1):
+    if launch_env.under_launcher():
+        # One rank of srun / torchrun / deepspeed: ends its process itself (exit_process).
+        from launcher.worker import exit_process, run_worker
+
+        run_worker(config, keep_group=True)
+        exit_process(0)
+    if config.dist.nproc == 1 and args.nnodes == 1:
         from launcher.worker import run_worker
 
         run_worker(config)

@@ -70,8 +70,16 @@ def install_stop_handlers(stop: StopFlag) -> None:
         signal.signal(sig, handler)
 
 
-def run_worker(config: Config) -> dict[str, Any]:
-    """Train on this process's rank; rank 0 prints the summary."""
+def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
+    """Train on this process's rank; rank 0 prints the summary.
+
+    ``keep_group=True``: after a successful run the process group is left as it is, for a
+    caller that ends the process right away with ``exit_process`` (a launcher's rank):
+    ``destroy_process_group`` right after the final barrier has aborted a finished gloo rank
+    now and then (SIGABRT in gloo's destructors, "terminate called without an active
+    exception"), failing a complete torchrun or Slurm job. After an error the group is
+    always destroyed.
+    """
     if config.run.resume is None and launch_env.restart_count() > 0:
         # torchrun restarted us after a failure: continue from the latest checkpoint.
         config = config.model_copy(update={"run": config.run.model_copy(update={"resume": "auto"})})
@@ -95,9 +103,26 @@ def run_worker(config: Config) -> dict[str, Any]:
                 )
             else:
                 print(format_summary(summary), flush=True)
-        return summary
-    finally:
+    except BaseException:
         launch_env.destroy_process_group()
+        raise
+    if not keep_group:
+        launch_env.destroy_process_group()
+    return summary
+
+
+def exit_process(code: int) -> None:
+    """End this rank's process now, without the interpreter's teardown.
+
+    Everything is written and closed by then (checkpoint, ONNX, wandb). C++ destructors of
+    gloo and DataLoader threads running in an arbitrary order at interpreter exit have
+    aborted finished ranks ("terminate called without an active exception"), turning a
+    complete run into a failed torchrun or Slurm job; the OS closes the sockets instead.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,17 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
-    run_worker(load_config(args.config, overrides))
+    run_worker(load_config(args.config, overrides), keep_group=True)
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is written and closed by now (checkpoint, ONNX, wandb, process group). Skip
-    # the interpreter's teardown: C++ destructors of gloo/DataLoader threads running in an
-    # arbitrary order have aborted a finished rank ("terminate called without an active
-    # exception"), turning a complete run into a failed torchrun/Slurm job.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(main())

@@ -104,3 +104,44 @@ def test_packages_import_downward() -> None:
         if re.search(r"^\s*(from|import)\s+launcher\b", line)
     ]
     assert not trainer_up, trainer_up
+
+
+@pytest.mark.parametrize("keep_group", [False, True])
+@pytest.mark.parametrize("fails", [False, True])
+def test_worker_tears_the_group_down_only_when_asked_or_after_an_error(
+    monkeypatch: pytest.MonkeyPatch, keep_group: bool, fails: bool
+) -> None:
+    """A launcher's rank (keep_group=True) leaves its process group to exit_process after a
+    successful run (destroy_process_group after the final barrier has aborted finished gloo
+    ranks); an in-process run destroys it; after an error it is always destroyed."""
+    from launcher import worker
+    from trainer.config import load_config
+
+    calls: list[str] = []
+
+    class FakeTrainer:
+        def __init__(self, *_args: object) -> None:
+            pass
+
+        def fit(self) -> dict:
+            calls.append("fit")
+            if fails:
+                raise RuntimeError("step failed")
+            return {"stopped": "received SIGTERM", "checkpoint": "ckpt"}
+
+    monkeypatch.setattr(worker, "Trainer", FakeTrainer)
+    monkeypatch.setattr(worker, "install_stop_handlers", lambda _stop: None)
+    for name in ("init_process_group", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(worker.launch_env, name, lambda *_a, _n=name: calls.append(_n))
+    config = load_config(REPO / "configs" / "demo_cpu.yaml", [])
+    if fails:
+        with pytest.raises(RuntimeError, match="step failed"):
+            worker.run_worker(config, keep_group=keep_group)
+    else:
+        assert worker.run_worker(config, keep_group=keep_group)["checkpoint"] == "ckpt"
+    expected = ["init_process_group", "fit"]
+    if fails:
+        expected.append("destroy_process_group")
+    else:
+        expected += ["barrier"] + ([] if keep_group else ["destroy_process_group"])
+    assert calls == expected
