@@ -9,6 +9,7 @@ as separate torch ops. The kernels in ``csrc/cpu_kernels.cpp`` do each in one sw
 - ``gather_rows_inv_norm``: ``out = weight[index]`` and ``inv = 1 / max(|out_i|, eps)``;
 - ``softmax_rows_``: per row ``m = max(m_init, max_j u_ij)``, ``z = exp(u - m) * c`` and the
   sum of ``exp(u - m)``, with ``u = z * c`` for an optional column scale ``c``;
+  ``softmax_cols_`` the same for logits stored transposed (``[S, N]``, two sweeps);
 - ``project_radial_`` / ``project_radial_rows_``: ``grad_i -= coef_i * (grad_i . w_i) * w_i``
   with ``w_i`` row i of a matrix or row ``index_i`` of the shard;
 - ``sgd_rows_``: SGD with momentum and coupled weight decay on the indexed rows only.

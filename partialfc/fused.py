@@ -13,7 +13,9 @@ Two paths compute the loss of a step:
   ``coef`` [N] is folded into the ``[N, D]`` operands of the two backward products (see
   ``FusedLink``). With a ``Workspace`` the whole step touches one ``[N, S]`` buffer (product
   -> exp, in place) and, when sampling, one ``[S, D]`` buffer of gathered rows that the
-  backward overwrites with their gradient (see ``Workspace``), reused across steps. Beyond
+  backward overwrites with their gradient (see ``Workspace``), reused across steps; without
+  sampling and with ``N < D`` the ``[N, S]`` buffer is the tail of the shard's gradient
+  buffer (logits stored transposed), so a step needs no memory beyond the state. Beyond
   the three matrix products a step sweeps ``[N, S]``
   once and ``[S, D]`` a few times; on CPU each sweep is one fused kernel
   (``partialfc.cpu_kernels``), elsewhere a few torch ops (see BENCHMARKS.md). The product
@@ -73,7 +75,9 @@ class Workspace:
     gathered rows, which the backward overwrites with the rows' gradient. A separate
     gradient buffer (``"grad"``) is used without sampling (the rows are the shard itself) and
     when the rows were converted to another dtype; under low-precision products the gradient
-    is a fresh tensor and the rows stay (their backward still reads them). Safety: a
+    is a fresh tensor and the rows stay (their backward still reads them). Without sampling,
+    when ``N < D`` and a gradient is wanted, the logits are stored transposed at the end of
+    the ``"grad"`` buffer instead of in a ``"logits"`` buffer (``_exps_t_times_into``). Safety: a
     tensor saved for backward that is overwritten by the next step's forward (or by the
     backward itself) makes autograd raise ("modified by an inplace operation") instead of
     silently using wrong values; run one backward per forward, before the next forward. A
@@ -413,7 +417,20 @@ class _FusedCosine(torch.autograd.Function):
         low = mm_dtype != out_dtype
         prenorm = mm_dtype == torch.float16
         x_s = x_hat * scale  # [N, D]
-        if workspace is not None:
+        link.need_w_grad = link.grad_enabled and _needs_weight_grad(ctx)
+        ctx.grad_buffer = None
+        if workspace is not None and _logits_fit_in_grad(index, low, link.need_w_grad, n, d):
+            # Without sampling the logits live, transposed, in the tail of the shard's gradient
+            # buffer [C_r, D] (N < D: they fit), which the backward fills block by block
+            # behind the exponentials it has read (_exps_t_times_into): peak memory is the
+            # state alone instead of the state plus an [N, C_r] buffer.
+            ctx.grad_buffer = workspace.get_unshared("grad", (s_cols, d), out_dtype, w.device)
+            # (detach(): a view of the buffer would keep a reference to it, and autograd
+            # would then copy the gradient instead of taking the buffer as .grad.)
+            z_t = ctx.grad_buffer.detach().view(-1)[s_cols * (d - n) :].view(s_cols, n)
+            torch.mm(w_f, x_s.T, out=z_t)  # [S, N]; times col_scale = scale * cos
+            z = z_t.T.detach()  # [N, S] (detach(): see below)
+        elif workspace is not None:
             # detach(): a non-differentiable alias (autograd forbids modifying views returned
             # by a custom Function in place) that still shares the buffer's version counter.
             z = workspace.get("logits", (n, s_cols), out_dtype, x_hat.device).detach()
@@ -423,7 +440,7 @@ class _FusedCosine(torch.autograd.Function):
         if low:
             b_low = (w_f * inv[:, None]).to(mm_dtype) if prenorm else w_f.to(mm_dtype)
             z.copy_(torch.mm(x_s.to(mm_dtype), b_low.T))  # [N, S] from low precision
-        else:
+        elif ctx.grad_buffer is None:
             torch.mm(x_s, w_f.T, out=z)  # [N, S]; times col_scale = scale * cos
         # Exact target cosines in the output precision (O(R * D)), whatever the matmul dtype.
         c_t = (x_hat[rows] * w_f[cols]).sum(dim=1) * inv[cols]  # [R]
@@ -450,7 +467,6 @@ class _FusedCosine(torch.autograd.Function):
         link.mm_dtype = mm_dtype
         # (needs_input_grad is also set under no_grad: the wrapper records the grad mode.)
         link.need_x_grad = link.grad_enabled and bool(ctx.needs_input_grad[0])
-        link.need_w_grad = link.grad_enabled and _needs_weight_grad(ctx)
         col_scale = None if prenorm else inv
         if col_scale is not None:
             ctx.mark_non_differentiable(col_scale)
@@ -494,7 +510,12 @@ class _FusedCosine(torch.autograd.Function):
             if ctx.low and coef is not None:
                 bm = torch.mm(exps_mm.T, (x_s * coef[:, None]).to(ctx.mm_dtype)).to(x_s.dtype)
             else:
-                if ctx.rows_buffer:
+                exps_in_bm = ctx.grad_buffer is not None
+                if exps_in_bm:
+                    # Its tail holds E transposed. Not kept on ctx: autograd hands a gradient
+                    # nobody else references to .grad as is, and copies it otherwise.
+                    bm, ctx.grad_buffer = ctx.grad_buffer, None
+                elif ctx.rows_buffer:
                     bm = w_f  # the gathered rows are not read after this point
                 elif ctx.workspace is not None:
                     # Fresh [S, D] memory would cost its page faults every step (on CPU as
@@ -504,6 +525,8 @@ class _FusedCosine(torch.autograd.Function):
                     bm = x_s.new_empty(s_cols, d)
                 if coef is None:
                     bm.zero_()
+                elif exps_in_bm:
+                    _exps_t_times_into(bm, exps.T, x_s * coef[:, None])  # [S, D]
                 else:
                     torch.mm(exps.T, x_s * coef[:, None], out=bm)  # [S, D]
             bm.index_add_(0, cols, x_s[rows] * t_val[:, None])
@@ -524,6 +547,44 @@ class _FusedCosine(torch.autograd.Function):
             grad_w = None
             grad_handle = torch.zeros((), dtype=ctx.weight_dtype, device=x_s.device)
         return grad_x, grad_w, None, None, None, None, None, None, None, None, grad_handle, None
+
+
+def _logits_fit_in_grad(
+    index: torch.Tensor | None, low: bool, need_w_grad: bool, n: int, d: int
+) -> bool:
+    """Whether ``_FusedCosine`` keeps the logits in the tail of the shard's gradient buffer:
+    no sampling (the gradient covers the whole shard), a gradient is wanted, products in the
+    output dtype, and ``N < D`` (``[S, N]`` fits in ``[S, D]`` with room to write ahead)."""
+    return index is None and not low and need_w_grad and 0 < n < d
+
+
+EXPS_T_MIN_BLOCK_ROWS = 256
+"""Smallest block of ``_exps_t_times_into``; the rows left below it are copied out first."""
+
+
+def _exps_t_times_into(out: torch.Tensor, exps_t: torch.Tensor, rhs: torch.Tensor) -> None:
+    """``out = exps_t @ rhs`` [S, D] where ``exps_t`` [S, N] (N < D) lies at the end of
+    ``out``'s own memory.
+
+    Row blocks in order: block ``[j0, j1)`` of ``out`` ends at or before the first
+    exponential still unread (that of row ``j0``), so a product never overwrites its own or a
+    later block's operand. Each block is ``(D - N) / D`` of the rows left (half of them at
+    ``N = D / 2``); the last few rows' exponentials are copied out and multiplied last.
+    """
+    s, d = out.shape
+    n = exps_t.shape[1]
+    offset = exps_t.storage_offset() - out.storage_offset()  # elements
+    same = exps_t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    if not (same and offset >= 0 and out.is_contiguous() and exps_t.is_contiguous()):
+        raise ValueError("exps_t must be contiguous and lie at or after out's start in its memory")
+    j0 = 0
+    while j0 < s:
+        j1 = min(s, (offset + n * j0) // d)  # out[:j1] ends where the unread exps begin
+        if j1 - j0 < EXPS_T_MIN_BLOCK_ROWS:
+            torch.mm(exps_t[j0:].clone(), rhs, out=out[j0:])
+            return
+        torch.mm(exps_t[j0:j1], rhs, out=out[j0:j1])
+        j0 = j1
 
 
 def _needs_weight_grad(ctx: Any) -> bool:
@@ -595,9 +656,16 @@ def _local_exp_sums(
     n = z.shape[0]
     row_max = z.new_full((n,), -math.inf)
     row_sum = z.new_empty(n)
-    kern = cpu_kernels.usable(z, row_max, row_sum, col_scale) if z.shape[1] > 0 else None
+    kern = None
+    if z.shape[1] > 0:
+        # Row-major z, or z stored transposed (the logits in the gradient buffer).
+        transposed = not z.is_contiguous()
+        kern = cpu_kernels.usable(z.T if transposed else z, row_max, row_sum, col_scale)
     if kern is not None:
-        kern.softmax_rows_(z, col_scale, row_max, row_sum)
+        if transposed:
+            kern.softmax_cols_(z.T, col_scale, row_max, row_sum)
+        else:
+            kern.softmax_rows_(z, col_scale, row_max, row_sum)
         return row_max, _finite_or_zero(row_max), row_sum
     if col_scale is not None:
         z.mul_(col_scale)

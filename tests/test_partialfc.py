@@ -220,24 +220,27 @@ def test_partialfc_gradcheck_float64(name: str, kwargs: dict, fused: bool) -> No
 
 
 def test_low_memory_backward_is_guarded() -> None:
-    weight, x, labels = make_problem(9, [6], seed=3)
+    weight, x, labels = make_problem(9, [6 + D], seed=3)
     pfc = PartialFC(build_margin("arcface"), D, 9, 1.0, 0, 1, low_memory=True)
     e = x.clone().requires_grad_(True)
     loss, _ = pfc(e, labels)
     loss.backward(retain_graph=True)
     once_e, once_w = e.grad.clone(), pfc.weight.grad.clone()
-    # Without sampling the backward only reads the workspace: a second one (retain_graph)
-    # accumulates the same gradient again, into a new buffer.
+    # Without sampling and with N >= D the backward only reads the workspace: a second one
+    # (retain_graph) accumulates the same gradient again, into a new buffer.
     loss.backward()
     torch.testing.assert_close(e.grad, 2 * once_e)
     torch.testing.assert_close(pfc.weight.grad, 2 * once_w)
-    # With sampling the backward writes the gradient over the gathered rows: a second
-    # backward of the same graph fails loudly instead of reading the gradient as rows.
-    sampled = PartialFC(build_margin("arcface"), D, 9, 0.5, 0, 1, low_memory=True)
-    loss, _ = sampled(e, labels)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+    # With sampling the backward writes the gradient over the gathered rows, and without
+    # sampling and N < D over the logits (kept in the gradient buffer): a second backward of
+    # the same graph fails loudly instead of reading the gradient as rows or logits.
+    for rate, rows in ((0.5, len(labels)), (1.0, 6)):
+        e.grad = None
+        one_pass = PartialFC(build_margin("arcface"), D, 9, rate, 0, 1, low_memory=True)
+        loss, _ = one_pass(e[:rows], labels[:rows])
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
     e.grad = None
     pfc.weight.grad = None
     # A second forward reuses the workspace: backward of the first graph must fail loudly.
@@ -478,14 +481,73 @@ def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str, ra
     backward(x1, y1, 1)
     assert torch.equal(kept.to_dense(), kept_before)
     torch.testing.assert_close(pfc.weight.grad.to_dense(), g1, rtol=1e-5, atol=1e-6)
-    if rate < 1:
-        # With nothing holding the last gradient, the next step reuses the same buffer.
-        assert pfc.workspace is not None
-        before = pfc.workspace._buffers["rows"].data_ptr()
-        pfc.weight.grad = None
-        kept = None
-        backward(x2, y2, 2)
-        assert pfc.workspace._buffers["rows"].data_ptr() == before
+    # With nothing holding the last gradient, the next step reuses the same buffer: the
+    # gathered rows' (rate < 1) or the gradient's, which at rate 1 (N < D) also holds the
+    # logits (no separate logits buffer).
+    assert pfc.workspace is not None
+    name = "rows" if rate < 1 else "grad"
+    before = pfc.workspace._buffers[name].data_ptr()
+    pfc.weight.grad = None
+    kept = None
+    backward(x2, y2, 2)
+    assert pfc.workspace._buffers[name].data_ptr() == before
+    assert ("logits" in pfc.workspace._buffers) == (rate < 1)
+
+
+@pytest.mark.parametrize("batch", [16, 40, 64])
+def test_logits_in_the_gradient_buffer_match_the_generic_path(batch: int) -> None:
+    """Without sampling and with N < D the logits are kept transposed in the tail of the
+    centres' gradient buffer, which the backward fills block by block (here two blocks and a
+    copied rest at N = 16, more at N = 40; N = 64 = D takes the separate logits buffer): loss
+    and gradients equal the generic autograd path (1e-5) and are as close to a float64 run of
+    it, and the gradient is that buffer."""
+    d, classes = 64, 3000
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, d, generator=gen)
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    results = []
+    for fused, dtype in ((True, torch.float32), (False, torch.float32), (False, torch.float64)):
+        torch.manual_seed(0)
+        pfc = PartialFC(
+            build_margin("arcface"), d, classes, 1.0, 0, 1, fused=fused, low_memory=fused
+        ).to(dtype)
+        e = x.clone().to(dtype).requires_grad_(True)
+        loss, _ = pfc(e, labels)
+        loss.backward()
+        results.append((loss.detach(), e.grad, pfc.weight.grad))
+        if fused:
+            assert pfc.workspace is not None
+            buffers = pfc.workspace._buffers
+            in_grad = batch < d
+            assert ("logits" in buffers) != in_grad
+            if in_grad:
+                assert pfc.weight.grad.data_ptr() == buffers["grad"].data_ptr()
+    for what, new, generic, exact in zip(("loss", "x grad", "w grad"), *results, strict=True):
+        assert_close(new, generic, what)
+        err_new = (new.double() - exact).abs().max()
+        err_generic = (generic.double() - exact).abs().max()
+        ulp = torch.finfo(torch.float32).eps * exact.abs().max()
+        assert err_new <= 2 * err_generic + 4 * ulp, f"{what}: {err_new:.3g} vs {err_generic:.3g}"
+
+
+def test_exps_t_times_into_reads_every_block_before_overwriting_it() -> None:
+    """``out = E^T-block products`` with E^T in out's own tail, for N / D from 1/8 to 15/16,
+    against the product of a copy; misuse (operand before out, not contiguous) raises."""
+    from partialfc.fused import _exps_t_times_into
+
+    gen = torch.Generator().manual_seed(4)
+    for s, d, n in [(5000, 64, 8), (3000, 64, 32), (2000, 64, 60), (100, 8, 4), (1, 8, 7)]:
+        buf = torch.randn(s * d, generator=gen, dtype=torch.float64)
+        out = buf.view(s, d)
+        exps_t = buf[s * (d - n) :].view(s, n)
+        expected = exps_t.clone() @ (rhs := torch.randn(n, d, generator=gen, dtype=torch.float64))
+        _exps_t_times_into(out, exps_t, rhs)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    buf = torch.zeros(64)
+    with pytest.raises(ValueError, match="contiguous"):
+        _exps_t_times_into(buf[8:].view(7, 8), buf[:16].view(4, 4), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="contiguous"):
+        _exps_t_times_into(buf.view(8, 8), buf.view(8, 8)[:, 4:], torch.zeros(4, 8))
 
 
 def test_normalize_rows_matches_autograd_of_the_plain_expression() -> None:

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -27,6 +28,9 @@ namespace {
 constexpr int64_t kGrain = 64;
 // Elements per partial sum of a softmax row (summed in the row's dtype, then in double).
 constexpr int64_t kSumBlock = 1024;
+// The same for the transposed layout, where a partial sum is one sequential chain per row
+// (a row's sweep splits its block over the vector lanes, 16 chains of 64 for float).
+constexpr int64_t kColSumBlock = 64;
 
 // The float row loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked when the
 // library loads (GCC function multiversioning); one portable version elsewhere.
@@ -154,6 +158,29 @@ inline double row_exp_sum_t(T* row, const T* col, int64_t s, T shift) {
   return total;
 }
 
+// The transposed layout (zt [S, N], column j of the logits is row j of zt): one row of zt
+// updates N per-row running values. seg *= c, then m = max(m, seg) elementwise.
+template <typename T>
+inline void seg_scale_max_t(T* seg, T c, T* m, int64_t w) {
+#pragma omp simd
+  for (int64_t i = 0; i < w; ++i) {
+    const T v = seg[i] * c;
+    seg[i] = v;
+    m[i] = v > m[i] ? v : m[i];
+  }
+}
+
+// seg = exp(seg - shift) * c elementwise, acc += exp(seg - shift).
+template <typename T>
+inline void seg_exp_acc_t(T* seg, const T* shift, T* acc, int64_t w, T c) {
+#pragma omp simd
+  for (int64_t i = 0; i < w; ++i) {
+    const T e = exp_any(seg[i] - shift[i]);
+    seg[i] = e * c;
+    acc[i] += e;
+  }
+}
+
 // Float versions compiled per instruction set; double versions plain.
 PFC_MULTIVERSION void sgd_row(float* w, float* m, const float* g, int64_t d, float lr, float mu,
                               float wd) {
@@ -189,6 +216,17 @@ PFC_MULTIVERSION double row_exp_sum(float* row, const float* col, int64_t s, flo
 }
 double row_exp_sum(double* row, const double* col, int64_t s, double shift) {
   return row_exp_sum_t(row, col, s, shift);
+}
+
+PFC_MULTIVERSION void seg_scale_max(float* seg, float c, float* m, int64_t w) {
+  seg_scale_max_t(seg, c, m, w);
+}
+void seg_scale_max(double* seg, double c, double* m, int64_t w) { seg_scale_max_t(seg, c, m, w); }
+PFC_MULTIVERSION void seg_exp_acc(float* seg, const float* shift, float* acc, int64_t w, float c) {
+  seg_exp_acc_t(seg, shift, acc, w, c);
+}
+void seg_exp_acc(double* seg, const double* shift, double* acc, int64_t w, double c) {
+  seg_exp_acc_t(seg, shift, acc, w, c);
 }
 
 // ------------------------------------------------------------------------- tensor kernels
@@ -267,6 +305,43 @@ void softmax_rows_impl(at::Tensor& z, const at::Tensor& col_scale, at::Tensor& m
       // A row with no finite value (every column masked, no target) is all zeros after exp.
       sm[i] = static_cast<T>(row_exp_sum(row, col, s, std::isfinite(m) ? m : T(0)));
     }
+  });
+}
+
+// softmax_rows_impl for the logits stored transposed (zt [S, N]): two sweeps over zt (the
+// row maxima need every column first), each thread owning a range of the N logit rows.
+template <typename T>
+void softmax_cols_impl(at::Tensor& zt, const at::Tensor& col_scale, at::Tensor& max_out,
+                       at::Tensor& sum_out) {
+  const int64_t s = zt.size(0);
+  const int64_t n = zt.size(1);
+  T* z_base = zt.data_ptr<T>();
+  const T* col = col_scale.defined() ? col_scale.data_ptr<T>() : nullptr;
+  T* mx = max_out.data_ptr<T>();
+  T* sm = sum_out.data_ptr<T>();
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t w = end - begin;
+    T* m = mx + begin;
+    for (int64_t j = 0; j < s; ++j) {
+      seg_scale_max(z_base + j * n + begin, col == nullptr ? T(1) : col[j], m, w);
+    }
+    // A row with no finite value (every column masked, no target) is all zeros after exp.
+    std::vector<T> shift(w), acc(w, T(0));
+    std::vector<double> total(w, 0.0);
+    for (int64_t i = 0; i < w; ++i) shift[i] = std::isfinite(m[i]) ? m[i] : T(0);
+    // Partial sums over blocks of columns in the dtype, added up in double.
+    for (int64_t j0 = 0; j0 < s; j0 += kColSumBlock) {
+      const int64_t j1 = std::min(s, j0 + kColSumBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        seg_exp_acc(z_base + j * n + begin, shift.data(), acc.data(), w,
+                    col == nullptr ? T(1) : col[j]);
+      }
+      for (int64_t i = 0; i < w; ++i) {
+        total[i] += static_cast<double>(acc[i]);
+        acc[i] = T(0);
+      }
+    }
+    for (int64_t i = 0; i < w; ++i) sm[begin + i] = static_cast<T>(total[i]);
   });
 }
 
@@ -358,6 +433,23 @@ void softmax_rows_(at::Tensor z, std::optional<at::Tensor> col_scale_opt, at::Te
   });
 }
 
+void softmax_cols_(at::Tensor zt, std::optional<at::Tensor> col_scale_opt, at::Tensor row_max,
+                   at::Tensor row_sum) {
+  at::Tensor col_scale = col_scale_opt.has_value() ? *col_scale_opt : at::Tensor();
+  check_pair(zt, row_max, "softmax_cols_");
+  check_pair(zt, row_sum, "softmax_cols_");
+  TORCH_CHECK(zt.dim() == 2, "softmax_cols_: zt must be [S, N]");
+  if (col_scale.defined()) {
+    check_pair(zt, col_scale, "softmax_cols_");
+    TORCH_CHECK(col_scale.size(0) == zt.size(0), "softmax_cols_: col_scale must be [S]");
+  }
+  TORCH_CHECK(row_max.size(0) == zt.size(1) && row_sum.size(0) == zt.size(1),
+              "softmax_cols_: shapes");
+  AT_DISPATCH_FLOATING_TYPES(zt.scalar_type(), "softmax_cols_", [&] {
+    softmax_cols_impl<scalar_t>(zt, col_scale, row_max, row_sum);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_rows_", &sgd_rows_, "SGD (momentum, coupled weight decay) on the indexed rows");
   m.def("project_radial_", &project_radial_, "grad_i -= coef_i * (grad_i . w_i) * w_i");
@@ -367,4 +459,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_rows_", &softmax_rows_,
         "per row: u = z * col_scale (optional), m = max(m, max u), z = exp(u - m) * col_scale; "
         "the max and the sum of exp(u - m)");
+  m.def("softmax_cols_", &softmax_cols_,
+        "softmax_rows_ of the logits stored transposed: zt [S, N] holds z.T");
 }
