@@ -210,11 +210,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(format_plan(plan))
         return 0
     if launch_env.under_launcher():
-        # One rank of srun / torchrun / deepspeed: ends its process itself (exit_process).
-        from launcher.worker import exit_process, run_worker
+        # One rank of srun / torchrun / deepspeed: the console entry ends the process without
+        # the interpreter's teardown (see entry); the process group is left to that exit.
+        from launcher.worker import run_worker
 
         run_worker(config, keep_group=True)
-        exit_process(0)
+        _RANK_FINISHED["done"] = True
+        return 0
     if config.dist.nproc == 1 and args.nnodes == 1:
         from launcher.worker import run_worker
 
@@ -493,5 +495,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+_RANK_FINISHED = {"done": False}
+"""Set by ``cmd_train`` when this process ran as a launcher's rank (its group left alive)."""
+
+
+def entry() -> None:
+    """The ``facetrain`` console script: ``main``, then exit. A process that trained as a
+    launcher's rank ends with ``launcher.worker.exit_process`` (no interpreter teardown, no
+    process group teardown; see ``run_worker``); in-process callers of ``main`` are never
+    ended."""
+    code = main()
+    if _RANK_FINISHED["done"]:
+        from launcher.worker import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,6 +7,7 @@ by torchrun / srun for each rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -120,12 +121,16 @@ def exit_process(code: int) -> None:
     complete run into a failed torchrun or Slurm job; the OS closes the sockets instead.
     """
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed stdout or a broken pipe must not turn a finished run into a traceback.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, keep_group: bool = False) -> int:
+    """``python -m launcher.worker CONFIG [--set K=V ...] [--resume R]``; ``keep_group``:
+    see ``run_worker`` (the module's ``__main__`` sets it and ends the process itself)."""
     parser = argparse.ArgumentParser(prog="launcher.worker")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -134,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
-    run_worker(load_config(args.config, overrides), keep_group=True)
+    run_worker(load_config(args.config, overrides), keep_group=keep_group)
     return 0
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    exit_process(main(keep_group=True))

@@ -145,3 +145,33 @@ def test_worker_tears_the_group_down_only_when_asked_or_after_an_error(
     else:
         expected += ["barrier"] + ([] if keep_group else ["destroy_process_group"])
     assert calls == expected
+
+
+def test_a_launchers_rank_ends_through_exit_process_only_from_the_console_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``facetrain train`` as a launcher's rank (RANK / WORLD_SIZE set, as under srun): the
+    console entry ends the process with exit_process (no teardown of the live process
+    group); ``cli.main`` called in-process returns instead."""
+    from launcher import cli, worker
+
+    ran: list[bool] = []
+    monkeypatch.setattr(worker, "run_worker", lambda _cfg, keep_group=False: ran.append(keep_group))
+
+    def fake_exit(code: int) -> None:
+        raise SystemExit(f"exit_process({code})")
+
+    monkeypatch.setattr(worker, "exit_process", fake_exit)
+    # The run plan reads the data's property file; this test has no data.
+    monkeypatch.setattr("trainer.plan.light_pack_facts", lambda _path: None)
+    monkeypatch.setattr("trainer.plan.plan_run", lambda *_args: None)
+    monkeypatch.setattr(cli, "_RANK_FINISHED", {"done": False})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["train", str(REPO / "configs" / "demo_cpu.yaml")]
+    assert cli.main(argv) == 0 and ran == [True]
+    monkeypatch.setattr(cli, "_RANK_FINISHED", {"done": False})
+    monkeypatch.setattr("sys.argv", ["facetrain", *argv])
+    with pytest.raises(SystemExit, match=r"exit_process\(0\)"):
+        cli.entry()
+    assert ran == [True, True]
