@@ -14,7 +14,7 @@ Two paths compute the loss of a step:
   ``FusedLink``). With a ``Workspace`` the whole step touches one ``[N, S]`` buffer (product
   -> exp, in place) and, when sampling, one ``[S, D]`` buffer of gathered rows that the
   backward overwrites with their gradient (see ``Workspace``), reused across steps; without
-  sampling and with ``N < D`` the ``[N, S]`` buffer is the tail of the shard's gradient
+  sampling and with ``N <= 3D/4`` the ``[N, S]`` buffer is the tail of the shard's gradient
   buffer (logits stored transposed), so a step needs no memory beyond the state. Beyond
   the three matrix products a step sweeps ``[N, S]``
   once and ``[S, D]`` a few times; on CPU each sweep is one fused kernel
@@ -76,13 +76,13 @@ class Workspace:
     gradient buffer (``"grad"``) is used without sampling (the rows are the shard itself) and
     when the rows were converted to another dtype; under low-precision products the gradient
     is a fresh tensor and the rows stay (their backward still reads them). Without sampling,
-    when ``N < D`` and a gradient is wanted, the logits are stored transposed at the end of
-    the ``"grad"`` buffer instead of in a ``"logits"`` buffer (``_exps_t_times_into``). Safety: a
-    tensor saved for backward that is overwritten by the next step's forward (or by the
-    backward itself) makes autograd raise ("modified by an inplace operation") instead of
-    silently using wrong values; run one backward per forward, before the next forward. A
-    buffer that becomes a gradient (``get_unshared``) is reused only when no tensor outside
-    the workspace still references it.
+    when ``N <= 3D/4``, a gradient is wanted and no gradient still holds the ``"grad"``
+    buffer, the logits are stored transposed at its end instead of in a ``"logits"`` buffer
+    (``_exps_t_times_into``). Safety: a tensor saved for backward that is overwritten by the
+    next step's forward (or by the backward itself) makes autograd raise ("modified by an
+    inplace operation") instead of silently using wrong values; run one backward per
+    forward, before the next forward. A buffer that becomes a gradient (``get_unshared``) is
+    reused only when no tensor outside the workspace still references it.
     """
 
     def __init__(self) -> None:
@@ -107,10 +107,18 @@ class Workspace:
         outside the workspace still references the buffer (``weight.grad`` not yet cleared,
         gradient accumulation, a kept reference), that holder keeps it and a new buffer is
         made; otherwise the old one is reused and overwritten."""
-        buf = self._buffers.get(name)
-        if buf is not None and _storage_users(buf) > _FREE_STORAGE_USERS:
+        if self.held(name):
             del self._buffers[name]
         return self.get(name, shape, dtype, device)
+
+    def held(self, name: str) -> bool:
+        """Whether buffer ``name`` exists and a tensor outside the workspace references it."""
+        buf = self._buffers.get(name)
+        return buf is not None and _storage_users(buf) > _FREE_STORAGE_USERS
+
+    def drop(self, name: str) -> None:
+        """Release buffer ``name`` (if any)."""
+        self._buffers.pop(name, None)
 
     def nbytes(self) -> int:
         """Bytes held by the workspace."""
@@ -419,12 +427,19 @@ class _FusedCosine(torch.autograd.Function):
         x_s = x_hat * scale  # [N, D]
         link.need_w_grad = link.grad_enabled and _needs_weight_grad(ctx)
         ctx.grad_buffer = None
-        if workspace is not None and _logits_fit_in_grad(index, low, link.need_w_grad, n, d):
+        if (
+            workspace is not None
+            and _logits_fit_in_grad(index, low, link.need_w_grad, n, d)
+            and not workspace.held("grad")
+        ):
             # Without sampling the logits live, transposed, in the tail of the shard's gradient
-            # buffer [C_r, D] (N < D: they fit), which the backward fills block by block
+            # buffer [C_r, D] (N <= 3D/4: they fit), which the backward fills block by block
             # behind the exponentials it has read (_exps_t_times_into): peak memory is the
-            # state alone instead of the state plus an [N, C_r] buffer.
-            ctx.grad_buffer = workspace.get_unshared("grad", (s_cols, d), out_dtype, w.device)
+            # state alone instead of the state plus an [N, C_r] buffer. (When the last
+            # gradient still holds that buffer, e.g. .grad cleared only after this forward,
+            # a fresh [C_r, D] would cost more than the logits' own buffer.)
+            workspace.drop("logits")
+            ctx.grad_buffer = workspace.get("grad", (s_cols, d), out_dtype, w.device)
             # (detach(): a view of the buffer would keep a reference to it, and autograd
             # would then copy the gradient instead of taking the buffer as .grad.)
             z_t = ctx.grad_buffer.detach().view(-1)[s_cols * (d - n) :].view(s_cols, n)
@@ -552,10 +567,11 @@ class _FusedCosine(torch.autograd.Function):
 def _logits_fit_in_grad(
     index: torch.Tensor | None, low: bool, need_w_grad: bool, n: int, d: int
 ) -> bool:
-    """Whether ``_FusedCosine`` keeps the logits in the tail of the shard's gradient buffer:
+    """Whether ``_FusedCosine`` may keep the logits in the tail of the shard's gradient buffer:
     no sampling (the gradient covers the whole shard), a gradient is wanted, products in the
-    output dtype, and ``N < D`` (``[S, N]`` fits in ``[S, D]`` with room to write ahead)."""
-    return index is None and not low and need_w_grad and 0 < n < d
+    output dtype, and ``N <= 3D / 4`` (``[S, N]`` fits in ``[S, D]`` with room to write ahead:
+    each block of ``_exps_t_times_into`` is at least a quarter of the rows left)."""
+    return index is None and not low and need_w_grad and 0 < 4 * n <= 3 * d
 
 
 EXPS_T_MIN_BLOCK_ROWS = 256
@@ -569,7 +585,9 @@ def _exps_t_times_into(out: torch.Tensor, exps_t: torch.Tensor, rhs: torch.Tenso
     Row blocks in order: block ``[j0, j1)`` of ``out`` ends at or before the first
     exponential still unread (that of row ``j0``), so a product never overwrites its own or a
     later block's operand. Each block is ``(D - N) / D`` of the rows left (half of them at
-    ``N = D / 2``); the last few rows' exponentials are copied out and multiplied last.
+    ``N = D / 2``); once that is below ``EXPS_T_MIN_BLOCK_ROWS`` rows, the exponentials of
+    the rows left (fewer than ``EXPS_T_MIN_BLOCK_ROWS * D / (D - N)``: 1,024 at
+    ``N = 3D / 4``) are copied out and multiplied last.
     """
     s, d = out.shape
     n = exps_t.shape[1]
@@ -650,8 +668,10 @@ def _local_exp_sums(
     logits.
 
     The row max is over this rank's columns only (-inf for a row without a finite value);
-    the shift is that max where finite, else 0 (such a row is all zeros after exp). One sweep
-    per row with the fused CPU kernel, four to six torch passes otherwise.
+    the shift is that max where finite, else 0 (such a row is all zeros after exp). ``z`` may
+    be row-major or a transposed view of a row-major ``[S, N]`` (logits kept in the gradient
+    buffer). One sweep per row with the fused CPU kernel (two sweeps over the transposed
+    layout), four to six torch passes otherwise.
     """
     n = z.shape[0]
     row_max = z.new_full((n,), -math.inf)

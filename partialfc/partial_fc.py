@@ -176,7 +176,7 @@ class PartialFC(nn.Module):
         fused: use the fused kernel for heads that allow it (``MarginHead.fused_scale``);
             False forces the generic autograd path (same numbers; for tests and new heads).
         low_memory: keep the big per-step buffers in a ``Workspace`` reused across steps: a
-            forward overwrites what the previous forward's backward needs (autograd then
+            forward may overwrite what the previous forward's backward needs (autograd then
             raises), so run each backward before the next forward. False allocates fresh
             tensors each step (gradcheck, several forwards before a backward).
         stats_columns: columns per rank used to estimate the mean negative angle.

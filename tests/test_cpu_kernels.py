@@ -100,7 +100,8 @@ def test_softmax_cols_is_softmax_rows_of_the_transpose(kern, dtype, with_scale) 
     """The kernel for logits stored transposed ([S, N]) against the row kernel on the same
     logits: same maxima and exponentials, sums within float rounding (other summation
     order), with masked entries, a row with no finite value, a starting maximum above every
-    logit, a NaN, columns spanning several sum blocks and rows split between threads."""
+    logit, a NaN, columns spanning several sum blocks, on one thread and on two (the
+    columns split into tiles whose maxima and sums are combined)."""
     gen = torch.Generator().manual_seed(6)
     n, s = 150, 2100
     z = (torch.randn(n, s, generator=gen) * 25).to(dtype)
@@ -112,12 +113,18 @@ def test_softmax_cols_is_softmax_rows_of_the_transpose(kern, dtype, with_scale) 
     init[4] = 1e3
     rows, rows_max, rows_sum = z.clone(), init.clone(), z.new_empty(n)
     kern.softmax_rows_(rows, col, rows_max, rows_sum)
-    cols, cols_max, cols_sum = z.T.contiguous(), init.clone(), z.new_empty(n)
-    kern.softmax_cols_(cols, col, cols_max, cols_sum)
-    assert torch.equal(cols_max, rows_max)
-    torch.testing.assert_close(cols.T, rows, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(cols_sum, rows_sum, rtol=1e-6, atol=0, equal_nan=True)
-    assert float(cols_sum[1]) == 0.0 and float(cols_sum[4]) == 0.0
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            cols, cols_max, cols_sum = z.T.contiguous(), init.clone(), z.new_empty(n)
+            kern.softmax_cols_(cols, col, cols_max, cols_sum)
+            assert torch.equal(cols_max, rows_max)
+            torch.testing.assert_close(cols.T, rows, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(cols_sum, rows_sum, rtol=1e-6, atol=0, equal_nan=True)
+            assert float(cols_sum[1]) == 0.0 and float(cols_sum[4]) == 0.0
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="softmax_cols_"):
         kern.softmax_cols_(cols, col, cols_max[:-1], cols_sum)
 
@@ -138,6 +145,14 @@ def test_local_exp_sums_agree_with_and_without_kernels(switch, with_scale, trans
         out = z.T.contiguous().T if transposed else z.clone()
         assert out.is_contiguous() != transposed
         results.append((out, *_local_exp_sums(out, col)))
+    # The kernel path really ran the kernel for its layout: bit-identical to calling it.
+    direct = z.T.contiguous() if transposed else z.clone()
+    switch(True)
+    kern = cpu_kernels.kernels()
+    (kern.softmax_cols_ if transposed else kern.softmax_rows_)(
+        direct, col, torch.full((16,), -math.inf), torch.empty(16)
+    )
+    assert torch.equal(results[0][0], direct.T if transposed else direct)
     # torch's exp keeps subnormal results (< 1.2e-38, times a column scale < 1.5) that the
     # kernel flushes to 0.
     for a, b in zip(results[0], results[1], strict=True):

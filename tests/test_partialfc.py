@@ -494,13 +494,13 @@ def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str, ra
     assert ("logits" in pfc.workspace._buffers) == (rate < 1)
 
 
-@pytest.mark.parametrize("batch", [16, 40, 64])
+@pytest.mark.parametrize("batch", [16, 40, 56])
 def test_logits_in_the_gradient_buffer_match_the_generic_path(batch: int) -> None:
-    """Without sampling and with N < D the logits are kept transposed in the tail of the
+    """Without sampling and with N <= 3D/4 the logits are kept transposed in the tail of the
     centres' gradient buffer, which the backward fills block by block (here two blocks and a
-    copied rest at N = 16, more at N = 40; N = 64 = D takes the separate logits buffer): loss
-    and gradients equal the generic autograd path (1e-5) and are as close to a float64 run of
-    it, and the gradient is that buffer."""
+    copied rest at N = 16, more at N = 40; N = 56 > 48 takes the separate logits buffer):
+    loss and gradients equal the generic autograd path (1e-5) and are as close to a float64
+    run of it, and the gradient is that buffer."""
     d, classes = 64, 3000
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, d, generator=gen)
@@ -518,7 +518,7 @@ def test_logits_in_the_gradient_buffer_match_the_generic_path(batch: int) -> Non
         if fused:
             assert pfc.workspace is not None
             buffers = pfc.workspace._buffers
-            in_grad = batch < d
+            in_grad = 4 * batch <= 3 * d
             assert ("logits" in buffers) != in_grad
             if in_grad:
                 assert pfc.weight.grad.data_ptr() == buffers["grad"].data_ptr()
@@ -599,3 +599,31 @@ def test_fused_forward_without_grad_skips_the_backward_product(monkeypatch) -> N
     torch.testing.assert_close(loss.detach(), no_grad_loss)
     loss.backward()
     assert calls == [1]  # the backward used the forward's product
+
+
+def test_logits_take_their_own_buffer_while_the_gradient_buffer_is_held() -> None:
+    """The gradient buffer holds the logits only when nothing else holds it at the forward
+    (else a fresh [C_r, D] would cost more than the [N, C_r] logits buffer): with the last
+    gradient still held (cleared only after the forward) and under gradient accumulation the
+    logits take their own buffer, and the results stay exact; when the gradient buffer takes
+    them again, the logits buffer is released."""
+    torch.manual_seed(0)
+    pfc = PartialFC(build_margin("arcface"), 32, 500, 1.0, 0, 1)
+    e = torch.randn(8, 32, requires_grad=True)
+    labels = torch.randint(0, 500, (8,))
+    assert pfc.workspace is not None
+    buffers = pfc.workspace._buffers
+    pfc(e, labels)[0].backward()
+    first = pfc.weight.grad.clone()
+    assert "logits" not in buffers and pfc.weight.grad.data_ptr() == buffers["grad"].data_ptr()
+    loss, _ = pfc(e, labels)  # the last gradient is still held
+    assert "logits" in buffers
+    pfc.weight.grad = None
+    loss.backward()
+    assert_close(pfc.weight.grad, first, "held, own logits buffer")
+    pfc(e, labels)[0].backward()  # accumulation: the held gradient gets the second one added
+    assert_close(pfc.weight.grad, 2 * first, "accumulated")
+    pfc.weight.grad = None
+    pfc(e, labels)[0].backward()
+    assert "logits" not in buffers
+    assert_close(pfc.weight.grad, first, "gradient buffer again")

@@ -309,7 +309,8 @@ void softmax_rows_impl(at::Tensor& z, const at::Tensor& col_scale, at::Tensor& m
 }
 
 // softmax_rows_impl for the logits stored transposed (zt [S, N]): two sweeps over zt (the
-// row maxima need every column first), each thread owning a range of the N logit rows.
+// row maxima need every column first). Threads split the S rows of zt into tiles; each tile
+// keeps its own N maxima / sums, combined after each sweep.
 template <typename T>
 void softmax_cols_impl(at::Tensor& zt, const at::Tensor& col_scale, at::Tensor& max_out,
                        at::Tensor& sum_out) {
@@ -319,30 +320,47 @@ void softmax_cols_impl(at::Tensor& zt, const at::Tensor& col_scale, at::Tensor& 
   const T* col = col_scale.defined() ? col_scale.data_ptr<T>() : nullptr;
   T* mx = max_out.data_ptr<T>();
   T* sm = sum_out.data_ptr<T>();
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    const int64_t w = end - begin;
-    T* m = mx + begin;
-    for (int64_t j = 0; j < s; ++j) {
-      seg_scale_max(z_base + j * n + begin, col == nullptr ? T(1) : col[j], m, w);
-    }
-    // A row with no finite value (every column masked, no target) is all zeros after exp.
-    std::vector<T> shift(w), acc(w, T(0));
-    std::vector<double> total(w, 0.0);
-    for (int64_t i = 0; i < w; ++i) shift[i] = std::isfinite(m[i]) ? m[i] : T(0);
-    // Partial sums over blocks of columns in the dtype, added up in double.
-    for (int64_t j0 = 0; j0 < s; j0 += kColSumBlock) {
-      const int64_t j1 = std::min(s, j0 + kColSumBlock);
-      for (int64_t j = j0; j < j1; ++j) {
-        seg_exp_acc(z_base + j * n + begin, shift.data(), acc.data(), w,
-                    col == nullptr ? T(1) : col[j]);
-      }
-      for (int64_t i = 0; i < w; ++i) {
-        total[i] += static_cast<double>(acc[i]);
-        acc[i] = T(0);
+  const int64_t tiles =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (s + kGrain - 1) / kGrain));
+  const int64_t tile_rows = (s + tiles - 1) / tiles;
+  std::vector<T> tile_max(tiles * n, -std::numeric_limits<T>::infinity());
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      T* m = tile_max.data() + t * n;
+      for (int64_t j = t * tile_rows; j < std::min(s, (t + 1) * tile_rows); ++j) {
+        seg_scale_max(z_base + j * n, col == nullptr ? T(1) : col[j], m, n);
       }
     }
-    for (int64_t i = 0; i < w; ++i) sm[begin + i] = static_cast<T>(total[i]);
   });
+  // A row with no finite value (every column masked, no target) is all zeros after exp.
+  std::vector<T> shift(n);
+  for (int64_t i = 0; i < n; ++i) {
+    T m = mx[i];
+    for (int64_t t = 0; t < tiles; ++t) m = tile_max[t * n + i] > m ? tile_max[t * n + i] : m;
+    mx[i] = m;
+    shift[i] = std::isfinite(m) ? m : T(0);
+  }
+  std::vector<double> tile_sum(tiles * n, 0.0);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> acc(n);
+    for (int64_t t = t0; t < t1; ++t) {
+      double* total = tile_sum.data() + t * n;
+      const int64_t end = std::min(s, (t + 1) * tile_rows);
+      // Partial sums over blocks of columns in the dtype, added up in double.
+      for (int64_t j0 = t * tile_rows; j0 < end; j0 += kColSumBlock) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t j = j0; j < std::min(end, j0 + kColSumBlock); ++j) {
+          seg_exp_acc(z_base + j * n, shift.data(), acc.data(), n, col == nullptr ? T(1) : col[j]);
+        }
+        for (int64_t i = 0; i < n; ++i) total[i] += static_cast<double>(acc[i]);
+      }
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    double total = 0.0;
+    for (int64_t t = 0; t < tiles; ++t) total += tile_sum[t * n + i];
+    sm[i] = static_cast<T>(total);
+  }
 }
 
 // Every index within [0, rows): a bad one would write outside the tensor.
