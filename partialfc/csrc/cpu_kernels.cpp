@@ -435,17 +435,31 @@ void gather_rows_inv_norm(at::Tensor weight, at::Tensor index, at::Tensor out, a
   });
 }
 
+namespace {
+
+// The checks shared by softmax_rows_ and softmax_cols_: the logits have `rows` logit rows
+// (row_max, row_sum) and `cols` columns (col_scale) along dimensions `row_dim` / 1 - row_dim.
+at::Tensor check_softmax_args(const at::Tensor& z, const std::optional<at::Tensor>& col_scale_opt,
+                              const at::Tensor& row_max, const at::Tensor& row_sum,
+                              int64_t row_dim, const char* what) {
+  at::Tensor col_scale = col_scale_opt.has_value() ? *col_scale_opt : at::Tensor();
+  check_pair(z, row_max, what);
+  check_pair(z, row_sum, what);
+  TORCH_CHECK(z.dim() == 2, what, ": logits must be 2-D");
+  if (col_scale.defined()) {
+    check_pair(z, col_scale, what);
+    TORCH_CHECK(col_scale.size(0) == z.size(1 - row_dim), what, ": col_scale must be [S]");
+  }
+  TORCH_CHECK(row_max.size(0) == z.size(row_dim) && row_sum.size(0) == z.size(row_dim), what,
+              ": shapes");
+  return col_scale;
+}
+
+}  // namespace
+
 void softmax_rows_(at::Tensor z, std::optional<at::Tensor> col_scale_opt, at::Tensor row_max,
                    at::Tensor row_sum) {
-  at::Tensor col_scale = col_scale_opt.has_value() ? *col_scale_opt : at::Tensor();
-  check_pair(z, row_max, "softmax_rows_");
-  check_pair(z, row_sum, "softmax_rows_");
-  if (col_scale.defined()) {
-    check_pair(z, col_scale, "softmax_rows_");
-    TORCH_CHECK(col_scale.size(0) == z.size(1), "softmax_rows_: col_scale must be [S]");
-  }
-  TORCH_CHECK(row_max.size(0) == z.size(0) && row_sum.size(0) == z.size(0),
-              "softmax_rows_: shapes");
+  at::Tensor col_scale = check_softmax_args(z, col_scale_opt, row_max, row_sum, 0, "softmax_rows_");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "softmax_rows_", [&] {
     softmax_rows_impl<scalar_t>(z, col_scale, row_max, row_sum);
   });
@@ -453,16 +467,8 @@ void softmax_rows_(at::Tensor z, std::optional<at::Tensor> col_scale_opt, at::Te
 
 void softmax_cols_(at::Tensor zt, std::optional<at::Tensor> col_scale_opt, at::Tensor row_max,
                    at::Tensor row_sum) {
-  at::Tensor col_scale = col_scale_opt.has_value() ? *col_scale_opt : at::Tensor();
-  check_pair(zt, row_max, "softmax_cols_");
-  check_pair(zt, row_sum, "softmax_cols_");
-  TORCH_CHECK(zt.dim() == 2, "softmax_cols_: zt must be [S, N]");
-  if (col_scale.defined()) {
-    check_pair(zt, col_scale, "softmax_cols_");
-    TORCH_CHECK(col_scale.size(0) == zt.size(0), "softmax_cols_: col_scale must be [S]");
-  }
-  TORCH_CHECK(row_max.size(0) == zt.size(1) && row_sum.size(0) == zt.size(1),
-              "softmax_cols_: shapes");
+  at::Tensor col_scale =
+      check_softmax_args(zt, col_scale_opt, row_max, row_sum, 1, "softmax_cols_");
   AT_DISPATCH_FLOATING_TYPES(zt.scalar_type(), "softmax_cols_", [&] {
     softmax_cols_impl<scalar_t>(zt, col_scale, row_max, row_sum);
   });
