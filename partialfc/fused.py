@@ -76,13 +76,13 @@ class Workspace:
     gradient buffer (``"grad"``) is used without sampling (the rows are the shard itself) and
     when the rows were converted to another dtype; under low-precision products the gradient
     is a fresh tensor and the rows stay (their backward still reads them). Without sampling,
-    when ``N <= 3D/4``, a gradient is wanted and no gradient still holds the ``"grad"``
-    buffer, the logits are stored transposed at its end instead of in a ``"logits"`` buffer
-    (``_exps_t_times_into``). Safety: a tensor saved for backward that is overwritten by the
-    next step's forward (or by the backward itself) makes autograd raise ("modified by an
-    inplace operation") instead of silently using wrong values; run one backward per
-    forward, before the next forward. A buffer that becomes a gradient (``get_unshared``) is
-    reused only when no tensor outside the workspace still references it.
+    when ``N <= 3D/4`` and a gradient is wanted, the logits are stored transposed at the end
+    of the ``"grad"`` buffer instead of in a ``"logits"`` buffer (``_exps_t_times_into``).
+    Safety: a tensor saved for backward that is overwritten by the next step's forward (or by
+    the backward itself) makes autograd raise ("modified by an inplace operation") instead of
+    silently using wrong values; run one backward per forward, before the next forward. A
+    buffer that becomes a gradient (``get_unshared``) is reused only when no tensor outside
+    the workspace still references it.
     """
 
     def __init__(self) -> None:
@@ -427,19 +427,16 @@ class _FusedCosine(torch.autograd.Function):
         x_s = x_hat * scale  # [N, D]
         link.need_w_grad = link.grad_enabled and _needs_weight_grad(ctx)
         ctx.grad_buffer = None
-        if (
-            workspace is not None
-            and _logits_fit_in_grad(index, low, link.need_w_grad, n, d)
-            and not workspace.held("grad")
-        ):
+        if workspace is not None and _logits_fit_in_grad(index, low, link.need_w_grad, n, d):
             # Without sampling the logits live, transposed, in the tail of the shard's gradient
             # buffer [C_r, D] (N <= 3D/4: they fit), which the backward fills block by block
             # behind the exponentials it has read (_exps_t_times_into): peak memory is the
-            # state alone instead of the state plus an [N, C_r] buffer. (When the last
-            # gradient still holds that buffer, e.g. .grad cleared only after this forward,
-            # a fresh [C_r, D] would cost more than the logits' own buffer.)
+            # state alone instead of the state plus an [N, C_r] buffer. A gradient that still
+            # holds the buffer (accumulation) keeps it: this step's gradient, which must exist
+            # beside it anyway, gets a fresh one, so the logits cost nothing there either;
+            # clear .grad before the forward (not between forward and backward) to reuse it.
             workspace.drop("logits")
-            ctx.grad_buffer = workspace.get("grad", (s_cols, d), out_dtype, w.device)
+            ctx.grad_buffer = workspace.get_unshared("grad", (s_cols, d), out_dtype, w.device)
             # (detach(): a view of the buffer would keep a reference to it, and autograd
             # would then copy the gradient instead of taking the buffer as .grad.)
             z_t = ctx.grad_buffer.detach().view(-1)[s_cols * (d - n) :].view(s_cols, n)

@@ -601,29 +601,28 @@ def test_fused_forward_without_grad_skips_the_backward_product(monkeypatch) -> N
     assert calls == [1]  # the backward used the forward's product
 
 
-def test_logits_take_their_own_buffer_while_the_gradient_buffer_is_held() -> None:
-    """The gradient buffer holds the logits only when nothing else holds it at the forward
-    (else a fresh [C_r, D] would cost more than the [N, C_r] logits buffer): with the last
-    gradient still held (cleared only after the forward) and under gradient accumulation the
-    logits take their own buffer, and the results stay exact; when the gradient buffer takes
-    them again, the logits buffer is released."""
+def test_a_held_gradient_keeps_its_buffer_and_the_logits_take_a_fresh_one() -> None:
+    """Gradient accumulation at rate 1 with the logits in the gradient buffer: the held
+    gradient's buffer is never overwritten by the next forward's logits (a fresh gradient
+    buffer takes them, and this step's gradient), the accumulated gradient is the sum, and no
+    separate logits buffer is ever made (the one left by a no_grad forward is released)."""
     torch.manual_seed(0)
     pfc = PartialFC(build_margin("arcface"), 32, 500, 1.0, 0, 1)
     e = torch.randn(8, 32, requires_grad=True)
     labels = torch.randint(0, 500, (8,))
     assert pfc.workspace is not None
     buffers = pfc.workspace._buffers
+    with torch.no_grad():
+        pfc(e, labels)  # no gradient wanted: the logits take their own buffer
+    assert "logits" in buffers
     pfc(e, labels)[0].backward()
     first = pfc.weight.grad.clone()
-    assert "logits" not in buffers and pfc.weight.grad.data_ptr() == buffers["grad"].data_ptr()
-    loss, _ = pfc(e, labels)  # the last gradient is still held
-    assert "logits" in buffers
-    pfc.weight.grad = None
+    held = pfc.weight.grad
+    assert "logits" not in buffers and held.data_ptr() == buffers["grad"].data_ptr()
+    loss, _ = pfc(e, labels)  # the first gradient is still held
+    assert buffers["grad"].data_ptr() != held.data_ptr()
+    assert torch.equal(held, first)  # not overwritten by the logits
     loss.backward()
-    assert_close(pfc.weight.grad, first, "held, own logits buffer")
-    pfc(e, labels)[0].backward()  # accumulation: the held gradient gets the second one added
+    assert pfc.weight.grad is held
     assert_close(pfc.weight.grad, 2 * first, "accumulated")
-    pfc.weight.grad = None
-    pfc(e, labels)[0].backward()
     assert "logits" not in buffers
-    assert_close(pfc.weight.grad, first, "gradient buffer again")
