@@ -209,18 +209,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(config))
         print(format_plan(plan))
         return 0
-    if launch_env.under_launcher():
-        # One rank of srun / torchrun / deepspeed: the console entry ends the process without
-        # the interpreter's teardown (see entry); the process group is left to that exit.
+    if launch_env.under_launcher() or (config.dist.nproc == 1 and args.nnodes == 1):
         from launcher.worker import run_worker
 
-        run_worker(config, keep_group=True)
-        _RANK_FINISHED["done"] = True
-        return 0
-    if config.dist.nproc == 1 and args.nnodes == 1:
-        from launcher.worker import run_worker
-
-        run_worker(config)
+        # One rank of srun / torchrun / deepspeed leaves its process group to the process
+        # exit (see entry); a single process run in-process tears it down.
+        run_worker(config, keep_group=launch_env.under_launcher())
         return 0
     return _spawn_torchrun(args, overrides, config)
 
@@ -495,17 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-_RANK_FINISHED = {"done": False}
-"""Set by ``cmd_train`` when this process ran as a launcher's rank (its group left alive)."""
-
-
 def entry() -> None:
-    """The ``facetrain`` console script: ``main``, then exit. A process that trained as a
-    launcher's rank ends with ``launcher.worker.exit_process`` (no interpreter teardown, no
-    process group teardown; see ``run_worker``); in-process callers of ``main`` are never
-    ended."""
+    """The ``facetrain`` console script: ``main``, then exit. A process whose process group
+    is still alive (a launcher's rank after training, see ``run_worker``) ends with
+    ``launcher.worker.exit_process``: no interpreter or process group teardown. In-process
+    callers of ``main`` are never ended."""
     code = main()
-    if _RANK_FINISHED["done"]:
+    if launch_env.has_process_group():
         from launcher.worker import exit_process
 
         exit_process(code)

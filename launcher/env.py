@@ -137,12 +137,17 @@ def init_process_group(
     )
 
 
+def has_process_group() -> bool:
+    """Whether this process's default process group is initialised (and not destroyed)."""
+    return dist.is_initialized()
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op without a process group)."""
-    if dist.is_initialized():
+    if has_process_group():
         dist.barrier()
 
 
 def destroy_process_group() -> None:
-    if dist.is_initialized():
+    if has_process_group():
         dist.destroy_process_group()

@@ -107,14 +107,10 @@ class Workspace:
         outside the workspace still references the buffer (``weight.grad`` not yet cleared,
         gradient accumulation, a kept reference), that holder keeps it and a new buffer is
         made; otherwise the old one is reused and overwritten."""
-        if self.held(name):
+        buf = self._buffers.get(name)
+        if buf is not None and _storage_users(buf) > _FREE_STORAGE_USERS:
             del self._buffers[name]
         return self.get(name, shape, dtype, device)
-
-    def held(self, name: str) -> bool:
-        """Whether buffer ``name`` exists and a tensor outside the workspace references it."""
-        buf = self._buffers.get(name)
-        return buf is not None and _storage_users(buf) > _FREE_STORAGE_USERS
 
     def drop(self, name: str) -> None:
         """Release buffer ``name`` (if any)."""

@@ -155,8 +155,9 @@ def test_a_launchers_rank_ends_through_exit_process_only_from_the_console_entry(
     group); ``cli.main`` called in-process returns instead."""
     from launcher import cli, worker
 
-    ran: list[bool] = []
+    ran: list[bool] = []  # keep_group of each run: a real run leaves its group alive then
     monkeypatch.setattr(worker, "run_worker", lambda _cfg, keep_group=False: ran.append(keep_group))
+    monkeypatch.setattr("launcher.env.has_process_group", lambda: bool(ran) and ran[-1])
 
     def fake_exit(code: int) -> None:
         raise SystemExit(f"exit_process({code})")
@@ -165,12 +166,10 @@ def test_a_launchers_rank_ends_through_exit_process_only_from_the_console_entry(
     # The run plan reads the data's property file; this test has no data.
     monkeypatch.setattr("trainer.plan.light_pack_facts", lambda _path: None)
     monkeypatch.setattr("trainer.plan.plan_run", lambda *_args: None)
-    monkeypatch.setattr(cli, "_RANK_FINISHED", {"done": False})
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = ["train", str(REPO / "configs" / "demo_cpu.yaml")]
     assert cli.main(argv) == 0 and ran == [True]
-    monkeypatch.setattr(cli, "_RANK_FINISHED", {"done": False})
     monkeypatch.setattr("sys.argv", ["facetrain", *argv])
     with pytest.raises(SystemExit, match=r"exit_process\(0\)"):
         cli.entry()
