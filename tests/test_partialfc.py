@@ -226,13 +226,13 @@ def test_low_memory_backward_is_guarded() -> None:
     loss, _ = pfc(e, labels)
     loss.backward(retain_graph=True)
     once_e, once_w = e.grad.clone(), pfc.weight.grad.clone()
-    # Without sampling and with N >= D the backward only reads the workspace: a second one
+    # Without sampling and with N > 3D/4 the backward only reads the workspace: a second one
     # (retain_graph) accumulates the same gradient again, into a new buffer.
     loss.backward()
     torch.testing.assert_close(e.grad, 2 * once_e)
     torch.testing.assert_close(pfc.weight.grad, 2 * once_w)
     # With sampling the backward writes the gradient over the gathered rows, and without
-    # sampling and N < D over the logits (kept in the gradient buffer): a second backward of
+    # sampling and N <= 3D/4 over the logits (kept in the gradient buffer): a second backward of
     # the same graph fails loudly instead of reading the gradient as rows or logits.
     for rate, rows in ((0.5, len(labels)), (1.0, 6)):
         e.grad = None
@@ -482,7 +482,7 @@ def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str, ra
     assert torch.equal(kept.to_dense(), kept_before)
     torch.testing.assert_close(pfc.weight.grad.to_dense(), g1, rtol=1e-5, atol=1e-6)
     # With nothing holding the last gradient, the next step reuses the same buffer: the
-    # gathered rows' (rate < 1) or the gradient's, which at rate 1 (N < D) also holds the
+    # gathered rows' (rate < 1) or the gradient's, which at rate 1 (N <= 3D/4) also holds the
     # logits (no separate logits buffer).
     assert pfc.workspace is not None
     name = "rows" if rate < 1 else "grad"
