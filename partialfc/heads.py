@@ -269,9 +269,12 @@ class MVSoftmax(MarginHead):
 
     Target ``f = cos(theta_y) - m`` (MV-AM) or ``cos(theta_y + m)`` (MV-Arc, plain cos where
     cos <= 0, as in the authors' release). A negative j is mis-classified for row i when
-    ``cos(theta_j) > f_i``; its logit becomes ``s * ((t+1) cos + t)`` (``variant="adaptive"``,
-    the paper's h = exp(s t (cos + 1))) or ``s * (cos + t)`` (``"fixed"``, h = exp(s t)).
-    Others stay ``s * cos``.
+    ``cos(theta_j) > f(m, theta_y)`` with the margin function itself, i.e. for MV-Arc
+    ``cos(theta_j) > cos(theta_y + m)`` for every row, also where ``cos(theta_y) <= 0``
+    and the target logit falls back to plain cos (the paper's I_k and the authors' release,
+    SV-X-Softmax ``fc_layers.py``). Its logit becomes ``s * ((t+1) cos + t)``
+    (``variant="adaptive"``, the paper's h = exp(s t (cos + 1))) or ``s * (cos + t)``
+    (``"fixed"``, h = exp(s t)). Others stay ``s * cos``.
 
     Collective: the mask needs every row's ``f`` on every rank, so the head all-reduces the
     target cosines once (``MarginContext.global_target_cos``).
@@ -299,16 +302,24 @@ class MVSoftmax(MarginHead):
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, t={self.t}, arc={self.arc}, variant={self.variant}"
 
-    def _target(self, c: torch.Tensor) -> torch.Tensor:
+    def _margin(self, c: torch.Tensor) -> torch.Tensor:
+        """The margin function f(m, theta_y): ``cos - m`` or ``cos(theta + m)``."""
         if not self.arc:
             return c - self.m
-        return torch.where(c > 0, torch.cos(_acos(c, self.eps) + self.m), c)
+        return torch.cos(_acos(c, self.eps) + self.m)
+
+    def _target(self, c: torch.Tensor) -> torch.Tensor:
+        """The target cosine: f, except plain cos where cos <= 0 for MV-Arc (release)."""
+        if not self.arc:
+            return self._margin(c)
+        return torch.where(c > 0, self._margin(c), c)
 
     def logits(self, ctx: MarginContext) -> torch.Tensor:
         cos = ctx.require("cos", "mv_softmax")
         g_cos, _ = ctx.global_target_cos()  # [N]
         with torch.no_grad():
-            hard = cos > self._target(g_cos.to(cos.dtype))[:, None]  # [N, S]
+            # The mask uses f itself, not the fallen-back target (see the class docstring).
+            hard = cos > self._margin(g_cos.to(cos.dtype))[:, None]  # [N, S]
         if self.variant == "adaptive":
             reshaped = (self.t + 1.0) * cos + self.t
         else:

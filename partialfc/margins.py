@@ -231,7 +231,8 @@ class CombinedMargin(MarginHead):
             an angle. Irrelevant when m1 == 1 and m2 == 0 (no arccos at all, exact).
         interclass_filtering_threshold: insightface's noisy-label filter: when > 0, every
             non-target cosine above it is set to 0 before scaling (a "negative" that close is
-            more likely the same identity under another label). 0 = off.
+            more likely the same identity under another label). <= 0 = off (insightface's
+            meaning: a negative threshold does not filter either).
 
     Only the target entries are transformed, so the arccos work is O(N), not O(N*S); without
     filtering the head is fused (``fused_scale == s``).
@@ -263,7 +264,7 @@ class CombinedMargin(MarginHead):
             raise ValueError(f"eps must be in (0, 0.5), got {eps}")
         if not -1.0 <= self.interclass_filtering_threshold < 1.0:
             raise ValueError(
-                "interclass_filtering_threshold must be in [-1, 1) (0 = off), got "
+                "interclass_filtering_threshold must be in [-1, 1) (<= 0 = off), got "
                 f"{interclass_filtering_threshold}"
             )
         if fallback not in FALLBACKS:
@@ -298,8 +299,13 @@ class CombinedMargin(MarginHead):
         )
 
     @property
+    def filtering(self) -> bool:
+        """Whether inter-class filtering is on (threshold > 0)."""
+        return self.interclass_filtering_threshold > 0.0
+
+    @property
     def fused_scale(self) -> float | None:
-        return self.s if self.interclass_filtering_threshold == 0.0 else None
+        return None if self.filtering else self.s
 
     def target_cos(self, cos_t: torch.Tensor) -> torch.Tensor:
         """Margin-adjusted target cosine ``cos(m1*theta + m2) - m3`` (before scaling) [R]."""
@@ -320,7 +326,7 @@ class CombinedMargin(MarginHead):
         return self.target_cos(cos_t) * self.s
 
     def logits(self, ctx: MarginContext) -> torch.Tensor:
-        if self.interclass_filtering_threshold == 0.0:
+        if not self.filtering:
             return self._scaled_logits(ctx, self.s)
         cos = ctx.require("cos", type(self).__name__)
         with torch.no_grad():

@@ -133,14 +133,13 @@ def ref_logits(name: str, kw: dict, p: dict, step: int = 0) -> tuple[np.ndarray,
         arc = name == "mv_arc_softmax"
         for i in range(n):
             ct = cos[i, target[i]] if target[i] >= 0 else 0.0
-            if arc:
-                f = math.cos(_acos(ct) + a["m"]) if ct > 0 else ct
-            else:
-                f = ct - a["m"]
+            # The mask compares with the margin function f itself (also where cos_y <= 0);
+            # only MV-Arc's target logit falls back to plain cos there (authors' release).
+            f = math.cos(_acos(ct) + a["m"]) if arc else ct - a["m"]
             for j in range(s_cols):
                 c = cos[i, j]
                 if j == target[i]:
-                    out[i, j] = a["s"] * f
+                    out[i, j] = a["s"] * (f if ct > 0 or not arc else ct)
                 elif c > f:
                     h = (a["t"] + 1) * c + a["t"] if a["variant"] == "adaptive" else c + a["t"]
                     out[i, j] = a["s"] * h
