@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import simplejpeg
 
+from dataio.layout import IDX_NAME, PROPERTY_NAME, REC_NAME, PackProperty, write_property
 from dataio.pack import PackInfo, write_pack
-from dataio.recordio import IR_HEADER_SIZE, MAGIC
+from dataio.recordio import IR_HEADER_SIZE, MAGIC, IRHeader, RecordWriter, pack_record
 
 MAGIC_BYTES = int(MAGIC).to_bytes(4, "little")
 """The RecordIO magic number as it appears in a file."""
@@ -89,6 +90,83 @@ def write_test_pack(
     return write_pack(out_dir, samples, classes, (h, w), with_header=with_header)
 
 
+def _smooth_jpegs(labels: Sequence[int], size: tuple[int, int], seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [
+        simplejpeg.encode_jpeg(smooth_image(rng, *size), quality=90, colorspace="RGB")
+        for _ in labels
+    ]
+
+
+def write_face2rec2_pack(
+    out_dir: str | os.PathLike[str],
+    labels: Sequence[int],
+    size: tuple[int, int] = (16, 16),
+    seed: int = 0,
+) -> PackInfo:
+    """A pack in the record order of insightface's ``face2rec2.py`` (header-layout packs such
+    as MS1MV2 were written by it), built record by record.
+
+    ``labels`` must be sorted class ids ``0 .. C-1`` (face2rec2 reads a list grouped by
+    identity). Images are keys ``1..N`` with the vector label ``[class, aligned=1]``
+    (``mx.recordio.pack`` of a list: flag 2), written first; then key 0, the header
+    ``[N+1, N+1+C]``; then one identity record ``[first_image_key, end_image_key)`` per class.
+    The index lists the keys in that write order, so its first line is key 1, not key 0.
+    """
+    labels = [int(x) for x in labels]
+    classes = sorted(set(labels))
+    if labels != sorted(labels) or classes != list(range(len(classes))):
+        raise ValueError("write_face2rec2_pack: labels must be sorted class ids 0..C-1")
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    first_identity = len(labels) + 1
+    jpegs = _smooth_jpegs(labels, size, seed)
+    with RecordWriter(os.path.join(out, REC_NAME), os.path.join(out, IDX_NAME)) as writer:
+        for key, (label, jpeg) in enumerate(zip(labels, jpegs, strict=True), 1):
+            writer.write(key, pack_record(IRHeader(0, [label, 1.0], key, 0), jpeg))
+        header = [first_identity, first_identity + len(classes)]
+        writer.write(0, pack_record(IRHeader(0, header, 0, 0), b""))
+        starts = np.searchsorted(labels, classes + [len(classes)]) + 1  # first key per class
+        for c in classes:
+            key = first_identity + c
+            span = [int(starts[c]), int(starts[c + 1])]
+            writer.write(key, pack_record(IRHeader(0, span, key, 0), b""))
+    write_property(os.path.join(out, PROPERTY_NAME), PackProperty(len(classes), size))
+    return PackInfo(out, len(classes), len(labels), size)
+
+
+def write_recbuilder_pack(
+    out_dir: str | os.PathLike[str],
+    labels: Sequence[int],
+    num_classes: int | None = None,
+    size: tuple[int, int] = (16, 16),
+    seed: int = 0,
+) -> PackInfo:
+    """A header-less pack as insightface's ``RecBuilder`` writes it, built record by record.
+
+    Images are keys ``0..N-1`` in the given order with scalar labels and ``id = key``;
+    ``property`` has two lines (``C,H,W`` and the image count); ``train.meta`` is a pickled
+    list of ``{"image_index", "image_classes"}`` dicts (written here with protocol 4, as a
+    file users have; no reader unpickles it).
+    """
+    import pickle
+
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    labels = [int(x) for x in labels]
+    jpegs = _smooth_jpegs(labels, size, seed)
+    with RecordWriter(os.path.join(out, REC_NAME), os.path.join(out, IDX_NAME)) as writer:
+        for key, (label, jpeg) in enumerate(zip(labels, jpegs, strict=True)):
+            writer.write(key, pack_record(IRHeader(0, float(label), key, 0), jpeg))
+    meta = [{"image_index": k, "image_classes": [c]} for k, c in enumerate(labels)]
+    with open(os.path.join(out, "train.meta"), "wb") as f:
+        pickle.dump(meta, f, protocol=4)
+    classes = num_classes if num_classes is not None else max(labels) + 1
+    prop = PackProperty(classes, size, num_images=len(labels))
+    write_property(os.path.join(out, PROPERTY_NAME), prop)
+    return PackInfo(out, classes, len(labels), size)
+
+
 CORRUPTIONS = ("magic", "label", "length", "jpeg", "truncate", "offset")
 """Faults :func:`corrupt_record` can plant."""
 
@@ -103,7 +181,6 @@ def corrupt_record(pack_dir: str | os.PathLike[str], key: int, kind: str) -> Non
     length, undecodable). ``truncate``: the ``.rec`` file cut in the middle of the record (and
     everything after it removed). ``offset``: the index points the key past the end of file.
     """
-    from dataio.pack import IDX_NAME, REC_NAME
     from dataio.recordio import read_index
 
     rec = os.path.join(os.fspath(pack_dir), REC_NAME)

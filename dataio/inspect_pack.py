@@ -138,7 +138,11 @@ def inspect_pack(
 def format_report(report: InspectReport, max_listed: int = 50) -> str:
     """The report as text for the terminal; at most ``max_listed`` bad records are listed."""
     h, w = report.image_size
-    layout = "insightface header" if report.has_header else "no header"
+    layout = (
+        "insightface header at key 0, identity records"
+        if report.has_header
+        else "header-less: every record an image"
+    )
     lines = [
         f"pack        : {report.pack_dir} ({layout})",
         f"identities  : {report.num_classes} ({report.identities_with_images} with images)",

@@ -3,19 +3,9 @@
 Why this layout: it is how MS1MV2/MS1MV3/Glint360K/WebFace are shipped, and arcface_torch and
 DALI read it directly, so packs we write are interchangeable with the published ones.
 
-Layout with a header (what :func:`write_pack` writes by default)::
-
-    key 0                         header:   vector label [first_identity_key, end_key], no payload
-    keys 1 .. first_identity_key-1  images:   scalar label = class id, payload = JPEG bytes
-    keys first_identity_key .. end_key-1
-                                  identities: vector label [first_image_key, end_image_key) of
-                                              class c = key - first_identity_key, no payload
-
-``property`` is one text line ``"num_classes,height,width"``.
-
-A headerless pack has only image records (record 0 is an ordinary image); it is recognised by
-record 0 having a scalar label or a non-empty payload. Its labels are read by scanning every
-record's IRHeader once at open, which reads only the header bytes of each record.
+The three layouts users have (an insightface header anywhere in the file, header-less
+``RecBuilder`` packs, ours) are described and detected in :mod:`dataio.layout`;
+:class:`FacePack` reads any of them and checks every record.
 """
 
 from __future__ import annotations
@@ -37,6 +27,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from dataio.align import AlignmentError, align_face, template_for
+from dataio.layout import (
+    IDX_NAME,
+    PROPERTY_NAME,
+    REC_NAME,
+    PackError,
+    PackProperty,
+    read_header,
+    read_property,
+    write_property,
+)
 from dataio.recordio import (
     CFLAG_FIRST,
     CFLAG_WHOLE,
@@ -51,19 +51,11 @@ from dataio.recordio import (
     unpack_record,
 )
 
-REC_NAME = "train.rec"
-IDX_NAME = "train.idx"
-PROPERTY_NAME = "property"
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 """File suffixes :func:`pack_image_folder` treats as images (case-insensitive)."""
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _PART_HEAD_SIZE = 8  # magic + lrecord in front of every RecordIO part
-
-
-class PackError(ValueError):
-    """A face pack (or the input to build one) is malformed; the message names file and key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,36 +67,6 @@ class PackInfo:
     num_images: int
     image_size: tuple[int, int]
     """(height, width) of every image."""
-
-
-# --------------------------------------------------------------------------------------------
-# property file
-
-
-def read_property(path: str | os.PathLike[str]) -> tuple[int, tuple[int, int]]:
-    """Parse a ``property`` file into ``(num_classes, (height, width))``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise PackError(f"{path}: property file not found (expected 'num_classes,height,width')")
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
-    fields = [x.strip() for x in text.split(",")]
-    try:
-        if len(fields) != 3:
-            raise ValueError(text)
-        num_classes, height, width = (int(x) for x in fields)
-    except ValueError:
-        raise PackError(
-            f"{path}: expected 'num_classes,height,width' (three integers), got {text!r}"
-        ) from None
-    if num_classes <= 0 or height <= 0 or width <= 0:
-        raise PackError(f"{path}: num_classes, height and width must be positive, got {text!r}")
-    return num_classes, (height, width)
-
-
-def _write_property(path: str, num_classes: int, image_size: tuple[int, int]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{num_classes},{image_size[0]},{image_size[1]}\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +146,7 @@ def write_pack(
             else:
                 for key, (label, payload) in enumerate(items):
                     writer.write(key, pack_record(IRHeader(0, float(label), key, 0), payload))
-        _write_property(tmp[2], num_classes, size)
+        write_property(tmp[2], PackProperty(num_classes, size))
         for src, dst in zip(tmp, (rec_path, idx_path, prop_path), strict=True):
             os.replace(src, dst)
     finally:
@@ -248,9 +210,9 @@ class FacePack:
         self.skip_corrupt = bool(skip_corrupt)
         self.rec_path = os.path.join(self.pack_dir, REC_NAME)
         self.idx_path = os.path.join(self.pack_dir, IDX_NAME)
-        self.num_classes, self.image_size = read_property(
-            os.path.join(self.pack_dir, PROPERTY_NAME)
-        )
+        prop_path = os.path.join(self.pack_dir, PROPERTY_NAME)
+        prop = read_property(prop_path)
+        self.num_classes, self.image_size = prop.num_classes, prop.image_size
         try:
             self._reader = RecordReader(
                 self.rec_path, self.idx_path, skip_bad_offsets=self.skip_corrupt
@@ -263,37 +225,24 @@ class FacePack:
             raise PackError(f"{self.idx_path}: empty pack (no records indexed)")
         self._sorted_offsets: np.ndarray | None = None
         self._image_offsets: np.ndarray | None = None
-        header = self._read_pack_header()
+        header = read_header(self._reader)
+        self.has_header = header is not None
+        self.layout = "header" if self.has_header else "headerless"
+        """Which layout of :mod:`dataio.layout` the pack has."""
         if header is None:
-            self.has_header = False
             self.image_keys, self.labels = self._labels_by_scan()
         else:
-            self.has_header = True
             self.image_keys, self.labels = self._labels_from_identities(*header)
         if self.image_keys.size == 0:
             raise PackError(f"{self.rec_path}: pack holds no images")
+        layout_images = self.image_keys.size + len(self.bad_keys)  # skipped ones included
+        if prop.num_images is not None and prop.num_images != layout_images:
+            raise PackError(
+                f"{prop_path}: says {prop.num_images} images but the pack's {self.layout} "
+                f"layout has {layout_images}"
+            )
 
     # -- open-time helpers
-
-    def _read_pack_header(self) -> tuple[int, int] | None:
-        """(first_identity_key, end_key) if record 0 is an insightface header, else None."""
-        if 0 not in self._reader:
-            return None
-        try:
-            header, payload = unpack_record(self._reader.read(0))
-        except RecordIOError as e:
-            raise PackError(f"{self.rec_path}: key 0: {e}") from e
-        if header.flag == 0 or payload:
-            return None
-        if header.flag < 2:
-            raise PackError(
-                f"{self.rec_path}: key 0 looks like a pack header but its label has "
-                f"{header.flag} value(s); expected [first_identity_key, end_key]"
-            )
-        first_id, end = int(header.label[0]), int(header.label[1])  # type: ignore[index]
-        if not 1 <= first_id <= end:
-            raise PackError(f"{self.rec_path}: key 0: invalid header range [{first_id}, {end})")
-        return first_id, end
 
     def _exact_layout(self, first_id: int, end: int) -> tuple[int, int]:
         """The header's [first_identity_key, end_key), exact even where float32 rounded it.

@@ -1,54 +1,24 @@
 """The run plan `facetrain train --dry-run` prints: what a config will do on a given world
 size, computed from the config and the pack's own facts without starting any process.
 
-Pack facts are read cheaply (``property``, the ``.idx`` line count and record 0), so a plan
-for a 5.8M-image pack takes a second and needs no decoding.
+Pack facts are read cheaply (``property``, the ``.idx`` and record key 0, in any of the
+layouts of :mod:`dataio.layout`), so a plan for a 5.8M-image pack takes a second and needs no
+decoding.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
-from dataio.pack import IDX_NAME, PROPERTY_NAME, REC_NAME, PackError, read_property
-from dataio.recordio import RecordReader, unpack_record
+from dataio.layout import read_pack_facts
 from partialfc import class_range
 from trainer.config import Config, ConfigError
 
 
 def light_pack_facts(pack_dir: str) -> dict[str, Any]:
-    """num_classes and image size from ``property``; num_images from the index and header.
-
-    With an insightface header (record 0, vector label [first_identity_key, end]) the images
-    are keys 1 .. first_identity_key-1; without one every indexed record is an image. The
-    header's labels are float32, exact only below 2**24: beyond that the index count
-    (records - header - one identity record per class) is used instead.
-    """
-    prop = os.path.join(pack_dir, PROPERTY_NAME)
-    num_classes, image_size = read_property(prop)
-    idx = os.path.join(pack_dir, IDX_NAME)
-    if not os.path.isfile(idx):
-        raise PackError(
-            f"{idx}: index file missing (the pack needs train.rec, train.idx, property)"
-        )
-    with open(idx, "rb") as f:
-        num_records = sum(1 for line in f if line.strip())
-    num_images = num_records
-    rec = os.path.join(pack_dir, REC_NAME)
-    if os.path.isfile(rec) and os.path.getsize(rec) > 0:
-        with RecordReader(rec, idx) as reader:
-            header, payload = unpack_record(reader.read(reader.keys[0]))
-        if header.flag > 0 and not payload:
-            first_identity = int(header.label[0])
-            exact = first_identity < 2**24
-            num_images = first_identity - 1 if exact else num_records - 1 - num_classes
-    if num_images < 1:
-        raise PackError(
-            f"{idx}: {num_records} indexed records cannot hold the header, {num_classes} "
-            "identity records and any image (truncated index?)"
-        )
-    return {"num_classes": num_classes, "num_images": num_images, "image_size": list(image_size)}
+    """The pack's facts for planning (:func:`dataio.layout.read_pack_facts`), as a dict."""
+    return read_pack_facts(pack_dir).as_dict()
 
 
 def plan_run(config: Config, world_size: int, facts: dict[str, Any]) -> dict[str, Any]:
