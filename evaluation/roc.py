@@ -7,20 +7,27 @@ A pair is accepted at threshold ``t`` when ``score >= t``, the convention of
 ``roc_curve(labels, scores, drop_intermediate=False)`` (tested), computed with one sort.
 
 TAR@FAR (true accept rate at a false accept rate) reads that curve at the FARs IJB-B/C papers
-report (1e-6 ... 1e-1). Two readings are offered:
+report (1e-6 ... 1e-1). Two readings are offered; every row, its JSON and the eval tables name
+the one used (``method``):
 
 * ``"conservative"`` (default): the best TAR among operating points whose FAR does not exceed
   the target, i.e. a threshold a deployment could actually use, read at the highest threshold
   reaching that TAR (fewest false accepts). When the target is below the resolution
   ``1 / num_negatives`` this is the TAR at zero false accepts.
-* ``"insightface"``: the TAR of the operating point whose FAR is *closest* to the target
-  (``argmin |fpr - far|``), as insightface's ``eval_ijbc.py`` prints, for comparison with
-  published tables. It may report a FAR above the target.
+* ``"insightface"``: the figure insightface's IJB script (``eval_ijbc.py`` / ``ijb_11.py``)
+  prints, for comparison with published tables. That script takes
+  ``sklearn.metrics.roc_curve`` with its default ``drop_intermediate=True`` (points between
+  two collinear, equally spaced neighbours are dropped), flips the arrays and takes
+  ``argmin |fpr - far|``. On the flipped arrays argmin returns the point that comes *last* in
+  sklearn's order among those equally near: the highest TAR of the FPR plateau nearest the
+  target (of two FPRs equally near, the higher). Here the dropped curve is derived from the
+  full one with sklearn's rule (tested against sklearn). The reported FAR may exceed the
+  target, and the dropping can hide an FPR nearer the target than the ones kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,15 +35,30 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_FARS",
+    "READINGS",
     "RocCurve",
     "TarAtFar",
     "format_tar_table",
     "roc_curve",
     "tar_at_far",
+    "tar_reading_notes",
 ]
 
 DEFAULT_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 """The FARs of the IJB-B/C 1:1 verification tables."""
+
+READINGS: dict[str, str] = {
+    "conservative": "conservative reading: the best TAR at a FAR not above the target, at the "
+    "highest threshold reaching it",
+    "insightface": "insightface reading (eval_ijbc.py): the highest TAR at the FAR nearest the "
+    "target, on sklearn's ROC with intermediate points dropped; the FAR may exceed the target",
+}
+"""One-line description of each ``method`` of :func:`tar_at_far`, printed under eval tables."""
+
+_UNRESOLVABLE = {
+    "conservative": "read at zero false accepts",
+    "insightface": "read at the nearest FAR on the curve, which may be above it",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,8 @@ class TarAtFar:
     threshold: float
     resolvable: bool
     """Whether the negatives are numerous enough to measure this FAR (``far * negatives >= 1``)."""
+    method: str
+    """The reading, ``"conservative"`` or ``"insightface"`` (see the module docstring)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +97,7 @@ class TarAtFar:
             "far": self.far,
             "threshold": self.threshold,
             "resolvable": self.resolvable,
+            "method": self.method,
         }
 
 
@@ -123,25 +148,45 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
     return RocCurve(fpr, tpr, thresholds, num_pos, num_neg)
 
 
+def _sklearn_kept_points(curve: RocCurve) -> np.ndarray:
+    """Indices of ``curve`` that ``sklearn.metrics.roc_curve`` keeps with ``drop_intermediate``.
+
+    sklearn drops a threshold whose accepted negative and positive counts are both the mean of
+    its neighbours' (zero second difference of each), never the first or last threshold, and
+    then prepends the all-reject point. The test compares against sklearn itself.
+    """
+    # Integer counts per threshold (the all-reject point 0 left out): exact, unlike rates.
+    fp = np.rint(curve.fpr[1:] * curve.num_negatives).astype(np.int64)
+    tp = np.rint(curve.tpr[1:] * curve.num_positives).astype(np.int64)
+    keep = np.ones(len(fp), dtype=bool)
+    if len(fp) > 2:
+        keep[1:-1] = (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0)
+    return np.r_[0, 1 + np.flatnonzero(keep)]
+
+
 def tar_at_far(
     curve: RocCurve,
     fars: Sequence[float] = DEFAULT_FARS,
     method: Literal["conservative", "insightface"] = "conservative",
 ) -> list[TarAtFar]:
     """TAR at each target FAR read from ``curve`` (see the module docstring for ``method``)."""
-    if method not in ("conservative", "insightface"):
+    if method not in READINGS:
         raise ValueError(f"method must be 'conservative' or 'insightface', got {method!r}")
+    kept = _sklearn_kept_points(curve) if method == "insightface" else None
     rows = []
     for far in fars:
         if not 0.0 <= far <= 1.0:
             raise ValueError(f"fars must be in [0, 1], got {far}")
-        if method == "conservative":
+        if kept is None:
             # fpr is non-decreasing: the last point with fpr <= far has the highest tpr; the
             # first point reaching that tpr has the highest threshold (fewest false accepts).
             k = int(np.searchsorted(curve.fpr, far, side="right")) - 1
             i = int(np.searchsorted(curve.tpr, curve.tpr[k], side="left"))
         else:
-            i = int(np.argmin(np.abs(curve.fpr - far)))
+            # The last of the kept points nearest the target (insightface's argmin on the
+            # flipped curve): the highest TPR of that FPR plateau.
+            distance = np.abs(curve.fpr[kept] - far)
+            i = int(kept[np.flatnonzero(distance == distance.min())[-1]])
         rows.append(
             TarAtFar(
                 far_target=float(far),
@@ -149,9 +194,22 @@ def tar_at_far(
                 far=float(curve.fpr[i]),
                 threshold=float(curve.thresholds[i]),
                 resolvable=bool(far * curve.num_negatives >= 1.0),
+                method=method,
             )
         )
     return rows
+
+
+def tar_reading_notes(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Lines to print under a TAR@FAR table of ``rows`` (``TarAtFar.as_dict()`` dicts): the
+    reading used, and what an unresolvable FAR (marked ``*``) was read at."""
+    row_list = list(rows)
+    methods = list(dict.fromkeys(r["method"] for r in row_list))
+    lines = [f"TAR@FAR, {READINGS[m]}" for m in methods]
+    for m in methods:
+        if any(not r["resolvable"] for r in row_list if r["method"] == m):
+            lines.append(f"* FAR below 1 / number of negative pairs: {_UNRESOLVABLE[m]}")
+    return lines
 
 
 def format_tar_table(tables: dict[str, list[TarAtFar]]) -> str:
@@ -165,6 +223,5 @@ def format_tar_table(tables: dict[str, list[TarAtFar]]) -> str:
     for name, rows in tables.items():
         cells = "".join(f"{100 * r.tar:>8.2f}{' ' if r.resolvable else '*'}" for r in rows)
         lines.append(f"{name:<{width}}{cells}")
-    if any(not r.resolvable for rows in tables.values() for r in rows):
-        lines.append("* FAR below 1/number of negative pairs: read at zero false accepts")
+    lines += tar_reading_notes(r.as_dict() for rows in tables.values() for r in rows)
     return "\n".join(lines)

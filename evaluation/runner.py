@@ -18,7 +18,7 @@ import numpy as np
 from evaluation.embed import Embedder, embed_images, open_image_source
 from evaluation.identification import evaluate_identification
 from evaluation.ijb import evaluate_ijb
-from evaluation.roc import DEFAULT_FARS, roc_curve, tar_at_far
+from evaluation.roc import DEFAULT_FARS, roc_curve, tar_at_far, tar_reading_notes
 from evaluation.verification import kfold_verification, pair_distances
 
 __all__ = [
@@ -149,7 +149,8 @@ def _tar_cells(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def format_verification_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """One line per set: accuracy +- std, threshold, VAL@FAR=1e-3, then TAR (%) at each FAR."""
+    """One line per set: accuracy +- std, threshold, VAL@FAR=1e-3, then TAR (%) at each FAR;
+    a note under the table names the TAR@FAR reading (:data:`evaluation.roc.READINGS`)."""
     if not results:
         return ""
     first = next(iter(results.values()))
@@ -164,13 +165,12 @@ def format_verification_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             + " " * 8
             + _tar_cells(r.get("tar_at_far", []))
         )
-    if any(not t["resolvable"] for r in results.values() for t in r.get("tar_at_far", [])):
-        lines.append("* FAR below 1 / number of negative pairs: read at zero false accepts")
+    lines += tar_reading_notes(t for r in results.values() for t in r.get("tar_at_far", []))
     return "\n".join(lines)
 
 
 def format_ijb_table(result: Mapping[str, Any]) -> str:
-    """IJB TAR@FAR row (percent) with the pair and template counts."""
+    """IJB TAR@FAR row (percent) with the pair and template counts and the reading used."""
     rows = result["tar_at_far"]
     lines = [
         f"{result['name']}: {result['num_templates']} templates, {result['num_pairs']} pairs "
@@ -178,8 +178,7 @@ def format_ijb_table(result: Mapping[str, Any]) -> str:
         f"{'TAR@FAR':<10}" + _far_header(rows),
         f"{result['name']:<10}" + _tar_cells(rows),
     ]
-    if any(not r["resolvable"] for r in rows):
-        lines.append("* FAR below 1 / number of impostor pairs: read at zero false accepts")
+    lines += tar_reading_notes(rows)
     return "\n".join(lines)
 
 

@@ -187,4 +187,7 @@ def test_run_ijb_returns_json_ready_results_and_a_roc_plot(tmp_path: Path) -> No
     assert [r["far_target"] for r in out["tar_at_far"]] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     assert Path(out["plots"][0]).name == "roc_ijbc.png"
     assert Path(out["plots"][0]).stat().st_size > 5000
-    assert format_ijb_table(out).startswith("IJBC: 3 templates, 3 pairs (2 genuine)")
+    assert {r["method"] for r in out["tar_at_far"]} == {"conservative"}
+    table = format_ijb_table(out)
+    assert table.startswith("IJBC: 3 templates, 3 pairs (2 genuine)")
+    assert "TAR@FAR, conservative reading: the best TAR at a FAR not above" in table

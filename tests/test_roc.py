@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from evaluation.roc import DEFAULT_FARS, format_tar_table, roc_curve, tar_at_far
+from evaluation.roc import DEFAULT_FARS, READINGS, format_tar_table, roc_curve, tar_at_far
 
 # 4 genuine, 6 impostor pairs; worked by hand below.
 HAND_SCORES = np.array([0.9, 0.8, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
@@ -32,8 +32,9 @@ def test_hand_computed_tar_at_far() -> None:
     """FAR 0.1 < 1/6 only allows threshold .9 (TAR 1/4). FAR 1/6 is first reached at .8, and
     .7 keeps it at 1/6 with TAR 3/4. FAR 0.5 allows down to .4, but TAR 1 is already reached
     at .5 (FAR 2/6): the highest threshold with the best TAR is reported; same for FAR 1.
-    'insightface' takes the point whose FAR is nearest the target, the first of a plateau:
-    for 0.1 that is FAR 1/6 at .8 (TAR 2/4); for 0.4 it is FAR 2/6 at .6 (TAR 3/4)."""
+    'insightface' takes the FAR nearest the target and the highest TAR there: for 0.1 that is
+    FAR 1/6, reached at .8 (TAR 2/4) and .7 (TAR 3/4) -> .7; for 0.4 it is FAR 2/6 at .6 (TAR
+    3/4) and .5 (TAR 1) -> .5. (sklearn drops .3 and .2, FAR 4/6 and 5/6, which do not matter.)"""
     curve = roc_curve(HAND_SCORES, HAND_LABELS)
     rows = tar_at_far(curve, [0.1, 1 / 6, 0.5, 1.0])
     assert [r.tar for r in rows] == [0.25, 0.75, 1.0, 1.0]
@@ -42,9 +43,69 @@ def test_hand_computed_tar_at_far() -> None:
     assert rows[2].far == pytest.approx(2 / 6) and rows[3].far == pytest.approx(2 / 6)
     assert [r.resolvable for r in rows] == [False, True, True, True]
     nearest = tar_at_far(curve, [0.1, 0.4], method="insightface")
-    assert [r.tar for r in nearest] == [0.5, 0.75]
-    assert nearest[0].far == pytest.approx(1 / 6) and nearest[0].threshold == 0.8
-    assert nearest[1].far == pytest.approx(2 / 6) and nearest[1].threshold == 0.6
+    assert [r.tar for r in nearest] == [0.75, 1.0]
+    assert nearest[0].far == pytest.approx(1 / 6) and nearest[0].threshold == 0.7
+    assert nearest[1].far == pytest.approx(2 / 6) and nearest[1].threshold == 0.5
+    assert {r.method for r in rows} == {"conservative"}
+    assert {r.method for r in nearest} == {"insightface"}
+    assert nearest[0].as_dict()["method"] == "insightface"
+
+
+def _insightface_reference(
+    scores: np.ndarray, labels: np.ndarray, fars: list[float]
+) -> list[tuple[float, float, float]]:
+    """(TAR, FAR, threshold) per target as insightface's eval_ijbc.py reads them: sklearn's
+    roc_curve with its default drop_intermediate, both arrays flipped, argmin |fpr - far|."""
+    fpr, tpr, thr = sk_roc_curve(labels, scores)
+    fpr, tpr, thr = np.flipud(fpr), np.flipud(tpr), np.flipud(thr)
+    out = []
+    for far in fars:
+        i = np.argmin(np.abs(fpr - far))
+        out.append((float(tpr[i]), float(fpr[i]), float(thr[i])))
+    return out
+
+
+def _ours(scores: np.ndarray, labels: np.ndarray, fars: list[float], method: str) -> list:
+    rows = tar_at_far(roc_curve(scores, labels), fars, method=method)
+    return [(r.tar, r.far, r.threshold) for r in rows]
+
+
+def test_insightface_reading_on_an_fpr_plateau() -> None:
+    """Negatives at .9, .7, .7, .5; positives at .8, .6 (FAR 1/4 from .9 to .8, 3/4 from .7 to
+    .6). For FAR 1/2 the FARs 1/4 and 3/4 are equally near: insightface's flipped argmin takes
+    the one sklearn lists last, 3/4, and its highest TAR, 1 at .6. The conservative reading
+    stays within 1/2: TAR 1/2 at .8. The lowest TAR of the nearest plateau would be 0 at .9."""
+    scores = np.array([0.9, 0.8, 0.7, 0.7, 0.6, 0.5])
+    labels = np.array([0, 1, 0, 0, 1, 0])
+    assert _ours(scores, labels, [0.5], "insightface") == [(1.0, 0.75, 0.6)]
+    assert _insightface_reference(scores, labels, [0.5]) == [(1.0, 0.75, 0.6)]
+    assert _ours(scores, labels, [0.5], "conservative") == [(0.5, 0.25, 0.8)]
+    # FAR 0.3: the plateau at 1/4 alone is nearest; its highest TAR is 1/2 at .8
+    assert _ours(scores, labels, [0.3], "insightface") == [(0.5, 0.25, 0.8)]
+
+
+def test_insightface_reading_uses_the_curve_with_intermediate_points_dropped() -> None:
+    """One positive and one negative at each of .9, .8, .7, .1: the points (1/4, 1/4), (2/4,
+    2/4), (3/4, 3/4), (1, 1) are equally spaced on a line, so sklearn keeps only the first and
+    the last of them (and (0, 0)). FAR 1/2 is then read at the nearest kept FAR, 1/4 (TAR 1/4
+    at .9), not at the point (1/2, 1/2) of the full curve."""
+    scores = np.array([0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.1, 0.1])
+    labels = np.array([1, 0, 1, 0, 1, 0, 1, 0])
+    assert _insightface_reference(scores, labels, [0.5]) == [(0.25, 0.25, 0.9)]
+    assert _ours(scores, labels, [0.5], "insightface") == [(0.25, 0.25, 0.9)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_insightface_reading_matches_the_ijb_script_with_ties(seed: int) -> None:
+    """20,000 scores rounded to 0.05 (about 60 distinct values, shared by genuine and impostor
+    pairs): TAR, FAR and threshold equal the script's reading at every FAR, bit for bit."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(20_000) < 0.2
+    scores = np.round(rng.normal(np.where(labels, 0.55, 0.0), 0.2) / 0.05) * 0.05
+    fars = [*DEFAULT_FARS, 0.02, 0.05, 0.3, 0.5, 0.9, 1.0, 0.0]
+    assert _ours(scores, labels, fars, "insightface") == _insightface_reference(
+        scores, labels, fars
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -100,4 +161,14 @@ def test_format_table_marks_unresolvable_fars() -> None:
     lines = text.splitlines()
     assert "1e-01" in lines[0] and "5e-01" in lines[0]
     assert lines[1].split() == ["hand", "25.00*", "100.00"]
-    assert "zero false accepts" in lines[2]
+    assert lines[2] == f"TAR@FAR, {READINGS['conservative']}"
+    assert "zero false accepts" in lines[3]
+
+
+def test_format_table_names_the_insightface_reading() -> None:
+    curve = roc_curve(HAND_SCORES, HAND_LABELS)
+    lines = format_tar_table({"hand": tar_at_far(curve, [0.1, 0.5], "insightface")}).splitlines()
+    assert lines[1].split() == ["hand", "75.00*", "100.00"]
+    assert lines[2].startswith("TAR@FAR, insightface reading")
+    assert "highest TAR at the FAR nearest the target" in lines[2]
+    assert "nearest FAR on the curve" in lines[3]

@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from dataio.verification_bin import save_bin
+from evaluation.roc import READINGS
 from evaluation.runner import (
     format_identification_table,
     format_ijb_table,
@@ -73,7 +74,8 @@ def test_run_verification_matches_the_protocol_and_sklearn(bin_set, tmp_path: Pa
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["set", "accuracy", "(%)"]
     assert lines[1].startswith("toy_set") and f"{100 * res['accuracy_mean']:.2f} +-" in lines[1]
-    assert lines[-1].startswith("* FAR below")
+    assert lines[-2] == f"TAR@FAR, {READINGS['conservative']}"
+    assert lines[-1] == "* FAR below 1 / number of negative pairs: read at zero false accepts"
 
     out = write_json(results, tmp_path / "json" / "eval.json")
     back = json.loads(out.read_text())
@@ -82,6 +84,7 @@ def test_run_verification_matches_the_protocol_and_sklearn(bin_set, tmp_path: Pa
     zero_far_tar = np.mean(cos[issame] > cos[~issame].max())
     assert back["toy_set"]["tar_at_far"][0]["tar"] == pytest.approx(zero_far_tar)
     assert back["toy_set"]["tar_at_far"][0]["far"] == 0.0
+    assert {r["method"] for r in back["toy_set"]["tar_at_far"]} == {"conservative"}
 
 
 def test_run_verification_rejects_a_non_bin_source(tmp_path: Path) -> None:
@@ -102,9 +105,13 @@ def test_ijb_and_identification_tables() -> None:
             {"far_target": 1e-1, "tar": 0.96, "far": 0.1, "threshold": 0.3, "resolvable": True},
         ],
     }
+    for row in ijb["tar_at_far"]:
+        row["method"] = "insightface"
     lines = format_ijb_table(ijb).splitlines()
     assert lines[0] == "IJBC: 3 templates, 3 pairs (2 genuine), AUC 0.7500"
     assert lines[2].split() == ["IJBC", "50.00*", "96.00"]
+    assert lines[3] == f"TAR@FAR, {READINGS['insightface']}"
+    assert lines[4].endswith("read at the nearest FAR on the curve, which may be above it")
     ident = {
         "rank_accuracy": {"1": 0.5, "5": 0.875},
         "num_trials": 8,
