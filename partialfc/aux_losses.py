@@ -47,6 +47,13 @@ class AuxLoss(nn.Module):
     def bind(self, spec: ShardSpec) -> None:
         """Create per-class parameters for the shard (called once by PartialFC)."""
 
+    def apply_update(self) -> None:
+        """Apply the rule-based (not gradient) state update recorded by the backward passes
+        since the last optimizer step; called once per step, after it. Default: nothing."""
+
+    def discard_update(self) -> None:
+        """Drop what ``apply_update`` would apply (the optimizer's zero_grad). Default: nothing."""
+
     def forward(self, ctx: MarginContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -178,18 +185,48 @@ class AngularTripletLoss(TripletLoss):
 class CenterLoss(AuxLoss):
     """Center loss (Wen et al. 2016): ``1/(2N) sum_i |x_i - c_{y_i}|^2`` on raw embeddings.
 
-    The centres are a per-class parameter sharded like the classifier (``bind`` creates this
-    rank's ``[num_local, D]`` rows, zeros) and learned by gradient with the classifier's
-    optimizer (the paper's separate centre-update rule is SGD on this loss with a per-class
-    rescaled rate). Each rank adds the rows whose class it owns; the value is all-reduced.
-    Paper weight: 0.003 (pass it as the aux ``weight``).
+    The centres are constants in the loss (its gradient is ``(x_i - c_{y_i}) / N`` times the
+    aux ``weight``, the paper's lambda, paper value 0.003) and move by the paper's own rule,
+    not by the classifier's optimizer, once per optimizer step::
+
+        delta c_j = sum_i [y_i = j] (c_j - x_i) / (1 + n_j),    c_j <- c_j - alpha * delta c_j
+
+    over the global (all-gathered) batch, ``n_j`` its rows of class j; a class absent from the
+    batch keeps its centre. ``centers`` is a buffer ``[C_r, D]`` (zeros) sharded like the
+    classifier (``bind``): each rank updates the rows of its class range from the gathered
+    batch, and checkpoints save and re-shard it with the classifier rows.
+
+    When (Algorithm 1 of the paper): the loss and its gradient of step t use ``c^t``; the
+    update uses the same step's features ``x^t`` (this forward's embeddings, detached) and
+    is applied after the backward, by the optimizer's ``step`` (``apply_update``, wired by
+    ``PartialFC.build_optimizer``). The statistics ``n_j``, ``sum x_i`` are recorded when the
+    backward reaches the loss, like a gradient (a forward without backward, or embeddings
+    that need no gradient, record nothing): with gradient accumulation the micro-batches
+    of one step pool (``n_j`` and the sums over all of them, centres of the step's start),
+    which is the update of one batch made of all micro-batches; the optimizer's
+    ``zero_grad`` drops them (``discard_update``: a skipped step moves no centre).
+    Each rank adds the rows whose class it owns; the value is all-reduced.
+
+    Args:
+        alpha: the centres' update rate, in (0, 1] (paper: 0.5).
     """
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        super().__init__()
+        self.alpha = check_number("alpha", alpha)
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha (the centres' update rate) must be in (0, 1], got {alpha}")
+        # Recorded since the last step: local classes [U], sums of x [U, D], counts [U].
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
 
     def bind(self, spec: ShardSpec) -> None:
         self.class_start = spec.class_start
         self.num_local = spec.num_local
-        self.centers = nn.Parameter(
-            torch.zeros(spec.num_local, spec.embedding_size, device=spec.device)
+        self.register_buffer(
+            "centers", torch.zeros(spec.num_local, spec.embedding_size, device=spec.device)
         )  # [C_r, D]
 
     def forward(self, ctx: MarginContext) -> torch.Tensor:
@@ -199,14 +236,42 @@ class CenterLoss(AuxLoss):
         labels = ctx.require("labels", "center")
         local = labels - self.class_start
         mine = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)  # [M]
-        classes, inverse = torch.unique(local[mine], return_inverse=True)
-        if ctx.gather_rows is not None:
-            rows = ctx.gather_rows(self.centers, classes)  # [U, D], sparse grad when configured
-        else:
-            rows = self.centers[classes]
-        diff = emb[mine] - rows[inverse].to(emb.dtype)  # [M, D]
+        classes, inverse = torch.unique(local[mine], return_inverse=True)  # [U], [M]
+        x = emb[mine]  # [M, D]
+        diff = x - self.centers[classes][inverse].to(emb.dtype)  # [M, D], centres constant
         local_sum = 0.5 * (diff * diff).sum()
+        if ctx.training and local_sum.requires_grad:
+            with torch.no_grad():
+                sums = self.centers.new_zeros(classes.numel(), x.shape[1])
+                sums.index_add_(0, inverse, x.detach().to(sums.dtype))  # [U, D]
+                counts = torch.bincount(inverse, minlength=classes.numel()).to(sums.dtype)
+            local_sum.register_hook(lambda grad: self._record(classes, sums, counts))
         return ctx.sharded_sum(local_sum) / max(ctx.num_rows, 1)
+
+    def _record(self, classes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add one backward's per-class statistics to those of this step (merged by class)."""
+        if self._pending is not None:
+            classes = torch.cat([self._pending[0], classes])
+            sums = torch.cat([self._pending[1], sums])
+            counts = torch.cat([self._pending[2], counts])
+            classes, inverse = torch.unique(classes, return_inverse=True)
+            sums = sums.new_zeros(classes.numel(), sums.shape[1]).index_add_(0, inverse, sums)
+            counts = counts.new_zeros(classes.numel()).index_add_(0, inverse, counts)
+        self._pending = (classes, sums, counts)
+
+    @torch.no_grad()
+    def apply_update(self) -> None:
+        """Move the centres of the classes recorded since the last step (the paper's rule)."""
+        if self._pending is None:
+            return
+        classes, sums, counts = self._pending
+        self._pending = None
+        c = self.centers[classes]  # [U, D]
+        delta = (counts[:, None] * c - sums) / (1.0 + counts[:, None])
+        self.centers.index_copy_(0, classes, c - self.alpha * delta)
+
+    def discard_update(self) -> None:
+        self._pending = None
 
 
 class IntraLoss(AuxLoss):
@@ -264,7 +329,7 @@ _AUX: dict[str, tuple[type[AuxLoss], dict[str, Any]]] = {
     "contrastive": (ContrastiveLoss, {"margin": 1.0, "normalize": True}),
     "triplet": (TripletLoss, {"margin": 0.2, "mining": "semi_hard"}),
     "angular_triplet": (AngularTripletLoss, {"margin": 0.35, "mining": "semi_hard"}),
-    "center": (CenterLoss, {}),
+    "center": (CenterLoss, {"alpha": 0.5}),
     "intra": (IntraLoss, {}),
     "inter": (InterLoss, {}),
 }
@@ -281,7 +346,8 @@ def build_aux_loss(name: str, **kwargs: Any) -> AuxLoss:
     - ``"contrastive"``: margin=1.0, normalize=True (DeepID2 on normalised embeddings)
     - ``"triplet"``: margin=0.2, mining="semi_hard" (FaceNet)
     - ``"angular_triplet"``: margin=0.35, mining="semi_hard" (ArcFace paper), eps
-    - ``"center"``: no arguments (weight 0.003 in the paper, given as the aux weight)
+    - ``"center"``: alpha=0.5, the centres' update rate (weight 0.003 in the paper, given as
+      the aux weight)
     - ``"intra"``, ``"inter"``: eps only (ArcFace paper)
     """
     if name not in _AUX:

@@ -25,6 +25,8 @@ The head interface (``MarginHead``):
 - ``regularizer(ctx)``: an extra loss term (MagFace's g(a), DiscFace's discrepancy), already
   a global value on every rank.
 - ``bind(spec)``: called once by ``PartialFC`` to create per-class parameters on the shard.
+- ``apply_updates()`` / ``discard_updates()``: state moved by a rule rather than a gradient
+  (center loss's centres), applied once per optimizer step or dropped with its gradients.
 - ``aux_losses`` / ``aux_weights``: auxiliary embedding losses added with a weight.
 - ``forward(cos, target, ...)``: ``logits`` of a single-process context, for direct use.
 """
@@ -132,6 +134,18 @@ class MarginHead(nn.Module):
         """Create per-class parameters for the shard (called once by PartialFC)."""
         for loss in self.aux_losses.values():
             loss.bind(spec)
+
+    def apply_updates(self) -> None:
+        """Apply the rule-based state updates (center loss's centres) recorded since the last
+        optimizer step; call once per step, after it (``PartialFC.build_optimizer``'s
+        optimizer does, in its ``step``)."""
+        for loss in self.aux_losses.values():
+            loss.apply_update()
+
+    def discard_updates(self) -> None:
+        """Drop the recorded updates (a step not taken); the optimizer's ``zero_grad`` does."""
+        for loss in self.aux_losses.values():
+            loss.discard_update()
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters that are the same on every rank (not per-class rows); their gradient is

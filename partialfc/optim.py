@@ -66,6 +66,10 @@ class ShardOptimizer(torch.optim.Optimizer):
         row_cache: optional ``(param, row_index) -> rows [S, ...] or None``: the current
             values of ``param[row_index]`` if the caller still holds them (PartialFC's forward
             gathered them already), saving one gather per step. The rows may be overwritten.
+        after_step: optional callable run at the end of every ``step`` (PartialFC applies
+            its head's rule-based state updates there, e.g. center loss's centres).
+        after_zero_grad: optional callable run by ``zero_grad`` (PartialFC drops those
+            updates with the gradients: a step that is not taken moves nothing).
 
     State per parameter: ``momentum_buffer`` (SGD, momentum > 0) or ``exp_avg``,
     ``exp_avg_sq`` and ``step`` (AdamW; ``step`` is per row, float32 ``[rows]``).
@@ -82,6 +86,8 @@ class ShardOptimizer(torch.optim.Optimizer):
         eps: float = 1e-8,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         row_cache: RowCache | None = None,
+        after_step: Callable[[], None] | None = None,
+        after_zero_grad: Callable[[], None] | None = None,
     ) -> None:
         if name not in ("sgd", "adamw"):
             raise ValueError(f"name must be 'sgd' or 'adamw', got {name!r}")
@@ -108,6 +114,13 @@ class ShardOptimizer(torch.optim.Optimizer):
         self.name = name
         self.chunk_elements = int(chunk_elements)
         self.row_cache = row_cache
+        self.after_step = after_step
+        self.after_zero_grad = after_zero_grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.after_zero_grad is not None:
+            self.after_zero_grad()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; tensors are copied, so the source optimizer stays independent
@@ -151,6 +164,8 @@ class ShardOptimizer(torch.optim.Optimizer):
                     self._sgd(p, index, values, group)
                 else:
                     self._adamw(p, index, values, group)
+        if self.after_step is not None:
+            self.after_step()
         return loss
 
     def _cached_rows(self, p: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:

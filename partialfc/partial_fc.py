@@ -336,7 +336,9 @@ class PartialFC(nn.Module):
         Required with ``update="sampled"`` (row-sparse gradients); with ``"dense"`` it gives
         the same updates as ``torch.optim.SGD`` / ``AdamW`` without their shard-sized
         temporaries. It reuses the rows this module gathered in its forward when they are
-        still current (one gather fewer per step).
+        still current (one gather fewer per step). Its ``step`` also applies the head's
+        rule-based state updates (center loss's centres) and its ``zero_grad`` drops them;
+        with another optimizer, call ``self.margin.apply_updates()`` after each step.
         """
         params = [p for p in self.parameters() if p.requires_grad]
         return ShardOptimizer(
@@ -349,6 +351,8 @@ class PartialFC(nn.Module):
             eps=eps,
             chunk_elements=chunk_elements,
             row_cache=self._cached_rows,
+            after_step=self.margin.apply_updates,
+            after_zero_grad=self.margin.discard_updates,
         )
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

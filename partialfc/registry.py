@@ -216,5 +216,9 @@ def build_margin(name: str, **kwargs: Any) -> MarginHead:
         for aux_name, spec in aux.items():
             spec = dict(spec or {})
             weight = spec.pop("weight", 1.0)
-            head.add_aux_loss(aux_name, build_aux_loss(aux_name, **spec), weight)
+            try:
+                loss = build_aux_loss(aux_name, **spec)
+            except ValueError as exc:
+                raise ValueError(f"aux.{aux_name}: {exc}") from exc
+            head.add_aux_loss(aux_name, loss, weight)
     return head
