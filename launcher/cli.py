@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------ train
 def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.preflight import check_run_inputs
     from trainer.config import ConfigError, dump_config, load_config
     from trainer.plan import format_plan, light_pack_facts, plan_run
 
@@ -205,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)  # fails here, before any process starts
     world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
     plan = plan_run(config, world, light_pack_facts(config.data.train))
+    check_run_inputs(config)  # data.val and --resume, read as the trainer will read them
     if args.dry_run:
         print(dump_config(config))
         print(format_plan(plan))
@@ -278,13 +280,16 @@ def _workers(pid: int) -> list[int]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.preflight import check_job_shape, check_run_inputs
     from launcher.submit import render_sbatch, submit
     from trainer.config import load_config
     from trainer.plan import light_pack_facts, plan_run
 
+    check_job_shape(args.nodes, args.gpus_per_node)
     config = load_config(args.config, args.overrides)
     nproc = args.gpus_per_node or config.dist.nproc
     plan_run(config, nproc * args.nodes, light_pack_facts(config.data.train))  # fail early
+    check_run_inputs(config)
     script = render_sbatch(
         args.config,
         args.overrides,
@@ -363,6 +368,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation import runner
     from evaluation.embed import check_image_size, open_image_source
+    from launcher.preflight import check_eval_bins
     from launcher.tools import make_embedder
 
     if not (args.bin or args.ijb or args.probes):
@@ -374,6 +380,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.probes and min(args.ranks) < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
+    check_eval_bins(args.bin)
     embedder, input_size = make_embedder(args.model)
     for path in [*args.bin, *([args.probes, args.distractors] if args.probes else [])]:
         check_image_size(open_image_source(path), path, input_size, args.model)

@@ -102,7 +102,7 @@ def test_cli_rejects_bad_key_before_starting_processes(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 2
     assert "optimizer.lrr" in proc.stderr

@@ -168,7 +168,7 @@ def test_a_launchers_rank_ends_through_exit_process_only_from_the_console_entry(
     monkeypatch.setattr("trainer.plan.plan_run", lambda *_args: None)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    argv = ["train", str(REPO / "configs" / "demo_cpu.yaml")]
+    argv = ["train", str(REPO / "configs" / "demo_cpu.yaml"), "--set", "data.val=[]"]
     assert cli.main(argv) == 0 and ran == [True]
     monkeypatch.setattr("sys.argv", ["facetrain", *argv])
     with pytest.raises(SystemExit, match=r"exit_process\(0\)"):

@@ -9,11 +9,19 @@ states them anyway, checks that they agree.
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -62,6 +70,18 @@ class ModelConfig(_Section):
     """Dimension of the face embedding."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments of the backbone builder (e.g. dropout, widths)."""
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        """A misspelled backbone fails at load time, not in every rank."""
+        from backbones import list_backbones
+
+        known = list_backbones(include_aliases=True)
+        if name not in known:
+            hint = _did_you_mean(name, known)
+            raise ValueError(f"unknown backbone {name!r}{hint}; known: {', '.join(known)}")
+        return name
 
 
 class PartialFCConfig(_Section):
@@ -285,14 +305,44 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed where ``loc`` points (its parent section's fields), if that is a
+    section of the config."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        section = field.annotation if field is not None else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return []
+        model = section
+    return list(model.model_fields)
+
+
+def _describe(err: Any) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        keys = _section_keys(err["loc"])
+        hint = _did_you_mean(str(err["loc"][-1]), keys)
+        return f"{key}: unknown key{hint or '; known keys: ' + ', '.join(keys)}"
+    # pydantic prefixes the message of a ValueError raised by a validator
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    said = isinstance(got, str) and repr(got) in msg  # the validator named the value
+    shown = "" if isinstance(got, dict) or said else f" (got {got!r})"
+    return f"{key}: {msg}{shown}"
+
+
 def _format_errors(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: invalid config"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {key}: {err['msg']}{shown}")
-    return "\n".join(lines)
+    """One line for one error; a line per error under a heading for several."""
+    problems = [_describe(err) for err in exc.errors()]
+    if len(problems) == 1:
+        return f"{source}: invalid config: {problems[0]}"
+    return "\n  ".join([f"{source}: invalid config", *problems])
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:

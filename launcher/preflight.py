@@ -1,0 +1,79 @@
+"""Checks of a run's files before any process starts.
+
+The config's validation (trainer.config) covers keys, types and registered names; what it
+cannot see is on disk: the verification sets of ``data.val`` and the checkpoint of
+``--resume``. Each check reads what the trainer will read and fails with a
+:class:`PreflightError` naming the key and the path, which ``facetrain`` prints as one line
+(exit status 2) -- instead of a traceback from every rank after torchrun has started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+
+
+class PreflightError(ValueError):
+    """A file the run needs is missing or unusable; the message names the key and the path."""
+
+
+def check_verification_bin(path: str, what: str) -> None:
+    """``path`` is an insightface ``.bin`` set whose first image decodes.
+
+    The whole pickle is read, as the trainer reads it, so a truncated file fails here too;
+    that is cheap (a 96 MB set loads in 0.05 s from the page cache; LFW is 63 MB).
+    """
+    from dataio.verification_bin import VerificationBinError, load_bin
+
+    try:
+        load_bin(path).image_size  # noqa: B018 - decodes image 0
+    except VerificationBinError as exc:
+        raise PreflightError(f"{what}: {exc}") from exc
+    except (OverflowError, MemoryError) as exc:  # a corrupt length field (load_bin passes these)
+        raise PreflightError(
+            f"{what}: {path}: not a valid verification .bin pickle: {exc}"
+        ) from exc
+
+
+def check_eval_bins(paths: list[str]) -> None:
+    """``facetrain eval --bin``: each path is a readable ``.bin`` set. A file of another name
+    would otherwise be read as an image list (``evaluation.embed.open_image_source``)."""
+    for path in paths:
+        if Path(path).suffix != ".bin":
+            raise PreflightError(
+                f"--bin: {path}: not a verification .bin set (insightface's *.bin files)"
+            )
+        check_verification_bin(path, "--bin")
+
+
+def check_checkpoint(path: str, what: str) -> None:
+    """``path`` holds a complete checkpoint as trainer.checkpoint defines it: a ``step-N``
+    folder with a readable ``meta.json``, a run folder with one, or its ``latest`` file."""
+    from trainer.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+
+    if not Path(path).exists():
+        raise PreflightError(f"{what}: {path}: no such checkpoint folder")
+    try:
+        read_meta(resolve_checkpoint(path))
+    except CheckpointError as exc:
+        raise PreflightError(f"{what}: {exc}") from exc
+
+
+def check_job_shape(nodes: int, gpus_per_node: int) -> None:
+    """``facetrain submit``: at least one node; 0 GPUs per node means CPU ranks."""
+    if nodes < 1:
+        raise PreflightError(f"--nodes must be >= 1, got {nodes}")
+    if gpus_per_node < 0:
+        raise PreflightError(f"--gpus-per-node must be >= 0 (0: CPU), got {gpus_per_node}")
+
+
+def check_run_inputs(config: Config) -> None:
+    """The files of ``data.val`` and ``run.resume`` (``--resume``) that a run will read."""
+    for path in config.data.val:
+        check_verification_bin(path, "data.val")
+    resume = config.run.resume
+    if resume is not None and resume != "auto":
+        check_checkpoint(resume, "run.resume (--resume)")
