@@ -290,7 +290,7 @@ def embed_images(
             chunks.append(emb)
             bar.update(len(x))
     if not chunks:
-        raise EmbeddingError("no images to embed")
+        raise EmbeddingError("no images to embed (the image source is empty)")
     out = np.concatenate(chunks)  # [N, D]
     return (l2_normalize(out) if normalize else out).astype(np.float32)
 

@@ -153,7 +153,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norms, eps)
 
 
-@torch.no_grad()
 def extract_embeddings(
     model: nn.Module,
     images: Iterable[np.ndarray] | np.ndarray,
@@ -170,29 +169,24 @@ def extract_embeddings(
     flag is restored afterwards, so this can be called in the middle of training. The model
     must already be on ``device``.
 
+    This is :func:`evaluation.embed.embed_images` of the module, the computation ``facetrain
+    eval`` runs on a checkpoint: the same batches give bit-identical embeddings.
+
     Returns float32 [N, D] with unit-norm rows (zero rows if the model outputs zeros).
     """
+    from evaluation.embed import embed_images, torch_embedder  # it imports this module
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     _check_device(model, device)
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    outputs: list[np.ndarray] = []
     try:
-        for batch in _iter_batches(images, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)  # [B, H, W, 3] uint8
-            x = x.permute(0, 3, 1, 2).float().contiguous().sub_(127.5).div_(127.5)  # [B,3,H,W]
-            emb = model(x).float()  # [B, D]
-            if flip:
-                emb = emb + model(torch.flip(x, dims=[3])).float()  # [B, D]
-            outputs.append(emb.cpu().numpy())
+        batches = _iter_batches(images, batch_size)
+        return embed_images(torch_embedder(model, device), batches, flip=flip)
     finally:
         for module, was_training in modes:
             module.training = was_training
-    if not outputs:
-        raise ValueError("images is empty: nothing to embed")
-    return l2_normalize(np.concatenate(outputs)).astype(np.float32)  # [N, D]
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -113,8 +113,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", default=None, help="identification: probe images (pack/folder)")
     p.add_argument("--distractors", default=None, help="identification: distractor images")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 5, 10], help="rank-k to report")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--nfolds", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=None, help="default: as in training")
+    p.add_argument("--nfolds", type=int, default=None, help="default: as in training")
     p.add_argument("--no-flip", action="store_true", help="skip the flipped image's embedding")
     p.add_argument("--plots", default=None, metavar="DIR", help="write ROC / angle figures here")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -369,19 +369,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation import runner
     from evaluation.embed import check_image_size, open_image_source
     from launcher.preflight import check_eval_bins
-    from launcher.tools import make_embedder
+    from launcher.tools import eval_settings, make_embedder
 
     if not (args.bin or args.ijb or args.probes):
         raise UsageError("nothing to evaluate; give --bin, --ijb or --probes/--distractors")
     if bool(args.probes) != bool(args.distractors):
         raise UsageError("identification needs both --probes and --distractors")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--nfolds", args.nfolds, 2)):
-        if value < low:
+        if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.probes and min(args.ranks) < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
     check_eval_bins(args.bin)
     embedder, input_size = make_embedder(args.model)
+    for key, value in eval_settings(args.model).items():  # the checkpoint's eval settings
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for path in [*args.bin, *([args.probes, args.distractors] if args.probes else [])]:
         check_image_size(open_image_source(path), path, input_size, args.model)
     common = {"batch_size": args.batch_size, "flip": not args.no_flip}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from torch import nn
 
 from backbones import create_backbone
@@ -26,6 +27,18 @@ def load_backbone(checkpoint: str | Path) -> tuple[nn.Module, tuple[int, int]]:
     model.load_state_dict(ckpt.load_torch(step_dir / "backbone.pt"), strict=True)
     model.eval()
     return model, tuple(kwargs["input_size"])
+
+
+def eval_settings(model_path: str | Path) -> dict[str, int]:
+    """``batch_size`` and ``nfolds`` of a checkpoint's ``eval`` config (the in-training
+    evaluation's; the same batches give the same embeddings), the defaults for ONNX."""
+    from trainer.config import EvalConfig
+
+    settings = EvalConfig()
+    if Path(model_path).suffix != ".onnx":
+        config = yaml.safe_load(ckpt.read_meta(ckpt.resolve_checkpoint(model_path))["config"])
+        settings = EvalConfig.model_validate(config.get("eval", {}))
+    return {"batch_size": settings.batch_size, "nfolds": settings.nfolds}
 
 
 def make_embedder(model_path: str | Path) -> tuple[Embedder, tuple[int, int] | None]:

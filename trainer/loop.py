@@ -297,6 +297,7 @@ class Trainer:
         while self.step < self.total_steps:
             loss, stats, finite = self._one_step(batches)
             self.step += 1
+            final = self.step == self.total_steps
             steps_since_log += 1
             if not finite:
                 self.nonfinite_total += 1
@@ -313,7 +314,7 @@ class Trainer:
                     )
             else:
                 self.nonfinite_streak = 0
-            if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
+            if self.step % tcfg.log_every == 0 or final:
                 last = self._log(loss, stats, meter, global_batch, steps_since_log)
                 if tcfg.histogram_every and self.step % tcfg.histogram_every == 0:
                     last = {**last, **self._histogram(stats)}
@@ -326,8 +327,8 @@ class Trainer:
                     epoch=self.epoch,
                 )
                 steps_since_log = 0
-            if tcfg.eval_every and self.step % tcfg.eval_every == 0:
-                self.evaluate(wandb_run, progress)
+            if tcfg.eval_every and self.step % tcfg.eval_every == 0 and not final:
+                self.evaluate(wandb_run, progress)  # the final one runs after the checkpoint
             if tcfg.stop_at_step is not None and self.step >= tcfg.stop_at_step:
                 self.stop.set(f"train.stop_at_step={tcfg.stop_at_step} reached")
             if self._stop_requested():
@@ -457,23 +458,36 @@ class Trainer:
 
     # ------------------------------------------------------------------- eval / save / export
     def evaluate(self, wandb_run: WandbRun, progress: Progress) -> dict[str, dict[str, float]]:
-        """Every rank embeds a contiguous slice of each set; rank 0 gathers and scores.
+        """The figures ``facetrain eval`` gives for the checkpoint of this step, to the bit.
 
-        Splitting the work keeps every rank busy for the same short time, so none waits in a
-        collective for long (a rank-0-only evaluation of a large set can hit the collective
-        timeout of the others).
+        Every rank embeds whole batches of ``eval.batch_size`` images (the batches ``eval``
+        makes of the set: a batch's composition can change a conv's floating-point result)
+        with the module state the checkpoint saves: rank 0's, whose BatchNorm statistics are
+        copied to every rank first (each rank's own drift with its own batches). Rank 0 scores
+        the gathered embeddings. Splitting the work keeps every rank busy for the same short
+        time, so none waits in a collective for long (a rank-0-only evaluation of a large set
+        can hit the collective timeout of the others).
         """
-        results: dict[str, dict[str, float]] = {}
         world, rank = self.ctx.world_size, self.ctx.rank
+        distributed = self.ctx.distributed and dist.is_initialized()
+        if distributed:
+            for buffer in self.backbone.buffers():
+                dist.broadcast(buffer, src=0)
+        batch = self.config.eval.batch_size
+        results: dict[str, dict[str, float]] = {}
         for s in self.eval_sets:
-            bounds = np.linspace(0, len(s.images), world + 1).astype(int)
-            mine = s.images[bounds[rank] : bounds[rank + 1]]
-            emb = extract_embeddings(
-                self.backbone, mine, self.config.eval.batch_size, self.ctx.device
-            )
+            n = len(s.images)
+            batches = math.ceil(n / batch)
+            cuts = [min(n, batch * (batches * r // world)) for r in range(world + 1)]
+            mine = s.images[cuts[rank] : cuts[rank + 1]]
+            if len(mine):
+                emb = extract_embeddings(self.backbone, mine, batch, self.ctx.device)
+            else:  # fewer batches than ranks
+                emb = np.zeros((0, self.config.model.embedding_size), np.float32)
             emb_t = torch.from_numpy(emb).to(self.ctx.device)
-            if self.ctx.distributed and dist.is_initialized():
-                emb_t = all_gather_no_grad(emb_t)
+            if distributed:
+                sizes = [cuts[r + 1] - cuts[r] for r in range(world)]
+                emb_t = all_gather_no_grad(emb_t, sizes=sizes)
             if not self.ctx.is_main:
                 continue
             res = kfold_verification(emb_t.cpu().numpy(), s.issame, nfolds=self.config.eval.nfolds)

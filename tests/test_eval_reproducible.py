@@ -1,0 +1,67 @@
+"""The accuracy printed during training is what `facetrain eval` gives for the checkpoint
+saved at that step, to the bit, for DDP and DeepSpeed on 1-3 ranks (each rank's BatchNorm
+statistics drift apart; the checkpoint holds rank 0's)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_resume import _train
+
+from launcher import cli
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny training pack with 200 held-out pairs: enough pairs that BatchNorm statistics
+    of another rank move the accuracy, threshold and VAL figures."""
+    from dataio.synth import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("eval_synth")
+    write_synthetic_dataset(
+        str(out), identities=6, images_per_id=4, val_identities=10, val_images_per_id=4,
+        val_pairs=200, seed=3, workers=1, progress=False,
+    )  # fmt: skip
+    return out
+
+
+def _eval(step_dir: Path, val: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    """`facetrain eval STEP --bin val.bin` with its defaults (the checkpoint's eval settings)."""
+    assert cli.main(["eval", str(step_dir), "--bin", str(val), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())["verification"]["val"]
+    return {"printed": printed, **result}
+
+
+@pytest.mark.parametrize(
+    "engine,world",
+    [("ddp", 1), ("ddp", 2), ("ddp", 3), ("deepspeed", 2), ("deepspeed", 3)],
+)
+def test_training_figures_equal_eval_of_the_checkpoint(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], engine: str, world: int
+) -> None:
+    stdout = _train(
+        dataset, tmp_path, "run",
+        f"data.val=[{dataset / 'val.bin'}]", f"dist.engine={engine}", f"dist.nproc={world}",
+        "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2",
+        "train.keep_checkpoints=3", "eval.batch_size=48",  # 400 images: 9 batches, 1 short
+    )  # fmt: skip
+    printed = dict(re.findall(r"\[eval step (\d+)\] val: (accuracy [\d.]+% \+- [\d.]+)", stdout))
+    # The evaluation at the last step runs once, although eval_every divides it.
+    assert sorted(printed) == ["2", "4"] and stdout.count("[eval step 4]") == 1, stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["eval_after"]["val"]
+    for step in ("2", "4"):
+        step_dir, out = tmp_path / "run" / f"step-{step}", tmp_path / f"eval-{step}.json"
+        ours = _eval(step_dir, dataset / "val.bin", out, capsys)
+        line = f"accuracy {100 * ours['accuracy_mean']:.2f}% +- {100 * ours['accuracy_std']:.2f}"
+        assert printed[step] == line, (step, printed[step], ours["printed"])
+    # The final figures bit for bit (the last `ours` is step 4's).
+    assert summary == {
+        "accuracy": ours["accuracy_mean"],
+        "accuracy_std": ours["accuracy_std"],
+        "best_threshold": ours["best_threshold"],
+        "val_at_far_1e-3": ours["val_mean"],
+    }
