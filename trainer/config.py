@@ -89,7 +89,7 @@ class PartialFCConfig(_Section):
     """Margin head name (``partialfc.margin_names()``: arcface, cosface, combined, sphereface,
     curricularface, adaface, magface, subcenter_arcface, circleloss, ...)."""
     margin_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Head parameters overriding its defaults (e.g. s, m; aux_losses for auxiliary losses)."""
+    """Head parameters overriding its defaults (e.g. s, m; aux for auxiliary losses)."""
     update: Literal["sampled", "dense"] = "sampled"
     """What happens to class centres not sampled in a step: "sampled" freezes them (only the
     sampled rows and their optimizer state move; the cheap choice, see BENCHMARKS.md),
