@@ -8,6 +8,14 @@ import pytest
 import torch
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, not in pyproject.toml: a change there makes `make` reinstall the venv.
+    config.addinivalue_line(
+        "markers",
+        "kernel_build: compiles the fused CPU kernels once into a temporary folder (a minute)",
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 identities x 4 images (train pack) + 20 held-out pairs, as `facetrain synth` writes."""
