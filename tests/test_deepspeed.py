@@ -11,6 +11,10 @@ from test_resume import _assert_identical, _state, _train
 
 STEPS = "train.max_steps=4"
 
+# Several training runs per test, each a few processes: on a loaded 2-core machine one run
+# can take minutes, so the subprocess and per-test limits are generous (a hang still ends).
+pytestmark = pytest.mark.timeout(2400)
+
 
 @pytest.fixture(scope="module")
 def ddp_reference(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:

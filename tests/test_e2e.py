@@ -15,8 +15,12 @@ from evaluation.wandb_offline import find_run_log, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A training run and the tools on it, each a few processes: on a loaded 2-core machine one run
+# can take minutes, so the subprocess and per-test limits are generous (a hang still ends).
+pytestmark = pytest.mark.timeout(2400)
 
-def _facetrain(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+
+def _facetrain(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "launcher.cli", *args],
         capture_output=True,
@@ -155,7 +159,7 @@ def test_eval_and_export_commands_agree(trained_run: dict, tiny_dataset: Path) -
             capture_output=True,
             text=True,
             cwd=work,
-            timeout=120,
+            timeout=600,
         )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -204,7 +208,7 @@ def test_embed_identification_inspect_and_plots_commands(
         capture_output=True,
         text=True,
         cwd=work,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 1 and f"key {key}:" in proc.stdout, proc.stdout + proc.stderr
 

@@ -16,6 +16,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_cpu.yaml"
 
+# Several training runs per test, each a few processes: on a loaded 2-core machine one run
+# can take minutes, so the subprocess and per-test limits are generous (a hang still ends).
+pytestmark = pytest.mark.timeout(2400)
+
 
 def _args(tiny_dataset: Path, out: Path, name: str, *extra: str) -> list[str]:
     base = {
@@ -46,7 +50,7 @@ def _train(tiny_dataset: Path, out: Path, name: str, *extra: str) -> str:
         _args(tiny_dataset, out, name, *extra),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         cwd=out,
     )
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
@@ -153,7 +157,7 @@ def test_signal_checkpoints_and_resumes(
     # at the end, so watch for the process tree instead (agent + 2 workers running).
     import psutil
 
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline:
         kids = psutil.Process(proc.pid).children(recursive=True)
         if len(kids) >= 3 and all(k.cpu_times().user > 3.0 for k in kids[1:3]):
@@ -161,7 +165,7 @@ def test_signal_checkpoints_and_resumes(
         time.sleep(0.5)
     time.sleep(3.0)
     os.kill(proc.pid, sig)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
     assert "received SIGUSR1" in output  # the launcher forwards SIGTERM as SIGUSR1
     latest = (tmp_path / "pre" / "latest").read_text().strip()
@@ -217,7 +221,7 @@ def test_torchrun_restart_resumes_from_latest_checkpoint(
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and not (tmp_path / "r" / "latest").exists():
         time.sleep(0.5)
     assert (tmp_path / "r" / "latest").exists(), "no checkpoint appeared"
@@ -225,7 +229,7 @@ def test_torchrun_restart_resumes_from_latest_checkpoint(
     workers = agent.children()
     assert len(workers) == 2
     workers[1].kill()  # SIGKILL: no chance to checkpoint
-    output, _ = proc.communicate(timeout=600)
+    output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert "resumed_from" in summary and summary["train"]["steps"] == 400
@@ -258,7 +262,7 @@ def test_two_nodes_on_one_machine_train_together(tiny_dataset: Path, tmp_path: P
         )
         for rank in (0, 1)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     assert "node 1 of 2" in outputs[1]
     meta = json.loads((tmp_path / "nodes" / "step-3" / "meta.json").read_text())

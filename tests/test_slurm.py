@@ -48,7 +48,7 @@ def _submit(cluster: SlurmCluster, tiny_dataset: Path, out: Path, name: str, *se
     for item in overrides:
         cmd += ["--set", item]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=cluster.env, cwd=out, timeout=120
+        cmd, capture_output=True, text=True, env=cluster.env, cwd=out, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return int(proc.stdout.strip().splitlines()[-1])
