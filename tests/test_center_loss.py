@@ -168,7 +168,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
     dist.barrier()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)
 def test_centres_follow_the_rule_sharded_and_resume_on_another_world_size(tmp_path) -> None:
     run_distributed(_worker, 3, str(tmp_path))
 

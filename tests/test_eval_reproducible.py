@@ -13,6 +13,8 @@ from test_resume import _train
 
 from launcher import cli
 
+pytestmark = pytest.mark.timeout(2400)
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -503,7 +503,7 @@ def test_single_process_heads_match_reference() -> None:
     check_sampling(0, 1, None, None)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("kernels", [True, False], ids=["fused-cpu-kernels", "torch-ops"])
 def test_distributed_heads_match_reference(kernels: bool) -> None:
     """W = 4, 3 and 2 (sub-groups of one 4-process spawn), with Partial FC's fused CPU
