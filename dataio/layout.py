@@ -85,19 +85,23 @@ def write_property(path: str | os.PathLike[str], prop: PackProperty) -> None:
         f.write(text)
 
 
-def read_header(reader: RecordReader) -> tuple[int, int] | None:
+def read_header(reader: RecordReader, skip_corrupt: bool = False) -> tuple[int, int] | None:
     """``(first_identity_key, end_key)`` if record key 0 is an insightface header, else None.
 
     Key 0 is read by key, wherever the index and the file hold it. A key 0 with a payload or a
     scalar label is an ordinary image (a headerless pack). The values are as stored (float32:
-    exact below :data:`FLOAT32_EXACT`).
+    exact below :data:`FLOAT32_EXACT`). A key 0 that cannot be read raises, unless
+    ``skip_corrupt``: then it is taken for a damaged image (None), and
+    :func:`check_not_headless` catches a header pack that lost its header.
     """
     if HEADER_KEY not in reader:
         return None
     try:
         header, payload = unpack_record(reader.read(HEADER_KEY))
     except RecordIOError as e:
-        raise PackError(f"{reader.rec_path}: key {HEADER_KEY}: {e}") from e
+        if skip_corrupt:
+            return None
+        raise PackError(str(e)) from e  # names the file and the key
     if header.flag == 0 or payload:
         return None
     if header.flag < 2:
@@ -111,6 +115,24 @@ def read_header(reader: RecordReader) -> tuple[int, int] | None:
             f"{reader.rec_path}: key {HEADER_KEY}: invalid header range [{first_id}, {end})"
         )
     return first_id, end
+
+
+def check_not_headless(reader: RecordReader) -> None:
+    """Raise if a pack read as header-less ends with an identity record (a 2-value label and
+    no image): an insightface header pack whose key 0 is missing from the index or damaged,
+    which must not be read as images. One record is read (the last in the file)."""
+    if not len(reader):
+        return
+    last = max(reader.keys, key=reader.offset)
+    try:
+        header, payload = unpack_record(reader.read(last))
+    except RecordIOError:
+        return  # a damaged image: the record checks report it
+    if header.flag == 2 and not payload:
+        raise PackError(
+            f"{reader.rec_path}: key {last} is an identity record but key {HEADER_KEY}, the "
+            f"insightface header, is missing from {reader.idx_path} or unreadable"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,14 +154,16 @@ class PackFacts:
         }
 
 
-def read_pack_facts(pack_dir: str | os.PathLike[str]) -> PackFacts:
+def read_pack_facts(pack_dir: str | os.PathLike[str], skip_corrupt: bool = False) -> PackFacts:
     """Layout, class and image count and image size of a pack in about a second at 5.8M images.
 
     Reads ``property``, the index and record key 0 only. With a header the images are keys
     ``1 .. first_identity_key-1`` (past :data:`FLOAT32_EXACT` the header may be rounded, so
     the index count less the header and one identity record per class is used); without one
     every indexed record is an image. A ``RecBuilder`` image count must agree with the index.
-    :class:`dataio.pack.FacePack` reads the same layout and checks every record.
+    :class:`dataio.pack.FacePack` reads the same layout and checks every record; the image
+    count here includes records it would skip (``skip_corrupt``: a damaged key 0 is such an
+    image, as there).
     """
     pack_dir = os.fspath(pack_dir)
     prop_path = os.path.join(pack_dir, PROPERTY_NAME)
@@ -150,9 +174,11 @@ def read_pack_facts(pack_dir: str | os.PathLike[str]) -> PackFacts:
             f"{idx}: index file missing (the pack needs train.rec, train.idx, property)"
         )
     try:
-        with RecordReader(rec, idx) as reader:
-            num_records = len(reader)
-            header = read_header(reader) if num_records else None
+        with RecordReader(rec, idx, skip_bad_offsets=skip_corrupt) as reader:
+            num_records = len(reader) + len(reader.bad_keys)
+            header = read_header(reader, skip_corrupt) if num_records else None
+            if header is None:
+                check_not_headless(reader)
     except RecordIOError as e:
         raise PackError(str(e)) from e
     if header is None:

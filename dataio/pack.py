@@ -33,6 +33,7 @@ from dataio.layout import (
     REC_NAME,
     PackError,
     PackProperty,
+    check_not_headless,
     read_header,
     read_property,
     write_property,
@@ -225,11 +226,12 @@ class FacePack:
             raise PackError(f"{self.idx_path}: empty pack (no records indexed)")
         self._sorted_offsets: np.ndarray | None = None
         self._image_offsets: np.ndarray | None = None
-        header = read_header(self._reader)
+        header = read_header(self._reader, self.skip_corrupt)
         self.has_header = header is not None
         self.layout = "header" if self.has_header else "headerless"
         """Which layout of :mod:`dataio.layout` the pack has."""
         if header is None:
+            check_not_headless(self._reader)
             self.image_keys, self.labels = self._labels_by_scan()
         else:
             self.image_keys, self.labels = self._labels_from_identities(*header)

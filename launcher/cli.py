@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.preflight import check_run_inputs
     from trainer.config import ConfigError, dump_config, load_config
-    from trainer.plan import format_plan, light_pack_facts, plan_run
+    from trainer.plan import format_plan, pack_facts, plan_run
 
     overrides = list(args.overrides)
     if args.nproc is not None:
@@ -205,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--nnodes > 1 needs --rdzv HOST:PORT (the first node's address)")
     config = load_config(args.config, overrides)  # fails here, before any process starts
     world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
-    plan = plan_run(config, world, light_pack_facts(config.data.train))
+    plan = plan_run(config, world, pack_facts(config).as_dict())
     check_run_inputs(config)  # data.val and --resume, read as the trainer will read them
     if args.dry_run:
         print(dump_config(config))
@@ -283,12 +283,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launcher.preflight import check_job_shape, check_run_inputs
     from launcher.submit import render_sbatch, submit
     from trainer.config import load_config
-    from trainer.plan import light_pack_facts, plan_run
+    from trainer.plan import pack_facts, plan_run
 
     check_job_shape(args.nodes, args.gpus_per_node)
     config = load_config(args.config, args.overrides)
     nproc = args.gpus_per_node or config.dist.nproc
-    plan_run(config, nproc * args.nodes, light_pack_facts(config.data.train))  # fail early
+    plan_run(config, nproc * args.nodes, pack_facts(config).as_dict())  # fail early
     check_run_inputs(config)
     script = render_sbatch(
         args.config,

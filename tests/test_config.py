@@ -110,12 +110,12 @@ def test_cli_rejects_bad_key_before_starting_processes(tmp_path: Path) -> None:
 
 
 def test_pack_facts_are_checked_against_config(tiny_pack: Path) -> None:
-    from trainer.loop import read_pack_facts
+    from trainer.plan import pack_facts
 
     cfg = load_config(DEMO, [f"data.train={tiny_pack}"])
-    facts = read_pack_facts(cfg)
+    facts = pack_facts(cfg)
     assert facts.num_classes == 6 and facts.num_images == 24
     assert facts.image_size == (112, 112)
     bad = load_config(DEMO, [f"data.train={tiny_pack}", "data.num_classes=7"])
     with pytest.raises(ConfigError, match="data.num_classes"):
-        read_pack_facts(bad)
+        pack_facts(bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,9 @@ def test_a_launchers_rank_ends_through_exit_process_only_from_the_console_entry(
 
     monkeypatch.setattr(worker, "exit_process", fake_exit)
     # The run plan reads the data's property file; this test has no data.
-    monkeypatch.setattr("trainer.plan.light_pack_facts", lambda _path: None)
+    monkeypatch.setattr(
+        "trainer.plan.pack_facts", lambda _config: types.SimpleNamespace(as_dict=dict)
+    )
     monkeypatch.setattr("trainer.plan.plan_run", lambda *_args: None)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -19,7 +19,6 @@ from dataio.layout import PackError, read_pack_facts, read_property
 from dataio.loading import build_loader
 from dataio.pack import FacePack
 from dataio.recordio import RecordReader, read_index
-from trainer.plan import light_pack_facts
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (112, 112)  # the trainer's backbone needs the ArcFace crop size
@@ -88,8 +87,7 @@ def test_every_reader_agrees_on_count_and_labels(packs: dict[str, Path], name: s
     pack = packs[name]
     facts = read_pack_facts(pack)
     assert (facts.layout, facts.num_images, facts.num_classes) == (layout, 12, 4)
-    plan_facts = {"num_classes": 4, "num_images": 12, "image_size": [112, 112]}
-    assert light_pack_facts(str(pack)) == plan_facts
+    assert facts.as_dict() == {"num_classes": 4, "num_images": 12, "image_size": [112, 112]}
     with FacePack(pack) as fp:
         assert fp.layout == layout and fp.num_images == 12
         assert fp.image_keys.tolist() == list(range(first_key, first_key + 12))
@@ -186,3 +184,62 @@ def test_header_is_found_by_key_wherever_the_index_lists_it(tmp_path: Path) -> N
     with RecordReader(pack / "train.rec", pack / "train.idx") as reader:
         assert reader.keys[0] == 1 and len(reader) == 17
     assert read_pack_facts(pack).num_images == 12
+
+
+def _trainer(pack: Path, out: Path, *overrides: str):
+    from trainer.config import load_config
+    from trainer.context import DistContext
+    from trainer.loop import Trainer
+
+    cfg = load_config(
+        REPO / "configs" / "demo_cpu.yaml",
+        [
+            f"data.train={pack}", "data.val=[]", "data.workers=0", f"run.output_dir={out}",
+            "train.batch_size=4", "train.progress=false", "train.eval_at_start=false",
+            "wandb.mode=disabled", "export.onnx=false", "dist.nproc=1", *overrides,
+        ],
+    )  # fmt: skip
+    return Trainer(cfg, DistContext.single())
+
+
+@pytest.mark.parametrize("key", [0, 5])
+def test_skip_corrupt_trains_past_a_bad_record_of_a_recbuilder_pack(
+    tmp_path: Path, key: int
+) -> None:
+    """Key 0 of a header-less pack is an image like any other: damaged, it is skipped."""
+    from dataio.fixtures import corrupt_record
+
+    pack = tmp_path / "rb"
+    write_recbuilder_pack(pack, SHUFFLED, size=SIZE)
+    corrupt_record(pack, key, "magic")
+    with pytest.raises(PackError, match=f"key {key}"):
+        FacePack(pack)
+    facts = read_pack_facts(pack, skip_corrupt=True)  # the layout's count, as the property's
+    assert (facts.layout, facts.num_images) == ("headerless", 12)
+    with FacePack(pack, skip_corrupt=True) as fp:
+        assert list(fp.bad_keys) == [key] and fp.num_images == 11
+    trainer = _trainer(pack, tmp_path / "out", "data.skip_corrupt=true", "data.num_images=12")
+    loss, _, finite = trainer._one_step(trainer._batches())
+    assert finite and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("fault", ["unindexed", "damaged"])
+def test_a_header_pack_that_lost_its_header_is_refused(tmp_path: Path, fault: str) -> None:
+    """Read as header-less, its identity records would pass for (bad) images."""
+    from dataio.fixtures import corrupt_record
+
+    pack = tmp_path / "f2r"
+    write_face2rec2_pack(pack, SORTED, size=(16, 16))
+    if fault == "unindexed":
+        idx = pack / "train.idx"
+        idx.write_text("".join(x for x in idx.read_text().splitlines(True) if x.split()[0] != "0"))
+    else:
+        corrupt_record(pack, 0, "magic")
+    lost = r"key 16 is an identity record but key 0, the insightface header, is missing"
+    for skip in (False, True):
+        # Without skip_corrupt a damaged key 0 is reported as what it is.
+        match = r"wrong magic number .* key 0" if fault == "damaged" and not skip else lost
+        with pytest.raises(PackError, match=match):
+            read_pack_facts(pack, skip_corrupt=skip)
+        with pytest.raises(PackError, match=match):
+            FacePack(pack, skip_corrupt=skip)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dataio.layout import read_pack_facts
 from dataio.pack import IDX_NAME, PROPERTY_NAME, REC_NAME, PackError
 from dataio.recordio import IRHeader, RecordWriter, pack_record
 from trainer.config import ConfigError, load_config
-from trainer.plan import light_pack_facts, plan_run
+from trainer.plan import plan_run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "demo_cpu.yaml")
@@ -47,7 +48,7 @@ def test_recipe_validates_against_its_dataset(recipe: Path, tmp_path: Path) -> N
     assert gpus % config.dist.nproc == 0
     facts = {"num_classes": classes, "num_images": images, "image_size": [112, 112]}
     if images < 2**24:  # float32 header labels are exact; bigger packs count their index
-        assert light_pack_facts(str(pack)) == facts
+        assert read_pack_facts(pack).as_dict() == facts
     plan = plan_run(config, gpus, facts)
     assert plan["steps_per_epoch"] == images // (
         config.train.batch_size * gpus * config.train.grad_accum_steps
@@ -100,4 +101,4 @@ def test_light_facts_of_a_large_pack_count_the_index(tmp_path: Path) -> None:
     """Above 2**24 images the float32 header is not trusted; the index must list them all."""
     pack = fake_pack(tmp_path / "big", 3, 2**24 + 3)
     with pytest.raises(PackError, match="train.idx"):
-        light_pack_facts(str(pack))
+        read_pack_facts(pack)

@@ -56,6 +56,8 @@ class DDPEngine:
     """The backbone under DistributedDataParallel (or bare in a single process)."""
 
     name = "ddp"
+    collective_forward = False
+    """Whether a forward is a collective that every rank must run as often (ZeRO-3's is)."""
 
     def __init__(
         self,
@@ -185,6 +187,7 @@ class DeepSpeedEngine:
         self.ctx = ctx
         self.model = self.engine
         self.zero_stage = dcfg.zero_stage
+        self.collective_forward = dcfg.zero_stage == 3  # parameters gathered in each forward
         self.fp16 = tcfg.precision == "fp16"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

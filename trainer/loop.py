@@ -25,7 +25,6 @@ import torch.distributed as dist
 
 from backbones import create_backbone
 from dataio.loading import build_loader, to_model_input
-from dataio.pack import FacePack
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
@@ -37,6 +36,7 @@ from trainer.context import DistContext
 from trainer.engine import build_engine
 from trainer.monitor import Progress, Throughput, WandbRun
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.plan import pack_facts
 
 
 class TrainingError(RuntimeError):
@@ -57,30 +57,6 @@ class StopFlag:
 
     def is_set(self) -> bool:
         return self._event.is_set()
-
-
-@dataclasses.dataclass
-class PackFacts:
-    """What the training pack says about itself (never typed by hand in the config)."""
-
-    num_classes: int
-    num_images: int
-    image_size: tuple[int, int]
-
-
-def read_pack_facts(config: Config) -> PackFacts:
-    """Open the training pack, read its facts and check them against the config."""
-    with FacePack(config.data.train) as pack:
-        facts = PackFacts(pack.num_classes, pack.num_images, tuple(pack.image_size))
-    for key, expected, actual in (
-        ("data.num_classes", config.data.num_classes, facts.num_classes),
-        ("data.num_images", config.data.num_images, facts.num_images),
-    ):
-        if expected is not None and expected != actual:
-            raise ConfigError(
-                f"{key}: config says {expected} but the pack {config.data.train} has {actual}"
-            )
-    return facts
 
 
 def _seed_everything(seed: int, rank: int) -> None:
@@ -117,7 +93,7 @@ class Trainer:
         torch.set_num_threads(config.train.threads_per_process)
         _seed_everything(config.run.seed, ctx.rank)
 
-        self.facts = read_pack_facts(config)
+        self.facts = pack_facts(config)
         mcfg = config.model
         self.backbone_kwargs = {
             "embedding_size": mcfg.embedding_size,
@@ -478,12 +454,18 @@ class Trainer:
         for s in self.eval_sets:
             n = len(s.images)
             batches = math.ceil(n / batch)
-            cuts = [min(n, batch * (batches * r // world)) for r in range(world + 1)]
+            first = [batches * r // world for r in range(world + 1)]  # rank r's first batch
+            cuts = [min(n, batch * b) for b in first]
             mine = s.images[cuts[rank] : cuts[rank + 1]]
             if len(mine):
                 emb = extract_embeddings(self.backbone, mine, batch, self.ctx.device)
             else:  # fewer batches than ranks
                 emb = np.zeros((0, self.config.model.embedding_size), np.float32)
+            most = math.ceil(batches / world)
+            if self.engine.collective_forward and first[rank + 1] - first[rank] < most:
+                # Ranks hold ceil or floor of batches / world; one with fewer embeds one more
+                # (discarded) so that every rank runs as many (collective) forwards.
+                extract_embeddings(self.backbone, s.images[:batch], batch, self.ctx.device)
             emb_t = torch.from_numpy(emb).to(self.ctx.device)
             if distributed:
                 sizes = [cuts[r + 1] - cuts[r] for r in range(world)]

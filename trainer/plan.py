@@ -11,18 +11,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dataio.layout import read_pack_facts
+from dataio.layout import PackFacts, read_pack_facts
 from partialfc import class_range
 from trainer.config import Config, ConfigError
 
 
-def light_pack_facts(pack_dir: str) -> dict[str, Any]:
-    """The pack's facts for planning (:func:`dataio.layout.read_pack_facts`), as a dict."""
-    return read_pack_facts(pack_dir).as_dict()
+def pack_facts(config: Config) -> PackFacts:
+    """The training pack's facts (:func:`dataio.layout.read_pack_facts`: any layout, with
+    ``data.skip_corrupt``), checked against the config (:func:`check_facts`)."""
+    facts = read_pack_facts(config.data.train, skip_corrupt=config.data.skip_corrupt)
+    check_facts(config, facts.as_dict())
+    return facts
 
 
-def plan_run(config: Config, world_size: int, facts: dict[str, Any]) -> dict[str, Any]:
-    """Steps, classifier rows and a memory estimate per rank for ``world_size`` ranks."""
+def check_facts(config: Config, facts: dict[str, Any]) -> None:
+    """``data.num_classes`` / ``data.num_images``, where the config states them (the published
+    recipes do), must be the pack's."""
     for key, expected, actual in (
         ("data.num_classes", config.data.num_classes, facts["num_classes"]),
         ("data.num_images", config.data.num_images, facts["num_images"]),
@@ -31,6 +35,11 @@ def plan_run(config: Config, world_size: int, facts: dict[str, Any]) -> dict[str
             raise ConfigError(
                 f"{key}: config says {expected} but the pack {config.data.train} has {actual}"
             )
+
+
+def plan_run(config: Config, world_size: int, facts: dict[str, Any]) -> dict[str, Any]:
+    """Steps, classifier rows and a memory estimate per rank for ``world_size`` ranks."""
+    check_facts(config, facts)
     tcfg = config.train
     per_step = tcfg.batch_size * world_size * tcfg.grad_accum_steps
     steps_per_epoch = facts["num_images"] // per_step
