@@ -34,11 +34,14 @@ def eval_settings(model_path: str | Path) -> dict[str, int]:
     evaluation's; the same batches give the same embeddings), the defaults for ONNX."""
     from trainer.config import EvalConfig
 
-    settings = EvalConfig()
+    keys = ("batch_size", "nfolds")
+    saved: dict = {}
     if Path(model_path).suffix != ".onnx":
         config = yaml.safe_load(ckpt.read_meta(ckpt.resolve_checkpoint(model_path))["config"])
-        settings = EvalConfig.model_validate(config.get("eval", {}))
-    return {"batch_size": settings.batch_size, "nfolds": settings.nfolds}
+        saved = {k: v for k, v in config.get("eval", {}).items() if k in keys}  # only these:
+        # a checkpoint of another version may hold eval keys this one does not know
+    settings = EvalConfig.model_validate(saved)
+    return {k: getattr(settings, k) for k in keys}
 
 
 def make_embedder(model_path: str | Path) -> tuple[Embedder, tuple[int, int] | None]:

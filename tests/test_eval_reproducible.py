@@ -90,3 +90,18 @@ def test_training_figures_equal_eval_of_the_checkpoint(
         "best_threshold": ours["best_threshold"],
         "val_at_far_1e-3": ours["val_mean"],
     }
+
+
+def test_eval_settings_of_a_checkpoint_of_another_version(tmp_path: Path) -> None:
+    """Only batch_size and nfolds are taken; eval keys this version does not know are ignored
+    and missing ones take the defaults."""
+    import yaml
+
+    from launcher.tools import eval_settings
+
+    step = tmp_path / "step-3"
+    step.mkdir()
+    config = {"eval": {"batch_size": 7, "retired_option": True}}
+    (step / "meta.json").write_text(json.dumps({"config": yaml.safe_dump(config)}))
+    assert eval_settings(step) == {"batch_size": 7, "nfolds": 10}
+    assert eval_settings(tmp_path / "model.onnx") == {"batch_size": 128, "nfolds": 10}

@@ -243,3 +243,18 @@ def test_a_header_pack_that_lost_its_header_is_refused(tmp_path: Path, fault: st
             read_pack_facts(pack, skip_corrupt=skip)
         with pytest.raises(PackError, match=match):
             FacePack(pack, skip_corrupt=skip)
+
+
+def test_facts_past_float32_exact_count_the_index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Past 2**24 the header's float32 range may be rounded: the index count less the header
+    and one identity record per class is used (here with the bound lowered to 4 images)."""
+    import dataio.layout
+
+    pack = tmp_path / "f2r"
+    write_face2rec2_pack(pack, SORTED, size=(16, 16))
+    facts = read_pack_facts(pack)
+    monkeypatch.setattr(dataio.layout, "FLOAT32_EXACT", 4)
+    assert read_pack_facts(pack) == facts  # 17 records - header - 4 identities = 12
+    idx = pack / "train.idx"
+    idx.write_text(idx.read_text() + "99\t0\n")  # one more indexed record than the layout
+    assert read_pack_facts(pack).num_images == 13
