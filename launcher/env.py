@@ -93,21 +93,34 @@ def dist_context_from_env(
 
 
 def prepare_deepspeed(ctx: DistContext, environ: MutableMapping[str, str] | None = None) -> None:
-    """DeepSpeed picks its accelerator from DS_ACCELERATOR when it is first imported."""
+    """DeepSpeed picks its accelerator from DS_ACCELERATOR when it is first imported, and
+    reads LOCAL_RANK (set by every launcher; here for a single process started without one)."""
     env = os.environ if environ is None else environ
     env.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
+    env.setdefault("LOCAL_RANK", str(ctx.local_rank))
 
 
 def init_process_group(
-    ctx: DistContext, timeout_s: float = 1800.0, environ: Mapping[str, str] | None = None
+    ctx: DistContext,
+    timeout_s: float = 1800.0,
+    environ: Mapping[str, str] | None = None,
+    one_rank_group: bool = False,
 ) -> None:
     """Join the job's process group (MASTER_ADDR/MASTER_PORT come from the launcher).
 
     Under torchrun the store's keys are prefixed with the restart attempt: after an elastic
     restart the agent's store still holds the previous attempt's gloo addresses, and a new
     worker reading those would fail to connect to peers that no longer exist.
+
+    ``one_rank_group``: a single process (no job group) gets a group of its own, on an
+    in-memory store (DeepSpeed refuses to start without a process group).
     """
-    if not ctx.distributed or dist.is_initialized():
+    if dist.is_initialized():
+        return
+    if not ctx.distributed:
+        if one_rank_group and ctx.world_size == 1:
+            backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return
     env = os.environ if environ is None else environ
     if ctx.device.type == "cuda":

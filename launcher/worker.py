@@ -89,7 +89,7 @@ def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
         launch_env.prepare_deepspeed(ctx)
     stop = StopFlag()
     install_stop_handlers(stop)
-    launch_env.init_process_group(ctx)
+    launch_env.init_process_group(ctx, one_rank_group=config.dist.engine == "deepspeed")
     try:
         summary = Trainer(config, ctx, stop).fit()
         # Leave together: a rank that tears its process group down while rank 0 is still

@@ -53,11 +53,12 @@ ZERO3_STRICT = (
         ("ddp", 1, ()),
         ("ddp", 2, ()),
         ("ddp", 3, ()),
+        ("deepspeed", 1, ()),
         ("deepspeed", 2, ()),
         ("deepspeed", 3, ()),
         ("deepspeed", 3, (*ZERO3_STRICT, "eval.batch_size=256")),
     ],
-    ids=["ddp1", "ddp2", "ddp3", "ds2", "ds3", "zero3-uneven"],
+    ids=["ddp1", "ddp2", "ddp3", "ds1", "ds2", "ds3", "zero3-uneven"],
 )
 def test_training_figures_equal_eval_of_the_checkpoint(
     dataset: Path,

@@ -133,7 +133,7 @@ def test_worker_tears_the_group_down_only_when_asked_or_after_an_error(
     monkeypatch.setattr(worker, "Trainer", FakeTrainer)
     monkeypatch.setattr(worker, "install_stop_handlers", lambda _stop: None)
     for name in ("init_process_group", "barrier", "destroy_process_group"):
-        monkeypatch.setattr(worker.launch_env, name, lambda *_a, _n=name: calls.append(_n))
+        monkeypatch.setattr(worker.launch_env, name, lambda *_a, _n=name, **_k: calls.append(_n))
     config = load_config(REPO / "configs" / "demo_cpu.yaml", [])
     if fails:
         with pytest.raises(RuntimeError, match="step failed"):
