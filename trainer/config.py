@@ -104,10 +104,12 @@ class PartialFCConfig(_Section):
     """Classifier weight decay; defaults to optimizer.weight_decay."""
     clip_grad_norm: float | None = Field(None, gt=0.0)
     """Clip the classifier's gradient norm (over all shards together); null: no clipping."""
-    cpu_kernels: bool = True
-    """On CPU, run the classifier's memory-bound sweeps (row gather, softmax, projection,
-    sampled SGD) as fused C++ kernels, built with g++ on first use (torch ops if the build
-    fails); false: torch ops. GPUs always use torch ops."""
+    backend: Literal["auto", "plain", "cpu_fused"] = "auto"
+    """How the classifier's step is computed (the same numbers either way, bound by tests):
+    "plain", the readable core on public torch APIs (what a GPU runs); "cpu_fused", the
+    fast CPU backend (fused C++ kernels built with g++ on first use, reused buffers,
+    collectives overlapped with the products; torch ops if the build fails); "auto":
+    cpu_fused on a CPU where the kernels build, plain otherwise."""
 
     @model_validator(mode="after")
     def _margin_builds(self) -> PartialFCConfig:

@@ -103,7 +103,11 @@ class Trainer:
         self.backbone = create_backbone(mcfg.backbone, **self.backbone_kwargs).to(ctx.device)
 
         pcfg = config.partialfc
-        cpu_kernels.set_enabled(pcfg.cpu_kernels)
+        backend = pcfg.backend
+        if backend == "auto":
+            fast = ctx.device.type == "cpu" and cpu_kernels.available()
+            backend = "cpu_fused" if fast else "plain"
+        cpu_kernels.set_enabled(backend == "cpu_fused")
         margin = build_margin(pcfg.margin, **pcfg.margin_kwargs)
         self.partial_fc = PartialFC(
             margin,
@@ -116,6 +120,7 @@ class Trainer:
             init_std=pcfg.init_std,
             device=ctx.device,
             update=pcfg.update,
+            fused=backend == "cpu_fused",
         )
         self.partial_fc.count_steps = False  # _one_step counts optimizer steps instead
 
