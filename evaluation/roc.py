@@ -3,8 +3,8 @@
 Scores are similarities: higher means "more likely the same identity" (cosine similarity of
 normalised embeddings, or ``1 - d / 2`` for a squared L2 distance ``d`` between unit vectors).
 A pair is accepted at threshold ``t`` when ``score >= t``, the convention of
-``sklearn.metrics.roc_curve``; :func:`roc_curve` returns exactly sklearn's
-``roc_curve(labels, scores, drop_intermediate=False)`` (tested), computed with one sort.
+``sklearn.metrics.roc_curve``; :func:`roc_curve` is sklearn's ``roc_curve(labels, scores,
+drop_intermediate=False)`` with the count of each class.
 
 TAR@FAR (true accept rate at a false accept rate) reads that curve at the FARs IJB-B/C papers
 report (1e-6 ... 1e-1). Two readings are offered; every row, its JSON and the eval tables name
@@ -20,9 +20,9 @@ the one used (``method``):
   two collinear, equally spaced neighbours are dropped), flips the arrays and takes
   ``argmin |fpr - far|``. On the flipped arrays argmin returns the point that comes *last* in
   sklearn's order among those equally near: the highest TAR of the FPR plateau nearest the
-  target (of two FPRs equally near, the higher). Here the dropped curve is derived from the
-  full one with sklearn's rule (tested against sklearn). The reported FAR may exceed the
-  target, and the dropping can hide an FPR nearer the target than the ones kept.
+  target (of two FPRs equally near, the higher). :func:`roc_curve` keeps that dropped curve
+  from sklearn beside the full one. The reported FAR may exceed the target, and the dropping
+  can hide an FPR nearer the target than the ones kept.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from sklearn import metrics
 
 __all__ = [
     "DEFAULT_FARS",
@@ -70,6 +71,9 @@ class RocCurve:
     thresholds: np.ndarray
     num_positives: int
     num_negatives: int
+    dropped: tuple[np.ndarray, np.ndarray, np.ndarray]
+    """``(fpr, tpr, thresholds)`` of sklearn's curve with ``drop_intermediate=True``: what
+    insightface's IJB script reads (``method="insightface"`` of :func:`tar_at_far`)."""
 
     def auc(self) -> float:
         """Area under the curve (trapezoids over FPR)."""
@@ -130,38 +134,15 @@ def _check_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
     """ROC of ``score >= threshold`` against boolean (or 0/1) ``labels`` [N].
 
-    One point per distinct score, plus the all-reject point at threshold +inf; identical to
-    ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``.
+    One point per distinct score, plus the all-reject point at threshold +inf:
+    ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``, and in
+    ``dropped`` the same with ``drop_intermediate=True``.
     """
     scores, positive = _check_scores(scores, labels)
-    order = np.argsort(-scores, kind="mergesort")  # descending scores
-    s = scores[order]  # [N]
-    pos = positive[order]  # [N]
-    tp = np.cumsum(pos)  # accepted positives when the threshold is s[i]
-    fp = np.cumsum(~pos)
-    # A threshold accepts every pair with an equal score, so keep the last index of each run.
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    num_pos, num_neg = int(tp[-1]), int(fp[-1])
-    tpr = np.r_[0.0, tp[last] / num_pos]
-    fpr = np.r_[0.0, fp[last] / num_neg]
-    thresholds = np.r_[np.inf, s[last]]
-    return RocCurve(fpr, tpr, thresholds, num_pos, num_neg)
-
-
-def _sklearn_kept_points(curve: RocCurve) -> np.ndarray:
-    """Indices of ``curve`` that ``sklearn.metrics.roc_curve`` keeps with ``drop_intermediate``.
-
-    sklearn drops a threshold whose accepted negative and positive counts are both the mean of
-    its neighbours' (zero second difference of each), never the first or last threshold, and
-    then prepends the all-reject point. The test compares against sklearn itself.
-    """
-    # Integer counts per threshold (the all-reject point 0 left out): exact, unlike rates.
-    fp = np.rint(curve.fpr[1:] * curve.num_negatives).astype(np.int64)
-    tp = np.rint(curve.tpr[1:] * curve.num_positives).astype(np.int64)
-    keep = np.ones(len(fp), dtype=bool)
-    if len(fp) > 2:
-        keep[1:-1] = (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0)
-    return np.r_[0, 1 + np.flatnonzero(keep)]
+    fpr, tpr, thresholds = metrics.roc_curve(positive, scores, drop_intermediate=False)
+    dropped = metrics.roc_curve(positive, scores, drop_intermediate=True)
+    num_pos = int(np.count_nonzero(positive))
+    return RocCurve(fpr, tpr, thresholds, num_pos, len(positive) - num_pos, dropped)
 
 
 def tar_at_far(
@@ -172,27 +153,28 @@ def tar_at_far(
     """TAR at each target FAR read from ``curve`` (see the module docstring for ``method``)."""
     if method not in READINGS:
         raise ValueError(f"method must be 'conservative' or 'insightface', got {method!r}")
-    kept = _sklearn_kept_points(curve) if method == "insightface" else None
     rows = []
     for far in fars:
         if not 0.0 <= far <= 1.0:
             raise ValueError(f"fars must be in [0, 1], got {far}")
-        if kept is None:
+        if method == "conservative":
+            fpr, tpr, thresholds = curve.fpr, curve.tpr, curve.thresholds
             # fpr is non-decreasing: the last point with fpr <= far has the highest tpr; the
             # first point reaching that tpr has the highest threshold (fewest false accepts).
-            k = int(np.searchsorted(curve.fpr, far, side="right")) - 1
-            i = int(np.searchsorted(curve.tpr, curve.tpr[k], side="left"))
+            k = int(np.searchsorted(fpr, far, side="right")) - 1
+            i = int(np.searchsorted(tpr, tpr[k], side="left"))
         else:
-            # The last of the kept points nearest the target (insightface's argmin on the
-            # flipped curve): the highest TPR of that FPR plateau.
-            distance = np.abs(curve.fpr[kept] - far)
-            i = int(kept[np.flatnonzero(distance == distance.min())[-1]])
+            fpr, tpr, thresholds = curve.dropped
+            # The last point nearest the target (insightface's argmin on the flipped curve):
+            # the highest TPR of that FPR plateau.
+            distance = np.abs(fpr - far)
+            i = int(np.flatnonzero(distance == distance.min())[-1])
         rows.append(
             TarAtFar(
                 far_target=float(far),
-                tar=float(curve.tpr[i]),
-                far=float(curve.fpr[i]),
-                threshold=float(curve.thresholds[i]),
+                tar=float(tpr[i]),
+                far=float(fpr[i]),
+                threshold=float(thresholds[i]),
                 resolvable=bool(far * curve.num_negatives >= 1.0),
                 method=method,
             )

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.model_selection import KFold
 from torch import nn
 
 __all__ = [
@@ -238,24 +239,15 @@ def _accuracies(distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarra
 
 
 def _kfold_splits(n: int, nfolds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Contiguous, unshuffled folds (sklearn ``KFold(shuffle=False)`` / insightface LFold).
+    """Contiguous, unshuffled folds: sklearn's ``KFold(shuffle=False)``, as insightface's LFold.
 
     The first ``n % nfolds`` folds get one extra item. ``nfolds == 1`` trains and tests on
-    everything, as insightface's LFold does.
+    everything, as insightface's LFold does (KFold needs two folds at least).
     """
     indices = np.arange(n)
     if nfolds == 1:
         return [(indices, indices)]
-    sizes = np.full(nfolds, n // nfolds)
-    sizes[: n % nfolds] += 1
-    splits = []
-    start = 0
-    for size in sizes:
-        test = indices[start : start + size]
-        train = np.concatenate([indices[:start], indices[start + size :]])
-        splits.append((train, test))
-        start += size
-    return splits
+    return list(KFold(n_splits=nfolds, shuffle=False).split(indices))
 
 
 def _threshold_for_far(far: np.ndarray, thresholds: np.ndarray, far_target: float) -> float:
