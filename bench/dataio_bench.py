@@ -86,7 +86,7 @@ def dali_decode_only_rate(
     normalisation, no checks): what the loader's pipeline costs before its float output."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from dataio.dali_loader import image_index_path
+    from dataio.dali_index import image_index_path
 
     index = image_index_path(pack, np.arange(pack.num_images), cache_dir)
 
@@ -151,28 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench/results/dataio_bench.json")
     args = parser.parse_args(argv)
 
-    from dataio.dali_loader import build_dali_loader
+    from dataio.loaders import DaliOptions, LoaderConfig, build_loader
     from dataio.pack import FacePack
-    from dataio.torch_loader import build_train_loader
 
     with tempfile.TemporaryDirectory() as tmp:
         pack_dir = args.pack or make_pack(tmp, args.images, args.seed)
         pack = FacePack(pack_dir)
         jpegs = [pack.read(i)[0] for i in range(pack.num_images)]
-        common = dict(
-            rank=0,
-            world_size=1,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            workers=args.workers,
-            flip=True,
-        )
         cache = os.path.join(tmp, "cache")
         loaders = {
-            f"{kind}_{pixels}": (
-                build_dali_loader(pack_dir, cache_dir=cache, pixels=pixels, **common)
-                if kind == "dali"
-                else build_train_loader(pack_dir, pixels=pixels, **common)
+            f"{kind}_{pixels}": build_loader(
+                kind,
+                pack_dir,
+                LoaderConfig(
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    workers=args.workers,
+                    flip=True,
+                    pixels=pixels,
+                    dali=DaliOptions(cache_dir=cache),
+                ),
+                rank=0,
+                world_size=1,
             )
             for kind in ("dali", "torch")
             for pixels in ("uint8", "float32")

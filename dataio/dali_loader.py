@@ -1,19 +1,9 @@
 """NVIDIA DALI training loader over insightface packs (GPU decoding on CUDA, CPU otherwise).
 
-The pipeline: ``fn.readers.mxnet`` (sharded by rank and world size, shuffled with a seed
-derived from the run's seed) -> ``fn.decoders.image`` ("mixed" on CUDA, "cpu" otherwise) ->
-optional colour augmentation -> ``fn.crop_mirror_normalize`` to CHW float ``(x - 127.5) /
-127.5``, or with ``pixels="uint8"`` just ``fn.flip`` (HWC uint8, normalised later on the
-training device, see :mod:`dataio.loading`). The CUDA and CPU pipelines differ only in their
-device strings.
-
-Insightface packs without re-packing. DALI's mxnet reader takes every ``.idx`` entry for a
-sample: the header record (key 0) and the identity records come out as empty images with
-vector labels, which the decoder rejects. DALI only needs the offsets of the records it should
-read (it sorts them and reads each record up to the next listed offset), so the loader writes
-an index of image records only into a cache folder next to the pack (``.facetrain_cache/``,
-or a folder under the system temp dir when the pack's folder is read-only), named by a hash
-of its content. Headerless packs with no bad records use their own ``train.idx``.
+The pipeline (:mod:`dataio.dali_pipeline`): DALI's mxnet reader, sharded by rank and world
+size and shuffled with a seed derived from the run's seed, then decoding ("mixed" on CUDA,
+"cpu" otherwise), optional colour jitter, flips and normalisation. Insightface packs are read
+without re-packing, through an index of their image records only (:mod:`dataio.dali_index`).
 
 Why each pipeline reads one epoch. A pipeline is built per ``(epoch, rank)`` with a reader
 seed derived from ``(seed, epoch, shard)``, so ``set_epoch(e)`` is a pure function of its
@@ -50,8 +40,6 @@ records for its fixed number of batches, the reader repeats some (``num_padded``
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -62,144 +50,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataio.checks import check_int
+from dataio.dali_index import image_index_path, resolve_cache_dir, write_index
+from dataio.dali_pipeline import Part, build_pipeline, dali_reason, import_dali, source_offsets
+from dataio.decode import decode_record
+from dataio.loader_config import LoaderConfig
 from dataio.loading import (
     batch_layout,
-    check_nonneg_int,
-    check_pixels,
-    check_positive_int,
     position_state,
+    register_loader,
     resolve_position,
     steps_per_epoch,
 )
 from dataio.pack import FacePack, PackError
-from dataio.torch_loader import decode_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_NAME = ".facetrain_cache"
-"""Folder created inside the pack folder for derived files (image-only DALI index)."""
-
 _SOURCE_OFFSET = re.compile(r" at index (\d+)")
-
-
-def _import_dali() -> tuple[Any, Any, Any]:
-    """(fn, types, pipeline_def) of nvidia.dali, imported on first use with a clear error."""
-    try:
-        from nvidia.dali import fn, pipeline_def, types
-    except ImportError as e:
-        raise ImportError(
-            "data.loader 'dali' needs NVIDIA DALI (pip package nvidia-dali-cuda120); "
-            f"import failed: {e}"
-        ) from e
-    return fn, types, pipeline_def
-
-
-@dataclasses.dataclass(frozen=True)
-class DaliAugment:
-    """Optional colour augmentation in the DALI pipeline (factors drawn per sample).
-
-    Each factor is drawn uniformly from ``[1 - x, 1 + x]``; 0 disables that jitter.
-    """
-
-    brightness: float = 0.2
-    """Multiplicative brightness jitter."""
-    contrast: float = 0.2
-    """Contrast jitter around mid-grey."""
-    saturation: float = 0.2
-    """Saturation jitter (HSV)."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"DaliAugment.{f.name} must be in [0, 1), got {v!r}")
-
-
-def resolve_cache_dir(
-    pack_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
-) -> str:
-    """The folder for files derived from a pack: ``cache_dir``, else ``PACK/.facetrain_cache``
-    if it can be written, else ``<system temp>/facetrain_cache/<hash of the pack path>``."""
-    if cache_dir is not None:
-        path = os.fspath(cache_dir)
-        os.makedirs(path, exist_ok=True)
-        return path
-    pack = os.path.realpath(os.fspath(pack_dir))
-    candidates = [
-        os.path.join(pack, CACHE_DIR_NAME),
-        os.path.join(
-            tempfile.gettempdir(),
-            "facetrain_cache",
-            hashlib.sha1(pack.encode()).hexdigest()[:16],
-        ),
-    ]
-    for path in candidates:
-        try:
-            os.makedirs(path, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path):
-                pass
-            return path
-        except OSError:
-            continue
-    raise PackError(f"{pack}: no writable cache folder (tried {', '.join(candidates)})")
-
-
-def write_index(path: str, keys: np.ndarray, offsets: np.ndarray) -> None:
-    """Write a ``key<TAB>offset`` index atomically (temporary name, then rename)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
-        pairs = zip(keys.tolist(), offsets.tolist(), strict=True)
-        f.write("".join(f"{k}\t{o}\n" for k, o in pairs))
-    os.replace(tmp, path)
-
-
-def image_index_path(
-    pack: FacePack, positions: np.ndarray, cache_dir: str | os.PathLike[str] | None = None
-) -> str:
-    """An index of the image records at ``positions`` of ``pack`` that DALI can read.
-
-    The file lives in the pack's cache folder (see :func:`resolve_cache_dir`), named by a
-    hash of its content, so every rank and every later run reuses it and a changed pack never
-    meets a stale index. A headerless pack read whole uses its own ``train.idx``.
-    """
-    pos = np.sort(np.asarray(positions, dtype=np.int64))
-    if pos.size == 0:
-        raise PackError(f"{pack.rec_path}: no image records left to read")
-    if not pack.has_header and not pack.bad_keys and pos.size == pack.num_images:
-        return pack.idx_path
-    keys = pack.image_keys[pos]
-    offsets = pack.image_offsets[pos]
-    digest = hashlib.sha1()
-    digest.update(os.path.realpath(pack.rec_path).encode())
-    stat = os.stat(pack.rec_path)
-    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(keys.tobytes())
-    digest.update(offsets.tobytes())
-    folder = resolve_cache_dir(pack.pack_dir, cache_dir)
-    path = os.path.join(folder, f"images-{digest.hexdigest()[:20]}.idx")
-    if not os.path.isfile(path):
-        write_index(path, keys, offsets)
-    return path
 
 
 def _derive_seed(*parts: int) -> int:
     """A DALI reader seed (31-bit) from integers, e.g. (seed, epoch, shard, part)."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]
     return int(state) & 0x7FFFFFFF
-
-
-@dataclasses.dataclass
-class _Part:
-    """One pipeline of an epoch: what it reads and how many batches were taken from it."""
-
-    index_path: str
-    shard_id: int
-    num_shards: int
-    seed: int
-    start_batch: int
-    """Batches of the epoch already yielded when this part started."""
-    excluded: list[int]
-    """Keys found bad just before this part (recorded for an exact replay on resume)."""
 
 
 class DaliLoader:
@@ -214,42 +87,26 @@ class DaliLoader:
     def __init__(
         self,
         pack_dir: str | os.PathLike[str],
+        config: LoaderConfig,
+        *,
         rank: int,
         world_size: int,
-        batch_size: int,
-        seed: int,
-        workers: int,
-        flip: bool = True,
-        drop_last: bool = True,
         device: torch.device | str = "cpu",
-        skip_corrupt: bool = False,
-        augment: DaliAugment | None = None,
-        initial_fill: int = 32768,
-        prefetch_queue_depth: int = 2,
-        cache_dir: str | os.PathLike[str] | None = None,
-        with_keys: bool = False,
-        pixels: str = "float32",
     ):
-        self.pixels = check_pixels(pixels)
-        self.world_size = check_positive_int("world_size", world_size)
-        self.rank = check_nonneg_int("rank", rank)
+        self.config = config
+        self.world_size = check_int("world_size", world_size, minimum=1)
+        self.rank = check_int("rank", rank)
         if self.rank >= self.world_size:
             raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.seed = check_nonneg_int("seed", seed)
-        self.num_threads = max(1, check_nonneg_int("workers", workers))
-        self.flip = bool(flip)
-        self.drop_last = bool(drop_last)
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
-        self.skip_corrupt = bool(skip_corrupt)
-        self.augment = augment
-        self.initial_fill = check_positive_int("initial_fill", initial_fill)
-        self.prefetch_queue_depth = check_positive_int("prefetch_queue_depth", prefetch_queue_depth)
-        self.cache_dir = cache_dir
-        self.with_keys = bool(with_keys)
-        _import_dali()  # fail at construction, not at the first batch
+        # The config's values this loader reads most, under short names.
+        self.batch_size = config.batch_size
+        self.seed = config.seed
+        self.pixels = config.pixels
+        self.skip_corrupt = config.skip_corrupt
+        import_dali()  # fail at construction, not at the first batch
 
         self.pack = FacePack(pack_dir, skip_corrupt=self.skip_corrupt)
         for reason in self.pack.bad_keys.values():
@@ -260,7 +117,9 @@ class DaliLoader:
                 f"{self.pack.pack_dir}: {n} images cannot be shared by "
                 f"world_size={self.world_size} ranks"
             )
-        self.steps_per_epoch = steps_per_epoch(n, self.world_size, self.batch_size, self.drop_last)
+        self.steps_per_epoch = steps_per_epoch(
+            n, self.world_size, self.batch_size, self.config.drop_last
+        )
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"{self.pack.pack_dir}: {n} images give {n // self.world_size} per rank for "
@@ -270,7 +129,9 @@ class DaliLoader:
         # Records in file order: DALI reads them in this order and shards it in ranges.
         self._file_order = np.argsort(self.pack.image_offsets, kind="stable")  # [N] positions
         self._sorted_offsets = self.pack.image_offsets[self._file_order]  # [N]
-        self._population_index = image_index_path(self.pack, self._file_order, cache_dir)
+        self._population_index = image_index_path(
+            self.pack, self._file_order, config.dali.cache_dir
+        )
         self._known_bad: set[int] = set()  # positions found bad at run time (this rank)
         self._runtime_skipped = 0
         self.num_padded = 0
@@ -279,7 +140,7 @@ class DaliLoader:
         self._start_batch = 0
         self._yielded = 0
         self._epoch_excluded: list[int] = []
-        self._parts: list[_Part] = []
+        self._parts: list[Part] = []
         self._replay_history: list[tuple[int, list[int]]] = []
         self._temp_files: list[str] = []
         self._pipe: Any = None
@@ -297,8 +158,8 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start ``epoch``; skip its first ``start_batch`` batches (they were consumed)."""
-        self._epoch = check_nonneg_int("epoch", epoch)
-        start = check_nonneg_int("start_batch", start_batch)
+        self._epoch = check_int("epoch", epoch)
+        start = check_int("start_batch", start_batch)
         if start > self.steps_per_epoch:
             raise ValueError(
                 f"start_batch {start} is past the {self.steps_per_epoch} batches of an epoch"
@@ -381,7 +242,7 @@ class DaliLoader:
     def _epoch_sizes(self) -> tuple[int, int]:
         """(samples this rank yields per epoch, size of the last batch)."""
         n, w, b = self.pack.num_images, self.world_size, self.batch_size
-        if self.drop_last:
+        if self.config.drop_last:
             return self.steps_per_epoch * b, b
         per_rank = -(-n // w)
         return per_rank, per_rank - (self.steps_per_epoch - 1) * b
@@ -391,75 +252,6 @@ class DaliLoader:
 
     # ------------------------------------------------------------------------------ pipelines
 
-    def _build_pipeline(self, part: _Part, decode: bool, fill: int) -> Any:
-        """The DALI pipeline of one part; ``decode=False`` builds the reader alone (replay)."""
-        fn, types, pipeline_def = _import_dali()
-        cuda = self.device.type == "cuda"
-        decoder_device = "mixed" if cuda else "cpu"
-        augment = self.augment
-        flip = self.flip
-        uint8 = self.pixels == "uint8"
-
-        @pipeline_def(
-            batch_size=self.batch_size,
-            num_threads=self.num_threads,
-            device_id=(self.device.index or 0) if cuda else None,
-            prefetch_queue_depth=self.prefetch_queue_depth,
-            seed=part.seed,
-        )
-        def pipeline() -> tuple[Any, ...]:
-            jpegs, labels = fn.readers.mxnet(
-                path=[self.pack.rec_path],
-                index_path=[part.index_path],
-                shard_id=part.shard_id,
-                num_shards=part.num_shards,
-                random_shuffle=True,
-                initial_fill=fill,
-                seed=part.seed,
-                stick_to_shard=True,
-                pad_last_batch=True,
-                name="reader",
-            )
-            # "path at index OFFSET" as bytes, padded to one length so a batch is one array
-            source = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
-            label = labels[0]  # the class id (first element of a vector label)
-            if not decode:
-                return label, source
-            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
-            if augment is not None:
-                images = fn.brightness_contrast(
-                    images,
-                    brightness=fn.random.uniform(
-                        range=[1 - augment.brightness, 1 + augment.brightness]
-                    ),
-                    contrast=fn.random.uniform(range=[1 - augment.contrast, 1 + augment.contrast]),
-                    contrast_center=128.0,
-                )
-                images = fn.hsv(
-                    images,
-                    saturation=fn.random.uniform(
-                        range=[1 - augment.saturation, 1 + augment.saturation]
-                    ),
-                )
-            mirror = fn.random.coin_flip(probability=0.5) if flip else 0
-            if uint8:  # HWC as decoded: reordering and normalising wait for the device
-                if flip:
-                    images = fn.flip(images, horizontal=mirror)
-            else:
-                images = fn.crop_mirror_normalize(
-                    images,
-                    mirror=mirror,
-                    dtype=types.FLOAT,
-                    output_layout="CHW",
-                    mean=[127.5, 127.5, 127.5],
-                    std=[127.5, 127.5, 127.5],
-                )
-            return images, label, source
-
-        pipe = pipeline()
-        pipe.build()
-        return pipe
-
     def _new_part(
         self,
         epoch: int,
@@ -468,7 +260,7 @@ class DaliLoader:
         bad: set[int],
         start: int,
         newly: list[int],
-    ) -> _Part:
+    ) -> Part:
         """The next pipeline of the epoch: the whole shard, or its records not yet seen.
 
         A pure function of its arguments and of the parts made so far, so a resumed run can
@@ -481,7 +273,7 @@ class DaliLoader:
         seed = _derive_seed(self.seed, epoch, shard_id, part_no)
         if part_no == 0 and not bad_mask.any():
             # The plain case: DALI's own sharding of the population index.
-            part = _Part(self._population_index, shard_id, self.world_size, seed, start, newly)
+            part = Part(self._population_index, shard_id, self.world_size, seed, start, newly)
         else:
             left = shard[~seen & ~bad_mask]
             if left.size == 0:  # everything read or bad: pad by repeating the shard
@@ -491,12 +283,12 @@ class DaliLoader:
                     f"{self.pack.rec_path}: every record of rank {self.rank}'s shard in epoch "
                     f"{epoch} is corrupt"
                 )
-            part = _Part(self._temp_index(left), 0, 1, seed, start, newly)
+            part = Part(self._temp_index(left), 0, 1, seed, start, newly)
         self._parts.append(part)
         return part
 
     def _temp_index(self, positions: np.ndarray) -> str:
-        folder = resolve_cache_dir(self.pack.pack_dir, self.cache_dir)
+        folder = resolve_cache_dir(self.pack.pack_dir, self.config.dali.cache_dir)
         fd, path = tempfile.mkstemp(prefix=f"rank{self.rank}-", suffix=".idx", dir=folder)
         os.close(fd)
         pos = np.sort(positions)
@@ -504,25 +296,24 @@ class DaliLoader:
         self._temp_files.append(path)
         return path
 
-    def _fill(self, part: _Part) -> int:
+    def _fill(self, part: Part) -> int:
         """Shuffle buffer size: ``initial_fill``, but no larger than the part's records."""
         if part.num_shards == 1 and part.index_path != self._population_index:
             with open(part.index_path, encoding="ascii") as f:
                 count = sum(1 for _ in f)
         else:
             count = -(-self._file_order.size // part.num_shards)
-        return max(1, min(self.initial_fill, count))
+        return max(1, min(self.config.dali.initial_fill, count))
+
+    def _pipeline(self, part: Part, decode: bool) -> Any:
+        """The built pipeline of ``part`` (``decode=False``: the reader alone, for replays)."""
+        return build_pipeline(
+            self.pack.rec_path, part, self.config, self.device, self._fill(part), decode
+        )
 
     def _positions_of(self, source: Any) -> np.ndarray:
-        """Pack positions of a batch from its padded ``source_info`` ("path at index OFFSET")."""
-        rows = np.asarray(source.as_array(), dtype=np.uint8)  # [B, L], zero padded
-        offsets = np.empty(rows.shape[0], dtype=np.int64)
-        for j, row in enumerate(rows):
-            text = row.tobytes().rstrip(b"\0")
-            _, sep, digits = text.rpartition(b" at index ")
-            if not sep or not digits.isdigit():
-                raise PackError(f"{self.pack.rec_path}: DALI returned a sample from {text!r}")
-            offsets[j] = int(digits)
+        """Pack positions of a batch from its ``source_info``."""
+        offsets = source_offsets(source, self.pack.rec_path)  # [B]
         i = np.searchsorted(self._sorted_offsets, offsets)
         i = np.minimum(i, self._sorted_offsets.size - 1)
         if not np.array_equal(self._sorted_offsets[i], offsets):
@@ -530,11 +321,11 @@ class DaliLoader:
             raise PackError(f"{self.pack.rec_path}: DALI read a record at unknown offset {bad}")
         return self._file_order[i]
 
-    def _replay(self, part: _Part, batches: int) -> np.ndarray:
+    def _replay(self, part: Part, batches: int) -> np.ndarray:
         """Positions of the first ``batches`` batches of ``part``, read without decoding."""
         if batches <= 0:
             return np.empty(0, dtype=np.int64)
-        pipe = self._build_pipeline(part, decode=False, fill=self._fill(part))
+        pipe = self._pipeline(part, decode=False)
         out = []
         for _ in range(batches):
             _, source = pipe.run()
@@ -581,7 +372,7 @@ class DaliLoader:
             self.num_padded = padded
         self._yielded = self._start_batch
         part = self._new_part(epoch, shard, seen, bad, self._yielded, [])
-        pipe = self._build_pipeline(part, decode=True, fill=self._fill(part))
+        pipe = self._pipeline(part, decode=True)
         self._pipe = pipe
         while self._yielded < total:
             try:
@@ -596,7 +387,7 @@ class DaliLoader:
                 self._runtime_skipped += len(found)
                 newly = sorted(int(self.pack.image_keys[p]) for p in found)
                 part = self._new_part(epoch, shard, seen, bad, self._yielded, newly)
-                pipe = self._build_pipeline(part, decode=True, fill=self._fill(part))
+                pipe = self._pipeline(part, decode=True)
                 self._pipe = pipe
                 continue
             n = last_size if self._yielded == total - 1 else self.batch_size
@@ -605,7 +396,7 @@ class DaliLoader:
             x = self._to_torch(images, n)  # [n, 3, H, W] float32 or [n, H, W, 3] uint8
             y = torch.from_numpy(self.pack.labels[pos].copy()).to(x.device)  # [n] int64
             self._yielded += 1
-            if self.with_keys:
+            if self.config.with_keys:
                 yield x, y, torch.from_numpy(self.pack.image_keys[pos].copy())
             else:
                 yield x, y
@@ -650,7 +441,7 @@ class DaliLoader:
     # ------------------------------------------------------------------------------ corruption
 
     def _find_bad(
-        self, err: Exception, part: _Part, seen: np.ndarray, shard: np.ndarray, bad: set[int]
+        self, err: Exception, part: Part, seen: np.ndarray, shard: np.ndarray, bad: set[int]
     ) -> set[int]:
         """Positions of the records behind a failed batch; raise if not ``skip_corrupt``.
 
@@ -669,7 +460,7 @@ class DaliLoader:
                 i = np.searchsorted(self._sorted_offsets, int(m.group(1)))
                 if i < self._sorted_offsets.size and self._sorted_offsets[i] == int(m.group(1)):
                     key = int(self.pack.image_keys[self._file_order[i]])
-                    reasons[key] = f"{self.pack.rec_path}: key {key}: {_dali_reason(message)}"
+                    reasons[key] = f"{self.pack.rec_path}: key {key}: {dali_reason(message)}"
         unseen = shard[~seen]
         unseen = unseen[[p not in bad for p in unseen.tolist()]]
         if not reasons and unseen.size:
@@ -679,7 +470,7 @@ class DaliLoader:
         if not reasons:
             raise PackError(
                 f"{self.pack.rec_path}: DALI failed on rank {self.rank}'s shard and no record "
-                f"could be blamed: {_dali_reason(message)}"
+                f"could be blamed: {dali_reason(message)}"
             ) from err
         if not self.skip_corrupt:
             raise PackError(next(iter(reasons.values()))) from err
@@ -688,84 +479,37 @@ class DaliLoader:
             logger.warning("skipping corrupt record: %s", reason)
         return {key_to_pos[k] for k in reasons}
 
-    def _decode_check(self, part: _Part, seen: np.ndarray, shard: np.ndarray) -> dict[int, str]:
+    def _decode_check(self, part: Part, seen: np.ndarray, shard: np.ndarray) -> dict[int, str]:
         """Decode, in Python, the records DALI was about to return and report failures."""
         taken = self._yielded - part.start_batch
-        ahead = taken + self.prefetch_queue_depth + 1
+        ahead = taken + self.config.prefetch + 1
         try:
             upcoming = self._replay(part, ahead)[taken * self.batch_size :]
         except RuntimeError:
             return {}
         reasons: dict[int, str] = {}
-        h, w = self.pack.image_size
         for p in np.unique(upcoming).tolist():
-            key = int(self.pack.image_keys[p])
             try:
-                data, _ = self.pack.read(p)
-                img = decode_image(data, f"{self.pack.rec_path}: key {key}")
-                if img.shape != (h, w, 3):
-                    raise PackError(
-                        f"{self.pack.rec_path}: key {key}: image is {img.shape[0]}x"
-                        f"{img.shape[1]} but the pack's property says {h}x{w}"
-                    )
+                decode_record(self.pack, p)
             except PackError as e:
-                reasons[key] = str(e)
+                reasons[int(self.pack.image_keys[p])] = str(e)
         return reasons
 
 
-def _dali_reason(message: str) -> str:
-    """The informative line of a DALI error message."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    for marker in ("Invalid RecordIO", "Assert", "failure", "Error"):
-        for ln in lines:
-            if marker in ln and "pipeline" not in ln:
-                return ln
-    return lines[-1] if lines else message
-
-
+@register_loader("dali")
 def build_dali_loader(
     pack_dir: str | os.PathLike[str],
+    config: LoaderConfig,
+    *,
     rank: int,
     world_size: int,
-    batch_size: int,
-    seed: int,
-    workers: int,
-    flip: bool = True,
-    drop_last: bool = True,
-    skip_corrupt: bool = False,
     device: torch.device | str = "cpu",
-    augment: DaliAugment | None = None,
-    initial_fill: int = 32768,
-    prefetch_queue_depth: int = 2,
-    cache_dir: str | os.PathLike[str] | None = None,
-    with_keys: bool = False,
-    pixels: str = "float32",
 ) -> DaliLoader:
-    """The DALI training loader of one rank (same call as ``build_train_loader``).
+    """The DALI training loader of one rank (the ``"dali"`` kind of
+    :func:`dataio.loaders.build_loader`).
 
-    ``workers``: DALI CPU threads (at least 1). ``device``: ``cpu`` decodes on the CPU,
-    ``cuda:N`` decodes on GPU N ("mixed") and yields tensors there. ``initial_fill``: DALI's
-    shuffle buffer in records (arcface_torch uses 32768; capped at the shard size).
-    ``prefetch_queue_depth``: batches DALI prepares ahead. ``cache_dir``: where the
-    image-only index goes (default: see :func:`resolve_cache_dir`). ``augment``: optional
-    colour jitter. ``skip_corrupt``, ``with_keys``: see :class:`DaliLoader`. ``pixels``:
-    ``"float32"`` (normalised) or ``"uint8"``, see :mod:`dataio.loading`.
+    ``config.workers``: DALI CPU threads (at least 1); ``config.dali``: the shuffle buffer,
+    the index's cache folder and colour jitter. ``device``: ``cpu`` decodes on the CPU,
+    ``cuda:N`` decodes on GPU N ("mixed") and yields tensors there.
     """
-    return DaliLoader(
-        pack_dir,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        seed=seed,
-        workers=workers,
-        flip=flip,
-        drop_last=drop_last,
-        device=device,
-        skip_corrupt=skip_corrupt,
-        augment=augment,
-        initial_fill=initial_fill,
-        prefetch_queue_depth=prefetch_queue_depth,
-        cache_dir=cache_dir,
-        with_keys=with_keys,
-        pixels=pixels,
-    )
+    return DaliLoader(pack_dir, config, rank=rank, world_size=world_size, device=device)

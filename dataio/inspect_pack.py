@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from dataio.checks import check_int
+from dataio.decode import decode_record
 from dataio.pack import FacePack, PackError
-from dataio.torch_loader import decode_image
 
 
 @dataclasses.dataclass
@@ -56,20 +57,11 @@ class InspectReport:
 def _check_chunk(pack: FacePack, positions: list[int]) -> dict[int, str]:
     """Read and decode the images at ``positions``; ``{key: reason}`` for the failures."""
     bad: dict[int, str] = {}
-    h, w = pack.image_size
     for i in positions:
-        key = int(pack.image_keys[i])
         try:
-            data, _ = pack.read(i)
-            img = decode_image(data, f"{pack.rec_path}: key {key}")
+            decode_record(pack, i)
         except PackError as e:
-            bad[key] = str(e)
-            continue
-        if img.shape != (h, w, 3):
-            bad[key] = (
-                f"{pack.rec_path}: key {key}: image is {img.shape[0]}x{img.shape[1]} but the "
-                f"pack's property says {h}x{w}"
-            )
+            bad[int(pack.image_keys[i])] = str(e)
     return bad
 
 
@@ -86,10 +78,8 @@ def inspect_pack(
     and that its size matches ``property``. ``workers`` threads decode (the JPEG decoder
     releases the GIL) in chunks of ``chunk_size`` images; ``progress`` shows a bar.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be a non-negative int, got {workers!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("workers", workers)
+    check_int("chunk_size", chunk_size, minimum=1)
     pack = FacePack(pack_dir, skip_corrupt=True)  # per-record faults are reported, not raised
     bad = dict(pack.bad_keys)
     bad.update(pack.check_records())

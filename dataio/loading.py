@@ -1,5 +1,6 @@
 """What the training loaders share: the loader interface, flip decisions, resumable position,
-and the ``build_loader`` dispatcher over ``data.loader`` ("torch" or "dali").
+and the registry of loader kinds (``data.loader``: "torch" or "dali"; built by
+:func:`dataio.loaders.build_loader`).
 
 Why a shared flip function: a horizontal flip decided by the sample's identity (its position
 in the pack), the run's seed and the epoch -- not by a random stream that depends on which
@@ -12,7 +13,7 @@ Resumable position: both loaders report ``state_dict()`` -> ``{"kind", "epoch", 
 batches of ``epoch`` already yielded; ``load_state_dict(state)`` positions the loader so that
 the next iteration yields the next unseen batch. The trainer saves the dict in its checkpoint.
 
-Pixels (``pixels=``): both loaders yield decoded, flipped batches, either float32
+Pixels (``LoaderConfig.pixels``): both loaders yield decoded, flipped batches, either float32
 ``[B, 3, H, W]`` normalised to ``(x - 127.5) / 127.5`` ("float32") or the decoded uint8 values
 as they come out of the JPEG decoder, ``[B, H, W, 3]`` ("uint8"). The trainer takes uint8 and
 reorders and normalises with :func:`to_model_input` after the copy to its device. Why: on the
@@ -26,19 +27,15 @@ float32 output is within one float32 ulp of them.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-LoaderKind = Literal["torch", "dali"]
-LOADER_KINDS: tuple[str, ...] = ("torch", "dali")
+from dataio.checks import check_int
+from dataio.loader_config import check_pixels
 
-PIXEL_FORMATS: tuple[str, ...] = ("float32", "uint8")
-"""What a loader yields: ``float32`` normalised pixels, or ``uint8`` pixels for
-:func:`to_model_input` to normalise on the training device (see the module docstring)."""
 PIXEL_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "uint8": torch.uint8}
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -67,13 +64,6 @@ def flip_mask(seed: int, epoch: int, positions: np.ndarray | list[int]) -> np.nd
     h = _splitmix64(h ^ np.uint64(int(epoch) & 0xFFFFFFFFFFFFFFFF))
     h = _splitmix64(h ^ pos.astype(np.uint64))
     return (h >> np.uint64(63)).astype(bool)
-
-
-def check_pixels(value: Any) -> str:
-    """``value`` if it names a pixel format of :data:`PIXEL_FORMATS`, else ValueError."""
-    if value not in PIXEL_FORMATS:
-        raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, got {value!r}")
-    return str(value)
 
 
 def batch_layout(pixels: str, n: int, h: int, w: int) -> tuple[tuple[int, ...], torch.dtype]:
@@ -107,20 +97,6 @@ def to_model_input(images: torch.Tensor, device: torch.device | str) -> torch.Te
     out.copy_(x.permute(0, 3, 1, 2))
     scale = torch.full((), 127.5, dtype=torch.float32, device=out.device)
     return out.sub_(127.5).div_(scale)
-
-
-def check_nonneg_int(name: str, value: Any) -> int:
-    """``value`` as an int, or ValueError naming ``name`` when it is not a non-negative int."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int, or ValueError naming ``name`` when it is not a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def steps_per_epoch(num_images: int, world_size: int, batch_size: int, drop_last: bool) -> int:
@@ -173,8 +149,8 @@ def resolve_position(
     for field in ("epoch", "batch"):
         if field not in state:
             raise ValueError(f"loader state: missing field '{field}' (got {sorted(state)})")
-    epoch = check_nonneg_int("loader state 'epoch'", state["epoch"])
-    batch = check_nonneg_int("loader state 'batch'", state["batch"])
+    epoch = check_int("loader state 'epoch'", state["epoch"])
+    batch = check_int("loader state 'batch'", state["batch"])
     mismatched = [
         f"{k}: saved {state.get(k)!r}, this loader {v!r}"
         for k, v in expected.items()
@@ -213,49 +189,39 @@ class TrainLoader(Protocol):
     def num_skipped(self) -> int: ...
 
 
-def build_loader(
-    kind: str,
-    pack_dir: str | os.PathLike[str],
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    seed: int,
-    workers: int,
-    flip: bool = True,
-    drop_last: bool = True,
-    skip_corrupt: bool = False,
-    device: torch.device | str = "cpu",
-    pixels: str = "float32",
-    **kwargs: Any,
-) -> TrainLoader:
-    """Build the training loader named by ``data.loader``: ``"torch"`` or ``"dali"``.
+LoaderBuilder = Callable[..., TrainLoader]
+"""``builder(pack_dir, config: LoaderConfig, *, rank, world_size, device) -> TrainLoader``."""
 
-    Both yield ``(images, labels int64 [B])`` -- images float32 ``[B, 3, H, W]`` in [-1, 1], or
-    uint8 ``[B, H, W, 3]`` with ``pixels="uint8"`` (see :func:`to_model_input`) -- and share the
-    interface of :class:`TrainLoader`. ``device``: DALI with ``cuda:N`` decodes on GPU N and
-    yields tensors there; the torch loader yields CPU tensors (pinned for a CUDA device). Extra
-    ``kwargs`` go to the chosen builder (:func:`dataio.torch_loader.build_train_loader` or
-    :func:`dataio.dali_loader.build_dali_loader`).
+# kind -> builder, filled by the decorator when a loader module is imported (dataio.loaders
+# imports them all).
+_BUILDERS: dict[str, LoaderBuilder] = {}
+
+
+def register_loader(kind: str) -> Callable[[LoaderBuilder], LoaderBuilder]:
+    """Register a loader builder under ``kind`` (the name ``data.loader`` gives).
+
+    Registering a kind twice raises ValueError: which loader a config gets must not depend
+    on import order.
     """
-    common = {
-        "rank": rank,
-        "world_size": world_size,
-        "batch_size": batch_size,
-        "seed": seed,
-        "workers": workers,
-        "flip": flip,
-        "drop_last": drop_last,
-        "skip_corrupt": skip_corrupt,
-        "pixels": pixels,
-    }
-    if kind == "torch":
-        from dataio.torch_loader import build_train_loader
 
-        if torch.device(device).type == "cuda":
-            kwargs.setdefault("pin_memory", True)  # page-locked batches copy asynchronously
-        return build_train_loader(pack_dir, **common, **kwargs)
-    if kind == "dali":
-        from dataio.dali_loader import build_dali_loader
+    def decorator(builder: LoaderBuilder) -> LoaderBuilder:
+        if kind in _BUILDERS:
+            raise ValueError(f"loader kind {kind!r} is already registered")
+        _BUILDERS[kind] = builder
+        return builder
 
-        return build_dali_loader(pack_dir, device=device, **common, **kwargs)
-    raise ValueError(f"data.loader: unknown loader kind {kind!r}; expected one of {LOADER_KINDS}")
+    return decorator
+
+
+def loader_kinds() -> list[str]:
+    """The registered loader kinds, sorted."""
+    return sorted(_BUILDERS)
+
+
+def loader_builder(kind: str) -> LoaderBuilder:
+    """The builder registered as ``kind``; ValueError listing the known kinds otherwise."""
+    if kind not in _BUILDERS:
+        raise ValueError(
+            f"data.loader: unknown loader kind {kind!r}; expected one of {tuple(loader_kinds())}"
+        )
+    return _BUILDERS[kind]

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from dataio.align import AlignmentError, align_face, template_for
+from dataio.checks import check_int
 from dataio.layout import (
     IDX_NAME,
     PROPERTY_NAME,
@@ -734,10 +735,8 @@ def pack_image_folder(
         raise PackError(f"{src}: neither an image folder nor a list file")
     if not items:
         raise PackError(f"{src}: no image files found (extensions {IMAGE_EXTENSIONS})")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be a non-negative int, got {workers!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("workers", workers)
+    check_int("chunk_size", chunk_size, minimum=1)
     size_for_align: tuple[int, int] | None = None
     if align:
         size_for_align = _check_image_size(align_size)

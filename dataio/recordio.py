@@ -36,6 +36,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
+from dataio.checks import check_int
+
 MAGIC = 0xCED7230A
 """The dmlc RecordIO magic number (``RecordIOWriter::kMagic``)."""
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -356,9 +358,7 @@ class RecordWriter:
         """Append one record under ``key``; its offset goes to the index."""
         if self._rec is None or self._idx is None:
             raise RecordIOError(f"{self.rec_path}: write after close (key {key})")
-        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
-            raise ValueError(f"{self.rec_path}: key must be a non-negative int, got {key!r}")
-        key = int(key)
+        key = check_int(f"{self.rec_path}: key", key)
         if key in self._keys:
             raise ValueError(f"{self.rec_path}: duplicate key {key}")
         try:

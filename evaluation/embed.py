@@ -209,8 +209,8 @@ def _list_source(path: Path) -> ImageSource:
 
 
 def _pack_source(path: Path) -> ImageSource:
+    from dataio.decode import decode_image
     from dataio.pack import FacePack
-    from dataio.torch_loader import decode_image
 
     pack = FacePack(path)
     names = [str(int(k)) for k in pack.image_keys]

@@ -11,12 +11,16 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from dataio.dali_loader import DaliAugment, build_dali_loader, resolve_cache_dir  # noqa: E402
+from _loaders import dali_loader, make_loader  # noqa: E402
+
+from dataio.dali_index import resolve_cache_dir  # noqa: E402
 from dataio.fixtures import corrupt_record, write_test_pack  # noqa: E402
-from dataio.loading import TrainLoader, build_loader, to_model_input  # noqa: E402
+from dataio.loader_config import DaliAugment  # noqa: E402
+from dataio.loading import TrainLoader, to_model_input  # noqa: E402
 from dataio.pack import FacePack, PackError  # noqa: E402
+from dataio.pack_dataset import PackDataset  # noqa: E402
 from dataio.recordio import IRHeader, RecordWriter, pack_record, read_index  # noqa: E402
-from dataio.torch_loader import PackDataset, build_train_loader  # noqa: E402
+from dataio.torch_loader import build_train_loader  # noqa: E402
 
 LEVEL = 1.0 / 127.5  # one intensity level after (x - 127.5) / 127.5
 
@@ -43,7 +47,7 @@ def file_digest(path) -> str:
 
 def test_header_pack_read_without_repacking_and_agrees_with_torch(header_pack, tmp_path):
     digests = {p.name: file_digest(p) for p in header_pack.iterdir() if p.is_file()}
-    dali = build_dali_loader(
+    dali = dali_loader(
         header_pack, 0, 1, batch_size=4, seed=3, workers=2, flip=True, drop_last=False,
         cache_dir=tmp_path / "cache", with_keys=True,
     )  # fmt: skip
@@ -93,7 +97,7 @@ def test_headerless_vector_labels_and_default_cache_folder(tmp_path):
             label = [float(key % 3), 0.25] if key % 2 else float(key % 3)  # mixed label forms
             w.write(key, pack_record(IRHeader(0, label, key, 0), jpeg))
     (tmp_path / "property").write_text("3,8,8")
-    loader = build_dali_loader(
+    loader = dali_loader(
         tmp_path, 0, 1, batch_size=3, seed=0, workers=1, flip=False, with_keys=True
     )
     batches = run_epoch(loader, 0)
@@ -107,11 +111,11 @@ def test_headerless_vector_labels_and_default_cache_folder(tmp_path):
 def test_resume_mid_epoch_continues_with_unseen_records(header_pack, tmp_path):
     kw = dict(batch_size=3, seed=5, workers=1, flip=True, cache_dir=tmp_path, with_keys=True)
     for rank in (0, 1):
-        full = run_epoch(build_dali_loader(header_pack, rank, 2, **kw), 2)
+        full = run_epoch(dali_loader(header_pack, rank, 2, **kw), 2)
         assert len(full) == 4  # floor(14 / 3) batches of the 14- or 15-image shard
         shard_keys = {int(k) for _, _, ks in full for k in ks}
 
-        loader = build_dali_loader(header_pack, rank, 2, **kw)
+        loader = dali_loader(header_pack, rank, 2, **kw)
         loader.set_epoch(2)
         it = iter(loader)
         first = [next(it)[2].tolist() for _ in range(2)]
@@ -119,7 +123,7 @@ def test_resume_mid_epoch_continues_with_unseen_records(header_pack, tmp_path):
         assert state["kind"] == "dali" and (state["epoch"], state["batch"]) == (2, 2)
         assert first == [k.tolist() for _, _, k in full[:2]]  # same seed, same order
 
-        resumed = build_dali_loader(header_pack, rank, 2, **kw)
+        resumed = dali_loader(header_pack, rank, 2, **kw)
         assert resumed.load_state_dict(state) == (2, 2)
         assert len(resumed) == 2
         rest = [(x, y, k) for x, y, k in resumed]
@@ -142,8 +146,8 @@ def test_resume_mid_epoch_continues_with_unseen_records(header_pack, tmp_path):
                 err = min(float((x[j] - r).abs().max()) for r in (ref, ref.flip(-1)))
                 assert err <= LEVEL + 1e-6
 
-    saved = build_dali_loader(header_pack, 0, 2, **kw).state_dict() | {"batch": 1}
-    other = build_dali_loader(header_pack, 0, 3, **kw)
+    saved = dali_loader(header_pack, 0, 2, **kw).state_dict() | {"batch": 1}
+    other = dali_loader(header_pack, 0, 3, **kw)
     with pytest.raises(ValueError, match="world_size: saved 2, this loader 3"):
         other.load_state_dict(saved)
     # not strict: the saved epoch is abandoned, the next one starts from its first batch
@@ -159,14 +163,14 @@ def test_corrupt_record_raises_with_key_or_is_skipped(header_pack, tmp_path, kin
     bad_key = 9
     corrupt_record(pack, bad_key, kind)
     kw = dict(batch_size=4, seed=2, workers=1, flip=False, cache_dir=tmp_path / "c")
-    loader = build_dali_loader(pack, 0, 1, **kw)
+    loader = dali_loader(pack, 0, 1, **kw)
     loader.set_epoch(0)
     with pytest.raises(PackError, match=rf"train\.rec: key {bad_key}: ") as ei:
         for _ in loader:
             pass
     assert str(pack / "train.rec") in str(ei.value)
 
-    loader = build_dali_loader(pack, 0, 1, skip_corrupt=True, with_keys=True, **kw)
+    loader = dali_loader(pack, 0, 1, skip_corrupt=True, with_keys=True, **kw)
     for epoch in (0, 1):
         keys = [int(k) for _, _, ks in run_epoch(loader, epoch) for k in ks]
         assert len(keys) == 28 == len(set(keys)) and bad_key not in keys  # 7 full batches
@@ -182,7 +186,7 @@ def test_resume_replays_an_epoch_that_skipped_a_record(header_pack, tmp_path):
     shutil.copytree(header_pack, pack)
     corrupt_record(pack, 20, "jpeg")
     kw = dict(batch_size=3, seed=4, workers=1, flip=False, cache_dir=tmp_path / "c")
-    loader = build_dali_loader(pack, 0, 1, skip_corrupt=True, with_keys=True, **kw)
+    loader = dali_loader(pack, 0, 1, skip_corrupt=True, with_keys=True, **kw)
     loader.set_epoch(0)
     seen, state = [], None
     for _, _, ks in loader:
@@ -191,7 +195,7 @@ def test_resume_replays_an_epoch_that_skipped_a_record(header_pack, tmp_path):
             state = loader.state_dict()  # right after the first batch past the repair
     assert state is not None and state["parts"][0][1] == [20]
     done = state["batch"]
-    resumed = build_dali_loader(pack, 0, 1, skip_corrupt=True, with_keys=True, **kw)
+    resumed = dali_loader(pack, 0, 1, skip_corrupt=True, with_keys=True, **kw)
     resumed.load_state_dict(state)
     rest = [int(k) for _, _, ks in resumed for k in ks]
     consumed = [k for b in seen[:done] for k in b]
@@ -201,8 +205,8 @@ def test_resume_replays_an_epoch_that_skipped_a_record(header_pack, tmp_path):
 
 def test_augment_and_dispatcher(header_pack, tmp_path):
     kw = dict(rank=0, world_size=1, batch_size=5, seed=0, workers=1, flip=False)
-    plain = build_loader("dali", header_pack, cache_dir=tmp_path, with_keys=True, **kw)
-    jitter = build_loader(
+    plain = make_loader("dali", header_pack, cache_dir=tmp_path, with_keys=True, **kw)
+    jitter = make_loader(
         "dali", header_pack, cache_dir=tmp_path, with_keys=True, augment=DaliAugment(), **kw
     )
     (xa, _, ka), (xb, _, kb) = next(iter(plain)), next(iter(jitter))
@@ -210,10 +214,10 @@ def test_augment_and_dispatcher(header_pack, tmp_path):
     assert xb.shape == xa.shape and xb.min() >= -1 and xb.max() <= 1
     diff = (xb - xa).abs().mean(dim=(1, 2, 3))
     assert (diff > 2 * LEVEL).all()  # each image was jittered
-    torch_loader = build_loader("torch", header_pack, **kw)
+    torch_loader = make_loader("torch", header_pack, **kw)
     assert isinstance(torch_loader, TrainLoader) and len(torch_loader) == len(plain) == 5
     with pytest.raises(ValueError, match="data.loader: unknown loader kind 'mxnet'"):
-        build_loader("mxnet", header_pack, **kw)
+        make_loader("mxnet", header_pack, **kw)
     with pytest.raises(ValueError, match="DaliAugment.contrast must be in"):
         DaliAugment(contrast=1.5)
     assert build_train_loader  # the torch builder stays importable by its old name
@@ -221,8 +225,8 @@ def test_augment_and_dispatcher(header_pack, tmp_path):
 
 def test_uint8_pixels_match_the_float_pipeline(header_pack, tmp_path):
     kw = dict(batch_size=4, seed=2, workers=2, flip=True, with_keys=True, cache_dir=tmp_path)
-    floats = run_epoch(build_dali_loader(header_pack, 0, 1, **kw), 1)
-    raw = run_epoch(build_dali_loader(header_pack, 0, 1, pixels="uint8", **kw), 1)
+    floats = run_epoch(dali_loader(header_pack, 0, 1, **kw), 1)
+    raw = run_epoch(dali_loader(header_pack, 0, 1, pixels="uint8", **kw), 1)
     for (xf, yf, kf), (x8, y8, k8) in zip(floats, raw, strict=True):
         assert torch.equal(kf, k8) and torch.equal(yf, y8)  # same records, same order
         assert x8.dtype == torch.uint8 and x8.shape == (len(k8), 20, 18, 3)
@@ -233,8 +237,8 @@ def test_uint8_pixels_match_the_float_pipeline(header_pack, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_pipeline_matches_cpu(header_pack, tmp_path):
     kw = dict(batch_size=4, seed=1, workers=2, flip=True, with_keys=True, cache_dir=tmp_path)
-    cpu = run_epoch(build_dali_loader(header_pack, 0, 1, device="cpu", **kw), 0)
-    gpu = run_epoch(build_dali_loader(header_pack, 0, 1, device="cuda:0", **kw), 0)
+    cpu = run_epoch(dali_loader(header_pack, 0, 1, device="cpu", **kw), 0)
+    gpu = run_epoch(dali_loader(header_pack, 0, 1, device="cuda:0", **kw), 0)
     for (xc, yc, kc), (xg, yg, kg) in zip(cpu, gpu, strict=True):
         assert torch.equal(kc, kg) and torch.equal(yc, yg.cpu()) and xg.is_cuda
         assert float((xc - xg.cpu()).abs().max()) <= 2 * LEVEL

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _loaders import make_loader
 
 from dataio.fixtures import write_face2rec2_pack, write_recbuilder_pack, write_test_pack
 from dataio.inspect_pack import inspect_pack
 from dataio.layout import PackError, read_pack_facts, read_property
-from dataio.loading import build_loader
 from dataio.pack import FacePack
 from dataio.recordio import RecordReader, read_index
 
@@ -110,7 +110,7 @@ def test_loaders_read_every_image_once_with_its_label(
     seen: dict[int, int] = {}
     for rank in range(2):
         extra = {"cache_dir": tmp_path} if kind == "dali" else {}
-        loader = build_loader(
+        loader = make_loader(
             kind, packs[name], rank, 2, batch_size=3, seed=1, workers=0 if kind == "torch" else 1,
             flip=False, with_keys=True, **extra,
         )  # fmt: skip

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
+from _loaders import torch_loader
 
 from dataio.fixtures import write_test_pack
 from dataio.loading import to_model_input
-from dataio.torch_loader import PackDataset, build_train_loader
+from dataio.pack_dataset import PackDataset
 
 H, W = 8, 11
 
@@ -25,7 +26,7 @@ def pack(tmp_path_factory):
 
 def reference(pack_dir, epoch, seed=5):
     """Float32 batches of one epoch from the single-process loader (the expected output)."""
-    loader = build_train_loader(pack_dir, 0, 1, batch_size=3, seed=seed, workers=0)
+    loader = torch_loader(pack_dir, 0, 1, batch_size=3, seed=seed, workers=0)
     loader.set_epoch(epoch)
     return list(loader)
 
@@ -60,9 +61,7 @@ def test_to_model_input_rejects_other_batches():
 
 
 def test_workers_reuse_buffers_and_never_overwrite_a_held_batch(pack):
-    loader = build_train_loader(
-        pack, 0, 1, batch_size=3, seed=5, workers=2, pixels="uint8", prefetch_factor=1
-    )
+    loader = torch_loader(pack, 0, 1, batch_size=3, seed=5, workers=2, pixels="uint8", prefetch=1)
     assert loader.steps_per_epoch == 13
     for epoch in range(10):
         # Streaming: each batch is dropped before the next, so the workers cycle through
@@ -102,8 +101,8 @@ def test_an_abandoned_pass_leaks_no_buffer(pack, monkeypatch):
         return original(self, indices, out=out)
 
     monkeypatch.setattr(PackDataset, "load_batch", slow)  # inherited by the forked worker
-    kw = dict(batch_size=3, seed=5, workers=1, pixels="uint8", prefetch_factor=1)
-    loader = build_train_loader(pack, 0, 1, **kw)
+    kw = dict(batch_size=3, seed=5, workers=1, pixels="uint8", prefetch=1)
+    loader = torch_loader(pack, 0, 1, **kw)
     for epoch in range(3):
         loader.set_epoch(epoch)
         for i, _batch in enumerate(loader):
@@ -120,7 +119,7 @@ def test_an_abandoned_pass_leaks_no_buffer(pack, monkeypatch):
 def test_short_last_batch_and_reuse_off(pack):
     # 40 images in batches of 3, no drop_last: the last batch holds 1 image in its own
     # tensor, not in a view of a whole 3-image buffer.
-    loader = build_train_loader(
+    loader = torch_loader(
         pack, 0, 1, batch_size=3, seed=5, workers=2, pixels="uint8", drop_last=False
     )
     loader.set_epoch(0)
@@ -128,7 +127,7 @@ def test_short_last_batch_and_reuse_off(pack):
     assert [b.shape[0] for b in batches] == [3] * 13 + [1]
     assert batches[-1].untyped_storage().nbytes() == H * W * 3
     # Without reuse every batch is its own tensor; same pixels.
-    plain = build_train_loader(
+    plain = torch_loader(
         pack, 0, 1, batch_size=3, seed=5, workers=2, pixels="uint8", reuse_buffers=False
     )
     plain.set_epoch(1)

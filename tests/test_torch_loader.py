@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
+from _loaders import torch_loader
 from PIL import Image
 
 from dataio.pack import PackError, write_pack
+from dataio.pack_dataset import PackDataset
 from dataio.recordio import IRHeader, RecordWriter, pack_record
-from dataio.torch_loader import PackDataset, ShardSampler, build_train_loader
+from dataio.shard_sampler import ShardSampler
 
 H, W = 8, 10
 
@@ -182,8 +184,8 @@ def _epochs(loader, epochs):
 def test_loader_is_identical_for_any_worker_count(tmp_path):
     pack = make_pack(tmp_path / "p", n=26)
     kw = dict(rank=1, world_size=2, batch_size=4, seed=5, flip=True)
-    serial = _epochs(build_train_loader(pack, workers=0, **kw), [0, 1, 2])
-    parallel = _epochs(build_train_loader(pack, workers=2, **kw), [0, 1, 2])
+    serial = _epochs(torch_loader(pack, workers=0, **kw), [0, 1, 2])
+    parallel = _epochs(torch_loader(pack, workers=2, **kw), [0, 1, 2])
     assert [len(e) for e in serial] == [3, 3, 3]  # 13 per rank, drop_last -> 3 batches of 4
     for es, ep in zip(serial, parallel, strict=True):
         for (xs, ys), (xp, yp) in zip(es, ep, strict=True):
@@ -199,7 +201,7 @@ def test_loader_ranks_split_the_data_with_equal_steps(tmp_path):
     seen = []
     steps = []
     for rank in range(3):
-        loader = build_train_loader(pack, rank, 3, batch_size=4, seed=0, workers=0, flip=False)
+        loader = torch_loader(pack, rank, 3, batch_size=4, seed=0, workers=0, flip=False)
         loader.set_epoch(0)
         labels = [y for _, y in loader]
         steps.append(len(labels))
@@ -207,16 +209,16 @@ def test_loader_ranks_split_the_data_with_equal_steps(tmp_path):
     assert steps == [2, 2, 2]
     assert sorted(seen) == list(range(24))
 
-    resumed = build_train_loader(pack, 0, 3, batch_size=4, seed=0, workers=0, flip=False)
+    resumed = torch_loader(pack, 0, 3, batch_size=4, seed=0, workers=0, flip=False)
     resumed.set_epoch(0)
     full = [y.tolist() for _, y in resumed]
     resumed.set_epoch(0, start_batch=1)
     assert [y.tolist() for _, y in resumed] == full[1:]
 
     with pytest.raises(ValueError, match="fewer than batch_size=16: no full batch"):
-        build_train_loader(pack, 0, 3, batch_size=16, seed=0, workers=0)
+        torch_loader(pack, 0, 3, batch_size=16, seed=0, workers=0)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        build_train_loader(pack, 0, 3, batch_size=0, seed=0, workers=0)
+        torch_loader(pack, 0, 3, batch_size=0, seed=0, workers=0)
 
 
 # ------------------------------------------------------------------------------- resume, faults
@@ -228,12 +230,12 @@ def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
     pack = tmp_path / "p"
     write_test_pack(pack, [i % 5 for i in range(31)], size=(8, 8))
     kw = dict(batch_size=4, seed=2, flip=True, with_keys=True)
-    full = build_train_loader(pack, 1, 2, workers=0, **kw)
+    full = torch_loader(pack, 1, 2, workers=0, **kw)
     full.set_epoch(3)
     ref = [(x, y, k) for x, y, k in full]
     assert len(ref) == 3 and full.state_dict()["batch"] == 3  # 15 per rank -> 3 batches of 4
 
-    loader = build_train_loader(pack, 1, 2, workers=2, **kw)
+    loader = torch_loader(pack, 1, 2, workers=2, **kw)
     loader.set_epoch(3)
     it = iter(loader)
     next(it)
@@ -242,7 +244,7 @@ def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
         "kind": "torch", "epoch": 3, "batch": 1, "world_size": 2, "batch_size": 4,
         "seed": 2, "num_images": 31,
     }  # fmt: skip
-    resumed = build_train_loader(pack, 1, 2, workers=2, **kw)
+    resumed = torch_loader(pack, 1, 2, workers=2, **kw)
     assert resumed.load_state_dict(state) == (3, 1) and len(resumed) == 2
     rest = list(resumed)
     assert len(rest) == 2 and resumed.state_dict()["batch"] == 3
@@ -250,7 +252,7 @@ def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
         assert torch.equal(k, kr) and torch.equal(y, yr) and torch.equal(x, xr)
 
     with pytest.raises(ValueError, match="batch_size: saved 4, this loader 5"):
-        build_train_loader(pack, 1, 2, workers=0, batch_size=5, seed=2).load_state_dict(state)
+        torch_loader(pack, 1, 2, workers=0, batch_size=5, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="loader state 'batch' 9 is past the 3 batches"):
         resumed.load_state_dict(state | {"batch": 9})
     assert resumed.load_state_dict(state | {"kind": "dali"}, strict=False) == (4, 0)
@@ -268,11 +270,11 @@ def test_skip_corrupt_replaces_and_counts(tmp_path, workers, pixels):
     corrupt_record(pack, 8, "label")
     kw = dict(rank=0, world_size=1, batch_size=4, seed=0, flip=pixels == "uint8", pixels=pixels)
     if workers == 0:  # (a worker's error leaves persistent workers to time out at exit)
-        loader = build_train_loader(pack, with_keys=True, workers=0, **kw)
+        loader = torch_loader(pack, with_keys=True, workers=0, **kw)
         loader.set_epoch(0)
         with pytest.raises(PackError, match=r"train\.rec: key (5|8): "):
             list(loader)
-    loader = build_train_loader(pack, with_keys=True, skip_corrupt=True, workers=workers, **kw)
+    loader = torch_loader(pack, with_keys=True, skip_corrupt=True, workers=workers, **kw)
     loader.set_epoch(0)
     batches = list(loader)
     keys = [int(k) for _, _, ks in batches for k in ks]
