@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from backbones import create_backbone
-from dataio.loading import build_loader, to_model_input
+from dataio.loaders import LoaderConfig, build_loader
+from dataio.loading import to_model_input
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
@@ -125,19 +126,21 @@ class Trainer:
         self.partial_fc.count_steps = False  # _one_step counts optimizer steps instead
 
         tcfg = config.train
-        self.loader = build_loader(
-            config.data.loader,
-            config.data.train,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+        loader_config = LoaderConfig(
             batch_size=tcfg.batch_size,
             seed=config.run.seed,
             workers=config.data.workers,
             flip=config.data.flip,
-            drop_last=True,
             skip_corrupt=config.data.skip_corrupt,
-            device=ctx.device,
             pixels="uint8",  # normalised on ctx.device by to_model_input
+        )
+        self.loader = build_loader(
+            config.data.loader,
+            config.data.train,
+            loader_config,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=ctx.device,
         )
         self.accum = tcfg.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum
