@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dataio.fixtures import write_test_pack
+from dataio.loaders import DaliOptions, LoaderConfig, build_loader
 from dataio.loading import steps_per_epoch
 from dataio.pack import FacePack
-from dataio.torch_loader import build_train_loader
 
 N, B = 23, 3
 LABELS = [i * 7 // N for i in range(N)]
@@ -33,14 +33,11 @@ def pack_dir(request, tmp_path_factory):
 
 
 def build(kind, pack_dir, rank, world, drop_last, cache):
-    kw = dict(batch_size=B, seed=7, workers=0 if kind == "torch" else 1, flip=False)
-    if kind == "torch":
-        return build_train_loader(pack_dir, rank, world, drop_last=drop_last, with_keys=True, **kw)
-    from dataio.dali_loader import build_dali_loader
-
-    return build_dali_loader(
-        pack_dir, rank, world, drop_last=drop_last, with_keys=True, cache_dir=cache, **kw
-    )
+    config = LoaderConfig(
+        batch_size=B, seed=7, workers=0 if kind == "torch" else 1, flip=False,
+        drop_last=drop_last, with_keys=True, dali=DaliOptions(cache_dir=cache),
+    )  # fmt: skip
+    return build_loader(kind, pack_dir, config, rank=rank, world_size=world)
 
 
 @pytest.mark.parametrize("kind", ["torch", "dali"])
