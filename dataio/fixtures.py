@@ -15,7 +15,8 @@ import numpy as np
 import simplejpeg
 
 from dataio.layout import IDX_NAME, PROPERTY_NAME, REC_NAME, PackProperty, write_property
-from dataio.pack import PackInfo, write_pack
+from dataio.pack import PackInfo
+from dataio.packer import write_pack
 from dataio.recordio import IR_HEADER_SIZE, MAGIC, IRHeader, RecordWriter, pack_record
 
 MAGIC_BYTES = int(MAGIC).to_bytes(4, "little")

@@ -360,7 +360,7 @@ def write_synthetic_dataset(
     Training identities are 0..identities-1; the verification pairs come from
     ``val_identities`` other identities that training never sees (open-set evaluation).
     """
-    from dataio.pack import write_pack
+    from dataio.packer import write_pack
     from dataio.verification_bin import save_bin
 
     if identities < 1 or images_per_id < 1:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dataio.pack import write_pack
+from dataio.packer import write_pack
 from dataio.verification_bin import save_bin
 from evaluation.embed import (
     EmbeddingError,

@@ -10,7 +10,8 @@ import simplejpeg
 
 from dataio.fixtures import corrupt_record, smooth_image, write_test_pack
 from dataio.inspect_pack import format_report, inspect_pack
-from dataio.pack import PackError, write_pack
+from dataio.pack import PackError
+from dataio.packer import write_pack
 
 LABELS = [0, 0, 0, 1, 1, 2, 2, 2, 2, 4, 4, 4]  # class 3 has no image
 

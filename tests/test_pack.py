@@ -12,7 +12,8 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from dataio.pack import FacePack, PackError, PackInfo, pack_image_folder, write_pack
+from dataio.pack import FacePack, PackError, PackInfo
+from dataio.packer import pack_image_folder, write_pack
 from dataio.recordio import IRHeader, RecordReader, RecordWriter, pack_record
 from dataio.recordio import unpack_record as unpack
 

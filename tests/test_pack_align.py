@@ -8,7 +8,8 @@ import simplejpeg
 from PIL import Image
 
 from dataio.align import similarity_matrix, template_for, transform_points
-from dataio.pack import FacePack, PackError, pack_image_folder
+from dataio.pack import FacePack, PackError
+from dataio.packer import pack_image_folder
 
 
 def _photo(landmarks: np.ndarray, size=(200, 190)) -> np.ndarray:

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import dataio.pack as pack_mod
-from dataio.pack import FacePack, PackError, write_pack
+from dataio.pack import FacePack, PackError
+from dataio.packer import write_pack
 from dataio.recordio import IRHeader, pack_record, read_index, unpack_record
 
 COUNTS = [3, 9, 2, 11, 1, 14]  # images per class: boundaries at 1, 4, 13, 15, 26, 27, 41

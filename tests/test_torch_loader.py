@@ -12,8 +12,9 @@ import torch
 from _loaders import torch_loader
 from PIL import Image
 
-from dataio.pack import PackError, write_pack
+from dataio.pack import PackError
 from dataio.pack_dataset import PackDataset
+from dataio.packer import write_pack
 from dataio.recordio import IRHeader, RecordWriter, pack_record
 from dataio.shard_sampler import ShardSampler
 
