@@ -334,7 +334,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from dataio.pack import pack_image_folder
+    from dataio.packer import pack_image_folder
 
     info = pack_image_folder(
         args.image_dir,
