@@ -8,35 +8,55 @@ heads; the value is identical on every rank and the gradient reaches every embed
 - centre losses (center loss, Intra-, Inter-loss) add the rows whose class (centre) this rank
   holds and all-reduce the value (``ctx.sharded_sum``), like the softmax itself.
 
-Attach one with ``build_margin(name, aux={"triplet": {"weight": 0.1, "margin": 0.2}})`` or
-``head.add_aux_loss(name, loss, weight)``; ``build_margin("none", aux=...)`` uses them alone.
+Each loss has one typed config (``*Config``: fields, defaults, bounds and a docstring each) and
+is registered with it by ``@register_aux_loss``; a head's config names them under ``aux``:
+``{name: arcface, aux: {triplet: {weight: 0.1, margin: 0.2}}}`` (``AuxLosses`` is that
+section's model), or attach one with ``head.add_aux_loss(name, loss, weight)``; the ``none``
+head uses them alone.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, ValidationError
 from torch import nn
 
 from partialfc.collectives import all_reduce_inplace, all_reduce_with_grad
 from partialfc.context import MarginContext, ShardSpec
-from partialfc.margins import DEFAULT_EPS, check_number
+from partialfc.specs import (
+    DEFAULT_EPS,
+    AuxLossConfig,
+    aux_loss_entry,
+    aux_losses_model,
+    describe_errors,
+    register_aux_loss,
+    registered_aux_losses,
+)
 
 __all__ = [
+    "AngularTripletConfig",
     "AngularTripletLoss",
     "AuxLoss",
+    "AuxLosses",
+    "CenterConfig",
     "CenterLoss",
+    "ContrastiveConfig",
     "ContrastiveLoss",
+    "InterConfig",
     "InterLoss",
+    "IntraConfig",
     "IntraLoss",
+    "TripletConfig",
     "TripletLoss",
     "aux_loss_names",
     "build_aux_loss",
 ]
 
-MININGS = ("semi_hard", "batch_hard")
+Mining = Literal["semi_hard", "batch_hard"]
+"""Triplet mining: FaceNet's semi-hard negatives, or per anchor the hardest pair."""
 
 
 class AuxLoss(nn.Module):
@@ -104,19 +124,29 @@ def _mine(
     return dist[a_idx, p_idx], dist[a_idx, n_idx]
 
 
+class ContrastiveConfig(AuxLossConfig):
+    """DeepID2's verification loss (Sun et al. 2014) on every pair of the batch."""
+
+    margin: float = Field(1.0, gt=0.0)
+    """Distance below which a different-identity pair is penalised (1.0 suits the
+    L2-normalised embeddings; the paper uses raw features and tunes it)."""
+    normalize: bool = True
+    """Use L2-normalised embeddings (false: the raw ones, as in the paper)."""
+
+
+@register_aux_loss("contrastive", ContrastiveConfig)
 class ContrastiveLoss(AuxLoss):
     """DeepID2's verification loss (Sun et al. 2014) over all pairs of the gathered batch.
 
     ``1/2 |f_i - f_j|^2`` for same-identity pairs, ``1/2 max(0, margin - |f_i - f_j|)^2`` for
-    different ones, averaged over the ``N (N - 1) / 2`` pairs. ``normalize=True`` (default)
-    uses L2-normalised embeddings, where a margin of 1.0 (default) is meaningful; the paper
-    uses raw features and tunes the margin. Replicated (no collective beyond the gather).
+    different ones, averaged over the ``N (N - 1) / 2`` pairs, on L2-normalised embeddings
+    unless ``normalize`` is off. Replicated (no collective beyond the gather).
     """
 
-    def __init__(self, margin: float = 1.0, normalize: bool = True) -> None:
+    def __init__(self, config: ContrastiveConfig) -> None:
         super().__init__()
-        self.margin = check_number("margin", margin, positive=True)
-        self.normalize = bool(normalize)
+        self.margin = config.margin
+        self.normalize = config.normalize
 
     def forward(self, ctx: MarginContext) -> torch.Tensor:
         emb = ctx.require("normalized" if self.normalize else "embeddings", "contrastive")
@@ -134,21 +164,29 @@ class ContrastiveLoss(AuxLoss):
         return ctx.replicated(value)
 
 
+class TripletConfig(AuxLossConfig):
+    """FaceNet's triplet loss (Schroff et al. 2015) with online mining."""
+
+    margin: float = 0.2
+    """Margin between the squared anchor-positive and anchor-negative distances (FaceNet)."""
+    mining: Mining = "semi_hard"
+    """semi_hard (FaceNet): per (anchor, positive) the closest negative farther than the
+    positive; batch_hard: per anchor its farthest positive and closest negative."""
+
+
+@register_aux_loss("triplet", TripletConfig)
 class TripletLoss(AuxLoss):
     """FaceNet's triplet loss (Schroff et al. 2015) with online mining on the gathered batch.
 
     ``[|f_a - f_p|^2 - |f_a - f_n|^2 + margin]_+`` on L2-normalised embeddings (squared
-    distances, margin 0.2 as in FaceNet), averaged over the mined triplets; ``mining`` is
-    ``"semi_hard"`` (FaceNet, default) or ``"batch_hard"`` (per anchor, farthest positive and
-    closest negative). 0 when the batch has no valid triplet. Replicated.
+    distances), averaged over the mined triplets (``mining``, see ``TripletConfig``). 0 when
+    the batch has no valid triplet. Replicated.
     """
 
-    def __init__(self, margin: float = 0.2, mining: str = "semi_hard") -> None:
+    def __init__(self, config: TripletConfig) -> None:
         super().__init__()
-        self.margin = check_number("margin", margin)
-        if mining not in MININGS:
-            raise ValueError(f"mining must be one of {MININGS}, got {mining!r}")
-        self.mining = mining
+        self.margin = config.margin
+        self.mining = config.mining
 
     def distances(self, emb: torch.Tensor) -> torch.Tensor:
         """Squared Euclidean distances [N, N] of normalised embeddings (2 - 2 cos)."""
@@ -165,23 +203,41 @@ class TripletLoss(AuxLoss):
         return ctx.replicated(value)
 
 
+class AngularTripletConfig(AuxLossConfig):
+    """The ArcFace paper's Triplet-loss, in angles."""
+
+    margin: float = 0.35
+    """Angular margin in radians (the ArcFace paper's loss comparison)."""
+    mining: Mining = "semi_hard"
+    """As for ``triplet``: semi_hard or batch_hard."""
+    eps: float = Field(DEFAULT_EPS, gt=0.0, lt=0.5)
+    """arccos clamp: angles from clamp(cos, -1+eps, 1-eps)."""
+
+
+@register_aux_loss("angular_triplet", AngularTripletConfig)
 class AngularTripletLoss(TripletLoss):
     """The ArcFace paper's Triplet-loss: ``[theta_ap + margin - theta_an]_+`` in angles.
 
-    ``theta = arccos(xhat_a . xhat_b)`` (clamped by ``eps``), margin 0.35 rad as in the
-    ArcFace paper's loss comparison; same mining options as ``TripletLoss``. Replicated.
+    ``theta = arccos(xhat_a . xhat_b)`` (clamped by ``eps``); same mining options as
+    ``TripletLoss``. Replicated.
     """
 
-    def __init__(
-        self, margin: float = 0.35, mining: str = "semi_hard", eps: float = DEFAULT_EPS
-    ) -> None:
-        super().__init__(margin=margin, mining=mining)
-        self.eps = check_number("eps", eps, positive=True)
+    def __init__(self, config: AngularTripletConfig) -> None:  # type: ignore[override]
+        super().__init__(TripletConfig(margin=config.margin, mining=config.mining))
+        self.eps = config.eps
 
     def distances(self, emb: torch.Tensor) -> torch.Tensor:
         return torch.acos((emb @ emb.T).clamp(-1.0 + self.eps, 1.0 - self.eps))
 
 
+class CenterConfig(AuxLossConfig):
+    """Center loss (Wen et al. 2016): pulls embeddings to their class centre."""
+
+    alpha: float = Field(0.5, gt=0.0, le=1.0)
+    """The centres' update rate, in (0, 1] (paper: 0.5)."""
+
+
+@register_aux_loss("center", CenterConfig)
 class CenterLoss(AuxLoss):
     """Center loss (Wen et al. 2016): ``1/(2N) sum_i |x_i - c_{y_i}|^2`` on raw embeddings.
 
@@ -206,16 +262,11 @@ class CenterLoss(AuxLoss):
     which is the update of one batch made of all micro-batches; the optimizer's
     ``zero_grad`` drops them (``discard_update``: a skipped step moves no centre).
     Each rank adds the rows whose class it owns; the value is all-reduced.
-
-    Args:
-        alpha: the centres' update rate, in (0, 1] (paper: 0.5).
     """
 
-    def __init__(self, alpha: float = 0.5) -> None:
+    def __init__(self, config: CenterConfig) -> None:
         super().__init__()
-        self.alpha = check_number("alpha", alpha)
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha (the centres' update rate) must be in (0, 1], got {alpha}")
+        self.alpha = config.alpha
         # Recorded since the last step: local classes [U], sums of x [U, D], counts [U].
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -274,6 +325,14 @@ class CenterLoss(AuxLoss):
         self._pending = None
 
 
+class IntraConfig(AuxLossConfig):
+    """The ArcFace paper's Intra-loss: the mean target angle (needs a classifier head)."""
+
+    eps: float = Field(DEFAULT_EPS, gt=0.0, lt=0.5)
+    """arccos clamp: angles from clamp(cos, -1+eps, 1-eps)."""
+
+
+@register_aux_loss("intra", IntraConfig)
 class IntraLoss(AuxLoss):
     """The ArcFace paper's Intra-loss: ``(1/pi) mean_i theta_{y_i}`` (pull to the centre).
 
@@ -282,15 +341,23 @@ class IntraLoss(AuxLoss):
 
     needs_classifier = True
 
-    def __init__(self, eps: float = DEFAULT_EPS) -> None:
+    def __init__(self, config: IntraConfig) -> None:
         super().__init__()
-        self.eps = check_number("eps", eps, positive=True)
+        self.eps = config.eps
 
     def forward(self, ctx: MarginContext) -> torch.Tensor:
         theta = torch.acos(ctx.target_cos.clamp(-1.0 + self.eps, 1.0 - self.eps))  # [R]
         return ctx.sharded_sum(theta.sum()) / (math.pi * max(ctx.num_rows, 1))
 
 
+class InterConfig(AuxLossConfig):
+    """The ArcFace paper's Inter-loss: pushes class centres apart (needs a classifier head)."""
+
+    eps: float = Field(DEFAULT_EPS, gt=0.0, lt=0.5)
+    """arccos clamp: angles from clamp(cos, -1+eps, 1-eps)."""
+
+
+@register_aux_loss("inter", InterConfig)
 class InterLoss(AuxLoss):
     """The ArcFace paper's Inter-loss: ``-(1/pi) mean_{i, j != y_i} arccos(W_{y_i} . W_j)``.
 
@@ -303,9 +370,9 @@ class InterLoss(AuxLoss):
 
     needs_classifier = True
 
-    def __init__(self, eps: float = DEFAULT_EPS) -> None:
+    def __init__(self, config: InterConfig) -> None:
         super().__init__()
-        self.eps = check_number("eps", eps, positive=True)
+        self.eps = config.eps
 
     def forward(self, ctx: MarginContext) -> torch.Tensor:
         w_t = ctx.target_centers()  # [R, D]
@@ -325,37 +392,34 @@ class InterLoss(AuxLoss):
         return -ctx.sharded_sum(total) / (math.pi * count.clamp(min=1.0).to(ang.dtype)[0])
 
 
-_AUX: dict[str, tuple[type[AuxLoss], dict[str, Any]]] = {
-    "contrastive": (ContrastiveLoss, {"margin": 1.0, "normalize": True}),
-    "triplet": (TripletLoss, {"margin": 0.2, "mining": "semi_hard"}),
-    "angular_triplet": (AngularTripletLoss, {"margin": 0.35, "mining": "semi_hard"}),
-    "center": (CenterLoss, {"alpha": 0.5}),
-    "intra": (IntraLoss, {}),
-    "inter": (InterLoss, {}),
-}
+AuxLosses = aux_losses_model()
+"""A head's ``aux`` section: one optional field per loss registered above."""
 
 
 def aux_loss_names() -> list[str]:
-    """Names accepted by ``build_aux_loss``, sorted."""
-    return sorted(_AUX)
+    """Names of the registered auxiliary losses (the keys of ``aux``), sorted."""
+    return [entry.name for entry in registered_aux_losses()]
 
 
-def build_aux_loss(name: str, **kwargs: Any) -> AuxLoss:
-    """Build an auxiliary loss by name; keyword arguments override the documented defaults.
+def build_aux_loss(config: AuxLossConfig | str, **kwargs: Any) -> AuxLoss:
+    """Build an auxiliary loss from its config, or from a name and the config's fields
+    (validated by the model; its defaults apply). ``weight`` is the caller's business
+    (``MarginHead.add_aux_loss``).
 
-    - ``"contrastive"``: margin=1.0, normalize=True (DeepID2 on normalised embeddings)
-    - ``"triplet"``: margin=0.2, mining="semi_hard" (FaceNet)
-    - ``"angular_triplet"``: margin=0.35, mining="semi_hard" (ArcFace paper), eps
-    - ``"center"``: alpha=0.5, the centres' update rate (weight 0.003 in the paper, given as
-      the aux weight)
-    - ``"intra"``, ``"inter"``: eps only (ArcFace paper)
+    Raises:
+        ValueError: unknown name (the known ones listed), or a bad field (named).
     """
-    if name not in _AUX:
-        raise ValueError(f"unknown auxiliary loss {name!r}; known: {aux_loss_names()}")
-    cls, defaults = _AUX[name]
-    try:
-        return cls(**{**defaults, **kwargs})
-    except TypeError as exc:
-        raise ValueError(
-            f"auxiliary loss {name!r}: bad arguments {sorted(kwargs)} ({exc})"
-        ) from exc
+    if isinstance(config, str):
+        entry = aux_loss_entry(config)
+        if entry is None:
+            raise ValueError(f"unknown auxiliary loss {config!r}; known: {aux_loss_names()}")
+        try:
+            config = entry.config.model_validate(kwargs)
+        except ValidationError as exc:
+            raise ValueError(f"auxiliary loss {entry.name!r}: {describe_errors(exc)}") from None
+    elif kwargs:
+        raise ValueError("build_aux_loss: give a config or a name with fields, not both")
+    for entry in registered_aux_losses():
+        if type(config) is entry.config:
+            return entry.loss(config)
+    raise ValueError(f"{type(config).__name__} is not a registered auxiliary loss config")

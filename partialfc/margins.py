@@ -9,8 +9,13 @@ ArcFace is ``m1=1, m3=0``, CosFace / AM-Softmax ``m1=1, m2=0``, NormFace has no 
 arccos form of SphereFace is ``m1=1.35``. Because Partial FC shards and samples the class
 centres, a row's target class may live on another rank; such rows carry ``target == -1`` and
 only get ``s * cos`` here. Heads that also reshape negatives or keep state live in
-``partialfc.heads``; auxiliary embedding losses in ``partialfc.aux_losses``; the registry of
-names in ``partialfc.registry``.
+``partialfc.heads``, ``partialfc.negative_heads`` and ``partialfc.adaptive_heads``; auxiliary
+embedding losses in ``partialfc.aux_losses``; the union of every head's config and
+``build_margin`` in ``partialfc.registry``.
+
+Every head has one config model (a ``HeadConfig`` with ``name: Literal[...]``, its fields,
+defaults, bounds and a docstring each) and is built from it: ``CombinedMargin(ArcFaceConfig(s=
+32))``. ``@register_head`` files model and class under the name (see ``partialfc.specs``).
 
 The head interface (``MarginHead``):
 
@@ -34,52 +39,37 @@ The head interface (``MarginHead``):
 from __future__ import annotations
 
 import math
-from typing import Any
+import typing
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from partialfc.aux_losses import AuxLosses
 from partialfc.context import MarginContext, ShardSpec
+from partialfc.specs import DEFAULT_EPS, SpecModel, register_head
 
 __all__ = [
-    "ARCFACE_DEFAULTS",
-    "COSFACE_DEFAULTS",
     "DEFAULT_EPS",
     "FALLBACKS",
-    "NORMFACE_DEFAULTS",
-    "SPHEREFACE_ARCCOS_DEFAULTS",
+    "ArcFaceConfig",
+    "CombinedConfig",
+    "CombinedFormConfig",
     "CombinedMargin",
+    "CosFaceConfig",
+    "HeadConfig",
+    "InterclassFilteringConfig",
     "MarginHead",
-    "build_margin",
+    "NormFaceConfig",
+    "SphereFaceArccosConfig",
     "check_number",
-    "margin_names",
     "monotone_psi",
 ]
 
-DEFAULT_EPS = 1e-7
-"""Clamp for ``arccos``: theta is computed from ``clamp(cos, -1+eps, 1-eps)``.
-
-At |cos| = 1 the derivative of ``arccos`` is infinite; clamping keeps every gradient finite
-(about ``1/sqrt(2*eps)`` at the clamp edge) at the cost of a target-logit error of at most
-about ``s * sqrt(2*eps) * sin(m2)`` for cosines within ``eps`` of +-1. ``1e-7`` is close to the
-float32 spacing below 1 (6e-8), so the clamp only bites where float32 cannot resolve the angle
-anyway.
-"""
-
-ARCFACE_DEFAULTS: dict[str, Any] = {"s": 64.0, "m2": 0.5, "easy_margin": False}
-"""ArcFace paper (Deng et al. 2019) / insightface defaults: scale 64, additive angle 0.5 rad."""
-
-COSFACE_DEFAULTS: dict[str, Any] = {"s": 64.0, "m3": 0.4}
-"""CosFace (Wang et al. 2018) as used by insightface: scale 64, additive cosine margin 0.4."""
-
-NORMFACE_DEFAULTS: dict[str, Any] = {"s": 64.0}
-"""NormFace without margin; scale 64 to match the other heads (the paper learns/tunes s)."""
-
-SPHEREFACE_ARCCOS_DEFAULTS: dict[str, Any] = {"s": 64.0, "m1": 1.35}
-"""The arccos form of SphereFace used by insightface's combined margin: cos(1.35 * theta)."""
-
-FALLBACKS = ("auto", "thmm", "easy", "psi", "none")
-"""What the target logit does where ``m1 * theta + m2`` passes pi (see ``CombinedMargin``)."""
+Fallback = Literal["auto", "thmm", "easy", "psi", "none"]
+FALLBACKS: tuple[str, ...] = typing.get_args(Fallback)
+"""What the target logit does where ``m1 * theta + m2`` passes pi (see ``CombinedFormConfig``)."""
 
 
 def check_number(name: str, value: object, *, positive: bool = False, finite: bool = True) -> float:
@@ -103,6 +93,21 @@ def monotone_psi(phi: torch.Tensor) -> torch.Tensor:
     k = torch.floor(phi.detach() / math.pi)
     sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
     return sign * torch.cos(phi) - 2.0 * k
+
+
+class HeadConfig(SpecModel):
+    """Base of every head's config: its ``name`` (a ``Literal`` in each head's model, the
+    discriminator of ``partialfc.margin``) and the auxiliary losses added to it."""
+
+    name: str
+    """The head's registered name (or an alias)."""
+    aux: AuxLosses = Field(default_factory=AuxLosses)  # type: ignore[valid-type]
+    """Auxiliary embedding losses added to the head, each with its weight and fields, e.g.
+    {center: {weight: 0.003, alpha: 0.5}, triplet: {weight: 0.1}} (partialfc.aux_losses)."""
+
+    def aux_configs(self) -> dict[str, SpecModel]:
+        """The attached auxiliary losses: name -> config (the ones set, in field order)."""
+        return {k: v for k, v in self.aux if v is not None}
 
 
 class MarginHead(nn.Module):
@@ -224,74 +229,45 @@ class MarginHead(nn.Module):
         return self.logits(ctx)
 
 
-class CombinedMargin(MarginHead):
-    """Combined angular margin ``s * (cos(m1*theta + m2) - m3)`` on the target column.
+class CombinedFormConfig(HeadConfig):
+    """Options of every head of the combined formula ``s * (cos(m1*theta + m2) - m3)``."""
 
-    Args:
-        s: logit scale (> 0). Normalised cosines live in [-1, 1]; the scale sharpens the softmax.
-        m1: multiplicative angular margin (SphereFace-style, > 0; 1 = none).
-        m2: additive angular margin in radians (ArcFace, in [0, pi); 0 = none).
-        m3: additive cosine margin (CosFace; 0 = none).
-        easy_margin: shorthand for ``fallback="easy"``.
-        eps: arccos clamp, see ``DEFAULT_EPS``.
-        fallback: where ``m1 * theta + m2`` would pass pi, ``cos(m1*theta + m2)`` stops
-            decreasing in theta, so the margin would reward moving away from the centre.
-            ``"thmm"`` (ArcFace, insightface's rule, needs m1 == 1): ``cos(theta + m2)`` where
-            ``cos > cos(pi - m2)``, else ``cos - m2 * sin(m2)``. ``"easy"`` (needs m1 == 1):
-            the margin only where ``cos > 0``, else plain ``cos``. ``"psi"``: SphereFace's
-            monotone continuation ``(-1)^k cos(phi) - 2k`` of ``cos(phi)``, phi = m1*theta+m2,
-            for any m1, m2. ``"none"``: the raw formula. ``"auto"`` (default): ``"thmm"`` for
-            the ArcFace form (m1 == 1, m2 > 0, m3 == 0), ``"psi"`` for every other form with
-            an angle. Irrelevant when m1 == 1 and m2 == 0 (no arccos at all, exact).
-        interclass_filtering_threshold: insightface's noisy-label filter: when > 0, every
-            non-target cosine above it is set to 0 before scaling (a "negative" that close is
-            more likely the same identity under another label). <= 0 = off (insightface's
-            meaning: a negative threshold does not filter either).
+    s: float = Field(64.0, gt=0.0)
+    """Logit scale: normalised cosines live in [-1, 1]; the scale sharpens the softmax."""
+    eps: float = Field(DEFAULT_EPS, gt=0.0, lt=0.5)
+    """arccos clamp: theta from clamp(cos, -1+eps, 1-eps) (see partialfc.specs.DEFAULT_EPS)."""
+    fallback: Fallback = "auto"
+    """Where m1*theta + m2 passes pi, cos(m1*theta + m2) stops decreasing in theta (the margin
+    would reward moving away from the centre). thmm (ArcFace, insightface's rule, m1 = 1):
+    cos(theta + m2) where cos > cos(pi - m2), else cos - m2 sin(m2); easy (ArcFace form only):
+    the margin only where cos > 0; psi: SphereFace's monotone continuation (-1)^k cos(phi) - 2k,
+    any m1, m2; none: the raw formula; auto: thmm for the ArcFace form (m1 = 1, m2 > 0,
+    m3 = 0), psi for other forms with an angle."""
+    interclass_filtering_threshold: float = Field(0.0, ge=-1.0, lt=1.0)
+    """insightface's noisy-label filter: when > 0, every non-target cosine above it is set to
+    0 before scaling (a negative that close is likely the same identity); <= 0 = off."""
 
-    Only the target entries are transformed, so the arccos work is O(N), not O(N*S); without
-    filtering the head is fused (``fused_scale == s``).
-    """
+    def margins(self) -> tuple[float, float, float]:
+        """``(m1, m2, m3)`` of the formula."""
+        raise NotImplementedError(type(self).__name__)
 
-    def __init__(
-        self,
-        s: float,
-        m1: float = 1.0,
-        m2: float = 0.0,
-        m3: float = 0.0,
-        easy_margin: bool = False,
-        eps: float = DEFAULT_EPS,
-        fallback: str = "auto",
-        interclass_filtering_threshold: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.s = check_number("s", s, positive=True)
-        self.m1 = check_number("m1", m1, positive=True)
-        self.m2 = check_number("m2", m2)
-        self.m3 = check_number("m3", m3)
-        self.eps = check_number("eps", eps)
-        self.interclass_filtering_threshold = check_number(
-            "interclass_filtering_threshold", interclass_filtering_threshold
-        )
-        if not 0 <= self.m2 < math.pi:
-            raise ValueError(f"m2 must be in [0, pi), got {m2}")
-        if not 0 < self.eps < 0.5:
-            raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-        if not -1.0 <= self.interclass_filtering_threshold < 1.0:
-            raise ValueError(
-                "interclass_filtering_threshold must be in [-1, 1) (<= 0 = off), got "
-                f"{interclass_filtering_threshold}"
-            )
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-        self._no_angle = self.m1 == 1.0 and self.m2 == 0.0
-        arcface_form = self.m1 == 1.0 and self.m3 == 0.0 and self.m2 > 0.0
-        if easy_margin:
+    def easy(self) -> bool:
+        """Whether ``easy_margin`` asks for the ``easy`` fallback (heads that offer it)."""
+        return False
+
+    def resolved_fallback(self) -> str:
+        """The fallback ``auto`` / ``easy_margin`` stand for; ValueError if it cannot apply."""
+        m1, m2, m3 = self.margins()
+        no_angle = m1 == 1.0 and m2 == 0.0
+        arcface_form = m1 == 1.0 and m3 == 0.0 and m2 > 0.0
+        fallback: str = self.fallback
+        if self.easy():
             if fallback not in ("auto", "easy"):
                 raise ValueError(f"easy_margin=True contradicts fallback={fallback!r}")
             fallback = "easy"
         if fallback == "auto":
-            fallback = "thmm" if arcface_form else ("psi" if not self._no_angle else "none")
-        if fallback in ("thmm", "easy") and self.m1 != 1.0:
+            fallback = "thmm" if arcface_form else ("psi" if not no_angle else "none")
+        if fallback in ("thmm", "easy") and m1 != 1.0:
             raise ValueError(
                 f"fallback {fallback!r} (easy_margin) only applies to m1 == 1, got m1={m1}"
             )
@@ -300,8 +276,123 @@ class CombinedMargin(MarginHead):
                 "easy_margin only applies to the ArcFace form (m1=1, m2>0, m3=0), "
                 f"got m1={m1}, m2={m2}, m3={m3}"
             )
-        self.fallback = fallback
-        self.easy_margin = fallback == "easy"
+        return fallback
+
+    @model_validator(mode="after")
+    def _fallback_applies(self) -> CombinedFormConfig:
+        self.resolved_fallback()
+        return self
+
+
+class NormFaceConfig(CombinedFormConfig):
+    """NormFace: normalised softmax, no margin (the paper learns or tunes s)."""
+
+    name: Literal["normface"] = "normface"
+    """NormFace."""
+
+    def margins(self) -> tuple[float, float, float]:
+        return 1.0, 0.0, 0.0
+
+
+class ArcFaceConfig(CombinedFormConfig):
+    """ArcFace (Deng et al. 2019): additive angular margin, insightface's defaults."""
+
+    name: Literal["arcface"] = "arcface"
+    """ArcFace."""
+    m2: float = Field(0.5, ge=0.0, lt=math.pi)
+    """Additive angular margin in radians: target cos(theta + m2)."""
+    easy_margin: bool = False
+    """Shorthand for fallback=easy: the margin only where cos > 0."""
+
+    def margins(self) -> tuple[float, float, float]:
+        return 1.0, self.m2, 0.0
+
+    def easy(self) -> bool:
+        return self.easy_margin
+
+
+class CosFaceConfig(CombinedFormConfig):
+    """CosFace / AM-Softmax (Wang et al. 2018): additive cosine margin, as insightface uses it."""
+
+    name: Literal["cosface", "am_softmax"] = "cosface"
+    """CosFace (alias am_softmax)."""
+    m3: float = 0.4
+    """Additive cosine margin: target cos(theta) - m3."""
+
+    def margins(self) -> tuple[float, float, float]:
+        return 1.0, 0.0, self.m3
+
+
+class CombinedConfig(CombinedFormConfig):
+    """The combined margin (insightface): every margin given, there is no standard one."""
+
+    name: Literal["combined"] = "combined"
+    """The general combined margin."""
+    s: float = Field(gt=0.0)
+    """Logit scale (required)."""
+    m1: float = Field(gt=0.0)
+    """Multiplicative angular margin (SphereFace-style; 1 = none; required)."""
+    m2: float = Field(ge=0.0, lt=math.pi)
+    """Additive angular margin in radians (ArcFace; 0 = none; required)."""
+    m3: float
+    """Additive cosine margin (CosFace; 0 = none; required)."""
+    easy_margin: bool = False
+    """Shorthand for fallback=easy (ArcFace form only)."""
+
+    def margins(self) -> tuple[float, float, float]:
+        return self.m1, self.m2, self.m3
+
+    def easy(self) -> bool:
+        return self.easy_margin
+
+
+class SphereFaceArccosConfig(CombinedFormConfig):
+    """The arccos form of SphereFace in insightface's combined margin: cos(m1 * theta)."""
+
+    name: Literal["sphereface_arccos"] = "sphereface_arccos"
+    """SphereFace, arccos form."""
+    m1: float = Field(1.35, gt=0.0)
+    """Multiplicative angular margin: target cos(m1 * theta) (psi fallback past pi)."""
+
+    def margins(self) -> tuple[float, float, float]:
+        return self.m1, 0.0, 0.0
+
+
+class InterclassFilteringConfig(ArcFaceConfig):
+    """ArcFace with insightface's inter-class filtering of noisy labels."""
+
+    name: Literal["interclass_filtering"] = "interclass_filtering"  # type: ignore[assignment]
+    """ArcFace with inter-class filtering."""
+    interclass_filtering_threshold: float = Field(ge=-1.0, lt=1.0)
+    """Required (insightface ships 0 = off; there is no published value): non-target cosines
+    above it are set to 0 before scaling; <= 0 = off."""
+
+
+@register_head(NormFaceConfig)
+@register_head(ArcFaceConfig)
+@register_head(CosFaceConfig)
+@register_head(CombinedConfig)
+@register_head(SphereFaceArccosConfig)
+@register_head(InterclassFilteringConfig)
+class CombinedMargin(MarginHead):
+    """Combined angular margin ``s * (cos(m1*theta + m2) - m3)`` on the target column.
+
+    Built from any ``CombinedFormConfig`` (its fields are documented there): ArcFace is
+    ``m1=1, m3=0``, CosFace ``m1=1, m2=0``, NormFace no margin, the arccos SphereFace
+    ``m2=m3=0``; ``combined`` takes all three. Only the target entries are transformed, so the
+    arccos work is O(N), not O(N*S); without inter-class filtering the head is fused
+    (``fused_scale == s``).
+    """
+
+    def __init__(self, config: CombinedFormConfig) -> None:
+        super().__init__()
+        self.s = config.s
+        self.m1, self.m2, self.m3 = config.margins()
+        self.eps = config.eps
+        self.interclass_filtering_threshold = config.interclass_filtering_threshold
+        self.fallback = config.resolved_fallback()
+        self._no_angle = self.m1 == 1.0 and self.m2 == 0.0
+        self.easy_margin = self.fallback == "easy"
         # insightface's names: th = cos(pi - m2), mm = sin(pi - m2) * m2 = sin(m2) * m2.
         self._th = math.cos(math.pi - self.m2)
         self._mm = math.sin(math.pi - self.m2) * self.m2
@@ -349,17 +440,3 @@ class CombinedMargin(MarginHead):
         filtered = cos.masked_fill(dirty, 0.0)  # [N, S]
         new_t = self.target_logits(ctx, ctx.target_cos)  # [R]
         return (filtered * self.s).index_put((ctx.rows, ctx.cols), new_t.to(cos.dtype))
-
-
-def build_margin(name: str, **kwargs: Any) -> MarginHead:
-    """Build a margin head by name; see ``partialfc.registry.build_margin``."""
-    from partialfc.registry import build_margin as _build  # the registry imports every head
-
-    return _build(name, **kwargs)
-
-
-def margin_names() -> list[str]:
-    """Names accepted by ``build_margin``, sorted."""
-    from partialfc.registry import margin_names as _names
-
-    return _names()

@@ -1,224 +1,207 @@
-"""Names -> margin heads, with their documented defaults; how configs build heads.
+"""Names -> margin heads: the union of every registered head's config, and how configs build
+heads.
 
-``build_margin(name, **kwargs)`` is what the trainer calls with ``partialfc.margin`` and
-``partialfc.margin_kwargs``. Every head also accepts ``aux``: a mapping ``{aux name: {"weight":
-w, **aux kwargs}}`` of auxiliary embedding losses added to it (see ``partialfc.aux_losses``).
+Importing this module imports every module that defines heads, so each ``@register_head`` has
+run; ``MarginConfig`` is then the discriminated union (on ``name``) of the registered config
+models -- the type of the run config's ``partialfc.margin``::
+
+    partialfc:
+      margin: {name: cosface, s: 64, m3: 0.35, aux: {center: {weight: 0.003, alpha: 0.5}}}
+
+``build_margin(config)`` builds the head of a validated config and attaches its auxiliary
+losses; ``build_margin("cosface", s=64, m3=0.35)`` validates name and fields through the same
+model first (the defaults live in the models only). ``reference_markdown()`` is the README's
+table of heads and auxiliary losses (``python docs/update_readme.py`` writes it there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import textwrap
+import typing
+from difflib import get_close_matches
+from typing import Annotated, Any
 
-from partialfc.aux_losses import build_aux_loss
-from partialfc.heads import (
-    ADAFACE_DEFAULTS,
-    CIRCLE_DEFAULTS,
-    CURRICULAR_DEFAULTS,
-    DISCFACE_DEFAULTS,
-    LSOFTMAX_DEFAULTS,
-    MAGFACE_DEFAULTS,
-    MV_ARC_DEFAULTS,
-    MV_SOFTMAX_DEFAULTS,
-    NPCFACE_DEFAULTS,
-    SPHEREFACE_DEFAULTS,
-    SUBCENTER_DEFAULTS,
-    AdaFace,
-    CircleLoss,
-    CurricularFace,
-    DiscFace,
-    LargeMarginSoftmax,
-    MagFace,
-    MVSoftmax,
-    NoClassifier,
-    NPCFace,
-    Softmax,
-    SubCenterArcFace,
-)
-from partialfc.margins import (
-    ARCFACE_DEFAULTS,
-    COSFACE_DEFAULTS,
-    NORMFACE_DEFAULTS,
-    SPHEREFACE_ARCCOS_DEFAULTS,
-    CombinedMargin,
-    MarginHead,
+from pydantic import Field, TypeAdapter, ValidationError
+
+# Imported for their @register_head decorators (and the heads they define).
+from partialfc import adaptive_heads, heads, negative_heads  # noqa: F401
+from partialfc.aux_losses import aux_loss_names, build_aux_loss
+from partialfc.margins import ArcFaceConfig, HeadConfig, MarginHead
+from partialfc.specs import (
+    describe_errors,
+    head_entry,
+    registered_aux_losses,
+    registered_heads,
 )
 
-__all__ = ["build_margin", "margin_defaults", "margin_names"]
+__all__ = [
+    "ALIASES",
+    "MarginConfig",
+    "aux_losses_markdown",
+    "build_margin",
+    "default_margin",
+    "describe_head",
+    "head_fields",
+    "heads_markdown",
+    "margin_config",
+    "margin_defaults",
+    "margin_names",
+    "reference_markdown",
+    "unknown_head_message",
+]
 
-_COMBINED_KEYS = frozenset({"eps", "fallback", "interclass_filtering_threshold"})
+MarginConfig = Annotated[
+    typing.Union[tuple(entry.config for entry in registered_heads())],  # noqa: UP007
+    Field(discriminator="name"),
+]
+"""Any registered head's config, told apart by its ``name``."""
 
-
-def _combined(**kw: Any) -> CombinedMargin:
-    missing = [k for k in ("s", "m1", "m2", "m3") if k not in kw]
-    if missing:
-        raise ValueError(f"margin 'combined' needs s, m1, m2 and m3; missing {missing}")
-    return CombinedMargin(**kw)
-
-
-def _filtering(**kw: Any) -> CombinedMargin:
-    if "interclass_filtering_threshold" not in kw:
-        raise ValueError(
-            "margin 'interclass_filtering' needs interclass_filtering_threshold (insightface "
-            "ships 0 = off; there is no published default)"
-        )
-    return CombinedMargin(**{"m1": 1.0, "m3": 0.0, **ARCFACE_DEFAULTS, **kw})
-
-
-# name -> (builder, defaults shown to users, accepted keyword arguments)
-_MARGINS: dict[str, tuple[Callable[..., MarginHead], dict[str, Any], frozenset[str]]] = {
-    "softmax": (lambda **kw: Softmax(**kw), {}, frozenset()),
-    "normface": (
-        lambda **kw: CombinedMargin(**{**NORMFACE_DEFAULTS, **kw, "m1": 1.0, "m2": 0.0, "m3": 0.0}),
-        NORMFACE_DEFAULTS,
-        frozenset({"s"}) | _COMBINED_KEYS,
-    ),
-    "arcface": (
-        lambda **kw: CombinedMargin(**{**ARCFACE_DEFAULTS, **kw, "m1": 1.0, "m3": 0.0}),
-        ARCFACE_DEFAULTS,
-        frozenset({"s", "m2", "easy_margin"}) | _COMBINED_KEYS,
-    ),
-    "cosface": (
-        lambda **kw: CombinedMargin(**{**COSFACE_DEFAULTS, **kw, "m1": 1.0, "m2": 0.0}),
-        COSFACE_DEFAULTS,
-        frozenset({"s", "m3"}) | _COMBINED_KEYS,
-    ),
-    "combined": (_combined, {}, frozenset({"s", "m1", "m2", "m3", "easy_margin"}) | _COMBINED_KEYS),
-    "sphereface_arccos": (
-        lambda **kw: CombinedMargin(**{**SPHEREFACE_ARCCOS_DEFAULTS, **kw, "m2": 0.0, "m3": 0.0}),
-        SPHEREFACE_ARCCOS_DEFAULTS,
-        frozenset({"s", "m1"}) | _COMBINED_KEYS,
-    ),
-    "interclass_filtering": (
-        _filtering,
-        {**ARCFACE_DEFAULTS, "interclass_filtering_threshold": "required"},
-        frozenset({"s", "m2", "easy_margin"}) | _COMBINED_KEYS,
-    ),
-    "sphereface": (
-        lambda **kw: LargeMarginSoftmax(**{**SPHEREFACE_DEFAULTS, **kw}, normalize_weights=True),
-        SPHEREFACE_DEFAULTS,
-        frozenset({"m", "base", "gamma", "power", "lambda_min", "s", "eps"}),
-    ),
-    "lsoftmax": (
-        lambda **kw: LargeMarginSoftmax(**{**LSOFTMAX_DEFAULTS, **kw}, normalize_weights=False),
-        LSOFTMAX_DEFAULTS,
-        frozenset({"m", "base", "gamma", "power", "lambda_min", "s", "eps"}),
-    ),
-    "mv_softmax": (
-        lambda **kw: MVSoftmax(**{**MV_SOFTMAX_DEFAULTS, **kw}, arc=False),
-        MV_SOFTMAX_DEFAULTS,
-        frozenset({"s", "m", "t", "variant", "eps"}),
-    ),
-    "mv_arc_softmax": (
-        lambda **kw: MVSoftmax(**{**MV_ARC_DEFAULTS, **kw}, arc=True),
-        MV_ARC_DEFAULTS,
-        frozenset({"s", "m", "t", "variant", "eps"}),
-    ),
-    "curricularface": (
-        lambda **kw: CurricularFace(**{**CURRICULAR_DEFAULTS, **kw}),
-        CURRICULAR_DEFAULTS,
-        frozenset({"s", "m", "momentum", "eps"}),
-    ),
-    "npcface": (
-        lambda **kw: NPCFace(**{**NPCFACE_DEFAULTS, **kw}),
-        NPCFACE_DEFAULTS,
-        frozenset({"s", "m", "m0", "m1", "t", "alpha", "eps"}),
-    ),
-    "circleloss": (
-        lambda **kw: CircleLoss(**{**CIRCLE_DEFAULTS, **kw}),
-        CIRCLE_DEFAULTS,
-        frozenset({"s", "m"}),
-    ),
-    "adaface": (
-        lambda **kw: AdaFace(**{**ADAFACE_DEFAULTS, **kw}),
-        ADAFACE_DEFAULTS,
-        frozenset({"s", "m", "h", "t_alpha", "eps", "init_mean", "init_std"}),
-    ),
-    "magface": (
-        lambda **kw: MagFace(**{**MAGFACE_DEFAULTS, **kw}),
-        MAGFACE_DEFAULTS,
-        frozenset({"s", "l_a", "u_a", "l_margin", "u_margin", "lambda_g", "easy_margin", "eps"}),
-    ),
-    "subcenter_arcface": (
-        lambda **kw: SubCenterArcFace(**{**SUBCENTER_DEFAULTS, **kw}),
-        SUBCENTER_DEFAULTS,
-        frozenset({"s", "m2", "k", "eps"}),
-    ),
-    "discface": (
-        lambda **kw: DiscFace(**{**DISCFACE_DEFAULTS, **kw}),
-        DISCFACE_DEFAULTS,
-        frozenset({"s", "m2", "m3", "lambda_disc", "max_norm", "eps"}),
-    ),
-    "none": (lambda **kw: NoClassifier(**kw), {}, frozenset()),
+ALIASES: dict[str, str] = {
+    alias: entry.name for entry in registered_heads() for alias in entry.aliases
 }
+"""Alias -> head name (``am_softmax`` -> ``cosface``), from the models' ``name`` literals."""
 
-ALIASES = {"am_softmax": "cosface", "a_softmax": "sphereface", "circle": "circleloss"}
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(MarginConfig)
+
+
+def default_margin() -> HeadConfig:
+    """The default head of a run config: ArcFace with its published defaults."""
+    return ArcFaceConfig()
 
 
 def margin_names() -> list[str]:
-    """Names accepted by ``build_margin`` (aliases included), sorted."""
-    return sorted([*_MARGINS, *ALIASES])
+    """Every registered head name and alias, sorted."""
+    return sorted(name for entry in registered_heads() for name in (entry.name, *entry.aliases))
+
+
+def unknown_head_message(name: object) -> str:
+    """``unknown margin head 'arcfce' (did you mean 'arcface'?); known: ...``."""
+    names = margin_names()
+    close = get_close_matches(str(name), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown margin head {name!r}{hint}; known: {', '.join(names)}"
+
+
+def head_fields(config: type[HeadConfig]) -> dict[str, Any]:
+    """A head model's fields -> default (``"required"`` when it has none), without name and
+    aux: ``s`` first, then the head's own fields, then the ones its family shares (eps, ...)."""
+    order: list[str] = ["s"] if "s" in config.model_fields else []
+    for klass in config.__mro__:  # most derived first
+        for key in getattr(klass, "__annotations__", {}):
+            if key in config.model_fields and key not in order and key not in ("name", "aux"):
+                order.append(key)
+    out: dict[str, Any] = {}
+    for key in order:
+        field = config.model_fields[key]
+        out[key] = "required" if field.is_required() else field.default
+    return out
 
 
 def margin_defaults(name: str) -> dict[str, Any]:
-    """The documented defaults of head ``name`` (a copy)."""
-    key = ALIASES.get(name, name)
-    if key not in _MARGINS:
-        raise ValueError(f"unknown margin {name!r}; known margins: {margin_names()}")
-    return dict(_MARGINS[key][1])
+    """The defaults of head ``name`` (or an alias) from its model; required fields left out."""
+    entry = head_entry(name)
+    if entry is None:
+        raise ValueError(unknown_head_message(name))
+    return {k: v for k, v in head_fields(entry.config).items() if v != "required"}
 
 
-def build_margin(name: str, **kwargs: Any) -> MarginHead:
-    """Build a margin head by name; keyword arguments override the documented defaults.
-
-    - ``"softmax"``: no arguments (weights and bias, no normalisation)
-    - ``"normface"``: s=64
-    - ``"arcface"``: s=64, m2=0.5, easy_margin=False (``th/mm`` fallback)
-    - ``"cosface"`` (``"am_softmax"``): s=64, m3=0.4
-    - ``"combined"``: s, m1, m2, m3 all required (no standard combination)
-    - ``"sphereface_arccos"``: s=64, m1=1.35
-    - ``"sphereface"`` (``"a_softmax"``): m=4, base=1000, gamma=0.12, power=1, lambda_min=5
-    - ``"lsoftmax"``: m=4, base=1000, gamma=0.12, power=1, lambda_min=0
-    - ``"mv_softmax"`` / ``"mv_arc_softmax"``: s=32, m=0.35 / 0.5, t=0.2, variant="adaptive"
-    - ``"curricularface"``: s=64, m=0.5, momentum=0.01
-    - ``"npcface"``: s=64, m=0.5, m0=0.4, m1=0.2, t=1.1, alpha=0.2
-    - ``"circleloss"`` (``"circle"``): s(gamma)=256, m=0.25
-    - ``"adaface"``: s=64, m=0.4, h=0.333, t_alpha=0.01, eps=1e-3, init_mean=20, init_std=100
-    - ``"magface"``: s=64, l_a=10, u_a=110, l_margin=0.45, u_margin=0.8, lambda_g=35
-    - ``"subcenter_arcface"``: s=64, m2=0.5, k=3
-    - ``"discface"``: s=64, m2=0.5, m3=0, lambda_disc=0.5, max_norm=0.05
-    - ``"interclass_filtering"``: ArcFace + interclass_filtering_threshold (required)
-    - ``"none"``: no classifier; only the ``aux`` losses
-
-    The combined-margin heads also take ``eps``, ``fallback`` and
-    ``interclass_filtering_threshold``. Every head takes ``aux`` (see the module docstring).
+def margin_config(name: str, **fields: Any) -> HeadConfig:
+    """Validate ``{name, **fields}`` through the head's model (its defaults fill the rest).
 
     Raises:
-        ValueError: unknown name (the message lists the known names), an argument the head
-            does not take, a missing required argument, or a bad value (named).
+        ValueError: unknown name (did-you-mean and the known names), or a bad, missing or
+            unknown field, named (``margin 'arcface': m2: Input should be less than 3.14...``).
     """
-    key = ALIASES.get(name, name)
-    if key not in _MARGINS:
-        raise ValueError(f"unknown margin {name!r}; known margins: {margin_names()}")
-    builder, _, accepted = _MARGINS[key]
-    aux = kwargs.pop("aux", None)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise ValueError(
-            f"margin {name!r} does not take {unknown}; it accepts {sorted(accepted | {'aux'})}"
-        )
-    head = builder(**kwargs)
-    if key == "none" and not aux:
-        raise ValueError("margin 'none' needs at least one auxiliary loss in 'aux'")
-    if aux:
-        if not isinstance(aux, dict):
-            raise ValueError(f"aux must be a mapping {{name: {{weight, ...}}}}, got {aux!r}")
-        for aux_name, spec in aux.items():
-            spec = dict(spec or {})
-            weight = spec.pop("weight", 1.0)
-            try:
-                loss = build_aux_loss(aux_name, **spec)
-            except ValueError as exc:
-                raise ValueError(f"aux.{aux_name}: {exc}") from exc
-            head.add_aux_loss(aux_name, loss, weight)
+    if head_entry(name) is None:
+        raise ValueError(unknown_head_message(name))
+    try:
+        return _ADAPTER.validate_python({"name": name, **fields})
+    except ValidationError as exc:
+        # The union puts the tag first in each location; the head is named in front instead.
+        raise ValueError(f"margin {name!r}: {describe_errors(exc, skip=1)}") from None
+
+
+def build_margin(config: HeadConfig | str, **fields: Any) -> MarginHead:
+    """The head of a validated config, with its auxiliary losses attached; or, given a name,
+    the head of ``margin_config(name, **fields)``.
+
+    Raises:
+        ValueError: as ``margin_config``; a config that is not a registered head's.
+    """
+    if isinstance(config, str):
+        config = margin_config(config, **fields)
+    elif fields:
+        raise ValueError("build_margin: give a config or a name with fields, not both")
+    entry = head_entry(config.name)
+    if entry is None or type(config) is not entry.config:
+        raise ValueError(f"{type(config).__name__} is not a registered head config")
+    head = entry.head(config)
+    for aux_name, aux in config.aux_configs().items():
+        head.add_aux_loss(aux_name, build_aux_loss(aux), aux.weight)
     return head
+
+
+def _text(doc: str | None) -> str:
+    """A docstring on one line."""
+    return " ".join((doc or "").split())
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _bounds(config: type[HeadConfig], key: str) -> str:
+    """``> 0, < 3.14159`` from a field's Field(gt=..., lt=...) constraints."""
+    out = []
+    for meta in config.model_fields[key].metadata:
+        for attr, sign in _BOUNDS.items():
+            if getattr(meta, attr, None) is not None:
+                out.append(f"{sign} {getattr(meta, attr):g}")
+    return ", ".join(out)
+
+
+def _value(value: Any) -> str:
+    """A default as YAML writes it (true, null, auto); a required field as ``required``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def heads_markdown() -> str:
+    """The README's table of heads: name (aliases), what it is, its fields with defaults."""
+    rows = ["| head | what | fields (default) |", "| --- | --- | --- |"]
+    for entry in registered_heads():
+        names = f"`{entry.name}`" + "".join(f" / `{a}`" for a in entry.aliases)
+        fields = ", ".join(f"{k}={_value(v)}" for k, v in head_fields(entry.config).items())
+        rows.append(f"| {names} | {_text(entry.config.__doc__)} | {fields or '-'} |")
+    return "\n".join(rows)
+
+
+def aux_losses_markdown() -> str:
+    """The README's table of auxiliary losses: name, what it is, its fields with defaults."""
+    rows = ["| aux loss | what | fields (default) |", "| --- | --- | --- |"]
+    for entry in registered_aux_losses():
+        fields = ", ".join(f"{k}={_value(f.default)}" for k, f in entry.config.model_fields.items())
+        rows.append(f"| `{entry.name}` | {_text(entry.config.__doc__)} | {fields} |")
+    return "\n".join(rows)
+
+
+def reference_markdown() -> str:
+    """Both tables, as the README carries them between its ``heads`` markers."""
+    return f"{heads_markdown()}\n\n{aux_losses_markdown()}"
+
+
+def describe_head(name: str) -> str:
+    """A head's fields, each with its default, bounds and docstring (``facetrain heads NAME``)."""
+    entry = head_entry(name)
+    if entry is None:
+        raise ValueError(unknown_head_message(name))
+    lines = [f"{entry.name}: {_text(entry.config.__doc__)}"]
+    if entry.aliases:
+        lines.append(f"  aliases: {', '.join(entry.aliases)}")
+    for key, default in head_fields(entry.config).items():
+        bounds = _bounds(entry.config, key)
+        lines.append(f"  {key} = {_value(default)}{'  (' + bounds + ')' if bounds else ''}")
+        doc = _text(entry.config.model_fields[key].description)
+        lines.append(textwrap.fill(doc, 96, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    lines.append(f"  aux = {{}}  auxiliary losses by name: {', '.join(aux_loss_names())}")
+    return "\n".join(lines)

@@ -201,7 +201,7 @@ def test_accumulation_pools_micro_batches_and_a_skipped_step_moves_nothing() -> 
 
 def test_alpha_is_validated_with_its_key() -> None:
     for bad in (0.0, 1.5, -0.1, "fast"):
-        with pytest.raises(ValueError, match=r"aux\.center: alpha"):
+        with pytest.raises(ValueError, match=r"aux\.center\.alpha: "):
             build_margin("arcface", aux={"center": {"weight": 0.003, "alpha": bad}})
     assert build_margin("arcface", aux={"center": {}}).aux_losses["center"].alpha == 0.5
 
@@ -230,8 +230,7 @@ def test_the_training_loop_moves_centres_once_per_step_and_checkpoints_them(
             "wandb.mode=disabled",
             "export.onnx=false",
             "dist.nproc=1",
-            "partialfc.margin=cosface",
-            "partialfc.margin_kwargs={s: 16.0, aux: {center: {weight: 0.01, alpha: 0.5}}}",
+            "partialfc.margin={name: cosface, s: 16.0, aux: {center: {weight: 0.01, alpha: 0.5}}}",
         ],
     )
     trainer = Trainer(cfg, DistContext.single())

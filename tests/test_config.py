@@ -23,7 +23,11 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_demo_config_loads_with_its_values() -> None:
     cfg = load_config(DEMO)
     assert cfg.model.backbone == "iresnet_nano"
-    assert cfg.partialfc.margin == "arcface"
+    assert (cfg.partialfc.margin.name, cfg.partialfc.margin.s, cfg.partialfc.margin.m2) == (
+        "arcface",
+        32.0,
+        0.3,
+    )
     assert 0 < cfg.partialfc.sample_rate < 1
     assert cfg.dist.nproc == 2
     assert cfg.wandb.mode == "offline"

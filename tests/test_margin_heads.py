@@ -17,7 +17,7 @@ import torch
 
 from partialfc import MarginContext, ShardSpec, build_margin, margin_defaults, margin_names
 from partialfc.heads import chebyshev_cos, sphere_psi
-from partialfc.margins import DEFAULT_EPS, CombinedMargin, monotone_psi
+from partialfc.margins import DEFAULT_EPS, CombinedConfig, CombinedMargin, monotone_psi
 
 EPS = DEFAULT_EPS
 
@@ -348,7 +348,7 @@ def test_chebyshev_and_psi_are_the_published_functions() -> None:
     ],
 )
 def test_combined_target_logit_is_monotone(kw: dict) -> None:
-    head = CombinedMargin(**kw)
+    head = CombinedMargin(CombinedConfig(**kw))
     grid = torch.linspace(-1, 1, 4001, dtype=torch.float64)[:, None]
     logit = head(grid, torch.zeros(4001, dtype=torch.long))[:, 0]
     assert bool((logit[1:] >= logit[:-1]).all())
@@ -505,12 +505,12 @@ def test_registry_defaults_and_errors() -> None:
     with pytest.raises(ValueError, match="m3"):
         build_margin("arcface", m3=0.1)
     with pytest.raises(ValueError, match="easy_margin"):
-        CombinedMargin(s=64.0, m3=0.4, easy_margin=True)
-    with pytest.raises(ValueError, match="s must be > 0"):
+        CombinedConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4, easy_margin=True)
+    with pytest.raises(ValueError, match="margin 'normface': s: Input should be greater than 0"):
         build_margin("normface", s=0.0)
     with pytest.raises(ValueError, match="m2"):
         build_margin("arcface", m2=4.0)
-    with pytest.raises(ValueError, match="m must be an integer"):
+    with pytest.raises(ValueError, match="m: Input should be a valid integer"):
         build_margin("sphereface", m=1.5)
     with pytest.raises(ValueError, match="interclass_filtering_threshold"):
         build_margin("interclass_filtering")
@@ -520,7 +520,7 @@ def test_registry_defaults_and_errors() -> None:
         build_margin("combined", s=1, m1=1, m2=0.1, m3=0, fallback="clip")
     with pytest.raises(ValueError, match="aux"):
         build_margin("none")
-    with pytest.raises(ValueError, match="unknown auxiliary loss"):
+    with pytest.raises(ValueError, match=r"aux\.quadruplet: Extra inputs"):
         build_margin("arcface", aux={"quadruplet": {}})
     with pytest.raises(ValueError, match="feature_norms"):
         build_margin("magface")(torch.zeros(2, 3), torch.tensor([0, 1]))

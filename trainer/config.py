@@ -9,6 +9,7 @@ states them anyway, checks that they agree.
 
 from __future__ import annotations
 
+import typing
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,14 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_validator,
+)
+
+from partialfc.registry import (
+    MarginConfig,
+    default_margin,
+    head_entry,
+    margin_defaults,
+    unknown_head_message,
 )
 
 
@@ -84,12 +93,17 @@ class ModelConfig(_Section):
         return name
 
 
+def _flow(value: dict[str, Any]) -> str:
+    """A mapping in YAML flow style on one line: ``{name: cosface, s: 64, m3: 0.35}``."""
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=2**16).strip()
+
+
 class PartialFCConfig(_Section):
-    margin: str = "arcface"
-    """Margin head name (``partialfc.margin_names()``: arcface, cosface, combined, sphereface,
-    curricularface, adaface, magface, subcenter_arcface, circleloss, ...)."""
-    margin_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Head parameters overriding its defaults (e.g. s, m; aux for auxiliary losses)."""
+    margin: MarginConfig = Field(default_factory=default_margin)  # type: ignore[valid-type]
+    """The margin head: its name and its fields, e.g. {name: cosface, s: 64, m3: 0.35}, with
+    auxiliary losses under aux: {name: arcface, aux: {center: {weight: 0.003}}}. Every head,
+    its fields and defaults: README (Margin heads) or ``facetrain heads``; default ArcFace
+    (s 64, m2 0.5)."""
     update: Literal["sampled", "dense"] = "sampled"
     """What happens to class centres not sampled in a step: "sampled" freezes them (only the
     sampled rows and their optimizer state move; the cheap choice, see BENCHMARKS.md),
@@ -111,16 +125,39 @@ class PartialFCConfig(_Section):
     collectives overlapped with the products; torch ops if the build fails); "auto":
     cpu_fused on a CPU where the kernels build, plain otherwise."""
 
-    @model_validator(mode="after")
-    def _margin_builds(self) -> PartialFCConfig:
-        """Unknown heads and wrong head arguments fail at load time, not in every rank."""
-        from partialfc import build_margin
+    @model_validator(mode="before")
+    @classmethod
+    def _no_old_form(cls, data: Any) -> Any:
+        """``margin: cosface`` + ``margin_kwargs: {...}`` (the form before the typed heads)
+        fails with the new form built from its values."""
+        if not isinstance(data, dict):
+            return data
+        margin = data.get("margin")
+        if "margin_kwargs" in data or isinstance(margin, str):
+            kwargs = data.get("margin_kwargs") or {}
+            name = margin if isinstance(margin, str) else "arcface"
+            if head_entry(name) is None:
+                raise ValueError(f"partialfc.margin: {unknown_head_message(name)}")
+            new = {"name": name, **(kwargs if isinstance(kwargs, dict) else {})}
+            raise ValueError(
+                f"partialfc.margin: use the form {_flow(new)} (the head's name and fields in "
+                "one mapping; margin_kwargs is gone)"
+            )
+        return data
 
-        try:
-            build_margin(self.margin, **self.margin_kwargs)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"partialfc.margin={self.margin!r}: {exc}") from exc
-        return self
+    @field_validator("margin", mode="before")
+    @classmethod
+    def _known_head(cls, value: Any) -> Any:
+        """An unknown or missing head name fails with the known ones (did-you-mean)."""
+        if isinstance(value, dict):
+            name = value.get("name")
+            if name is None:
+                defaults = margin_defaults("arcface")
+                example = _flow({"name": "arcface", "s": defaults["s"], "m2": defaults["m2"]})
+                raise ValueError(f"needs a name, e.g. {example}")
+            if not isinstance(name, str) or head_entry(name) is None:
+                raise ValueError(unknown_head_message(name))
+        return value
 
 
 class OptimizerConfig(_Section):
@@ -312,27 +349,56 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field: its annotation, or the model in ``Model | None``."""
+    options = [annotation, *typing.get_args(annotation)]
+    models = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if models else None
+
+
+def _resolve(loc: tuple[int | str, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Walk an error location from ``Config``: the dotted path without the tags pydantic puts
+    after a discriminated union (``partialfc.margin.cosface.s`` is ``partialfc.margin.s``),
+    and the model of the section holding the last key (None if it is not a section)."""
+    model: type[BaseModel] | None = Config
+    holder: type[BaseModel] | None = None
+    path: list[str] = []
+    i = 0
+    while i < len(loc):
+        part = str(loc[i])
+        path.append(part)
+        holder = model
+        field = model.model_fields.get(part) if model is not None else None
+        i += 1
+        if field is None:
+            model = None
+        elif field.discriminator and i < len(loc):
+            entry = head_entry(str(loc[i]))
+            model = entry.config if entry is not None else None
+            i += 1  # the tag
+        else:
+            model = _model_of(field.annotation)
+    return path, holder
+
+
 def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
     """The keys allowed where ``loc`` points (its parent section's fields), if that is a
     section of the config."""
-    model: type[BaseModel] = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        section = field.annotation if field is not None else None
-        if not (isinstance(section, type) and issubclass(section, BaseModel)):
-            return []
-        model = section
-    return list(model.model_fields)
+    _, holder = _resolve(loc)
+    return list(holder.model_fields) if holder is not None else []
 
 
 def _describe(err: Any) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    path, _ = _resolve(err["loc"])
+    key = ".".join(path) or "<root>"
     if err["type"] == "extra_forbidden":
         keys = _section_keys(err["loc"])
         hint = _did_you_mean(str(err["loc"][-1]), keys)
         return f"{key}: unknown key{hint or '; known keys: ' + ', '.join(keys)}"
     # pydantic prefixes the message of a ValueError raised by a validator
     msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith(key + "."):  # the validator named a deeper key itself
+        return msg
     got = err.get("input")
     said = isinstance(got, str) and repr(got) in msg  # the validator named the value
     shown = "" if isinstance(got, dict) or said else f" (got {got!r})"
