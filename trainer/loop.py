@@ -109,7 +109,7 @@ class Trainer:
             fast = ctx.device.type == "cpu" and cpu_kernels.available()
             backend = "cpu_fused" if fast else "plain"
         cpu_kernels.set_enabled(backend == "cpu_fused")
-        margin = build_margin(pcfg.margin, **pcfg.margin_kwargs)
+        margin = build_margin(pcfg.margin)
         self.partial_fc = PartialFC(
             margin,
             embedding_size=mcfg.embedding_size,
