@@ -13,6 +13,9 @@ because the two share loss scaling:
 
 One optimizer step = ``accum`` micro-batches; the caller divides each micro-batch loss by
 ``accum`` and calls ``backward(loss, last_micro)``, then ``step(...)`` once.
+
+Engines register under their ``dist.engine`` name with ``@register_engine`` (as backbones
+and heads do); ``build_engine`` builds the configured one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,33 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import Config
 from trainer.context import DistContext
+
+_EngineT = TypeVar("_EngineT", bound=type)
+
+# dist.engine name -> engine class; filled only by the decorator below.
+_ENGINES: dict[str, type] = {}
+
+
+def register_engine(name: str) -> Callable[[_EngineT], _EngineT]:
+    """Register an engine class, built as ``cls(backbone, optimizer, ctx, config)``, under
+    ``name`` (its ``dist.engine`` value; also set as the class's ``name``). A name registered
+    twice raises ``ValueError``."""
+    if not name:
+        raise ValueError("engine names must be non-empty strings")
+
+    def decorator(cls: _EngineT) -> _EngineT:
+        if name in _ENGINES:
+            raise ValueError(f"engine name {name!r} is already registered")
+        cls.name = name
+        _ENGINES[name] = cls
+        return cls
+
+    return decorator
+
+
+def engine_names() -> list[str]:
+    """The registered engine names, sorted."""
+    return sorted(_ENGINES)
 
 
 def _clip(params: Any, max_norm: float | None) -> torch.Tensor | None:
@@ -52,10 +82,11 @@ def _grad_values(p: torch.Tensor) -> torch.Tensor:
     return p.grad._values() if p.grad.is_sparse else p.grad
 
 
+@register_engine("ddp")
 class DDPEngine:
     """The backbone under DistributedDataParallel (or bare in a single process)."""
 
-    name = "ddp"
+    name: str  # the registered name, set by @register_engine
     collective_forward = False
     """Whether a forward is a collective that every rank must run as often (ZeRO-3's is)."""
 
@@ -151,10 +182,11 @@ class DDPEngine:
         self.module.load_state_dict(state, strict=True)
 
 
+@register_engine("deepspeed")
 class DeepSpeedEngine:
     """The backbone inside a DeepSpeed engine (ZeRO 0-3)."""
 
-    name = "deepspeed"
+    name: str  # the registered name, set by @register_engine
 
     def __init__(
         self,
@@ -285,6 +317,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def build_engine(
     backbone: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext, config: Config
 ) -> DDPEngine | DeepSpeedEngine:
-    if config.dist.engine == "deepspeed":
-        return DeepSpeedEngine(backbone, optimizer, ctx, config)
-    return DDPEngine(backbone, optimizer, ctx, config)
+    """The engine registered under ``config.dist.engine``, around ``backbone``."""
+    engine = _ENGINES.get(config.dist.engine)
+    if engine is None:
+        raise ValueError(
+            f"dist.engine: unknown engine {config.dist.engine!r}; known: {engine_names()}"
+        )
+    return engine(backbone, optimizer, ctx, config)
