@@ -1,6 +1,6 @@
 """``facetrain``: the command-line entry point.
 
-Subcommands: train, submit, synth, pack, inspect, eval, embed, export, plots. ``train``
+Subcommands: train, submit, synth, pack, inspect, eval, embed, export, plots, heads. ``train``
 validates the config and the pack before any process starts; when it is not already running
 under a launcher (torchrun, the DeepSpeed launcher, srun) and more than one process is asked
 for, it starts torchrun itself.
@@ -151,6 +151,11 @@ def _add_plots(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_heads(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("heads", help="the margin heads and auxiliary losses, or one head's fields")
+    p.add_argument("name", nargs="?", default=None, help="a head: its fields, defaults, bounds")
+
+
 def _add_submit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="render the sbatch script for a config and submit it")
     p.add_argument("config", help="YAML config file")
@@ -181,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_embed,
         _add_export,
         _add_plots,
+        _add_heads,
     ):
         add(sub)
     return parser
@@ -462,6 +468,13 @@ def cmd_plots(args: argparse.Namespace) -> int:
     return 0 if res.files else 1
 
 
+def cmd_heads(args: argparse.Namespace) -> int:
+    from partialfc.registry import describe_head, reference_markdown
+
+    print(describe_head(args.name) if args.name else reference_markdown())
+    return 0
+
+
 _COMMANDS = {
     "train": cmd_train,
     "submit": cmd_submit,
@@ -472,6 +485,7 @@ _COMMANDS = {
     "embed": cmd_embed,
     "export": cmd_export,
     "plots": cmd_plots,
+    "heads": cmd_heads,
 }
 
 
