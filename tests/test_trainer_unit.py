@@ -155,22 +155,21 @@ def test_classifier_update_modes(tiny_dataset: Path, tmp_path: Path, update: str
 
 
 @pytest.mark.parametrize(
-    ("margin", "kwargs"),
+    "margin",
     [
-        ("curricularface", "{s: 16.0}"),
-        ("adaface", "{s: 16.0}"),
-        ("subcenter_arcface", "{s: 16.0, k: 3}"),
-        ("cosface", "{s: 16.0, aux: {center: {weight: 0.01}, triplet: {weight: 0.1}}}"),
+        "{name: curricularface, s: 16.0}",
+        "{name: adaface, s: 16.0}",
+        "{name: subcenter_arcface, s: 16.0, k: 3}",
+        "{name: cosface, s: 16.0, aux: {center: {weight: 0.01}, triplet: {weight: 0.1}}}",
     ],
 )
 def test_margin_heads_train_from_the_config(
-    tiny_dataset: Path, tmp_path: Path, margin: str, kwargs: str
+    tiny_dataset: Path, tmp_path: Path, margin: str
 ) -> None:
     trainer = _trainer(
         tiny_dataset,
         tmp_path,
         f"partialfc.margin={margin}",
-        f"partialfc.margin_kwargs={kwargs}",
         "train.max_steps=3",
         "train.log_every=1",
     )
@@ -182,8 +181,8 @@ def test_margin_heads_train_from_the_config(
 def test_margin_config_errors_name_the_key(tiny_dataset: Path, tmp_path: Path) -> None:
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"partialfc.*does not take \['q'\]"):
-        _trainer(tiny_dataset, tmp_path, "partialfc.margin_kwargs={q: 1.0}")
+    with pytest.raises(ConfigError, match=r"partialfc\.margin\.q: unknown key"):
+        _trainer(tiny_dataset, tmp_path, "partialfc.margin.q=1.0")
 
 
 def test_dali_loader_trains_and_resumes_its_position(tiny_dataset: Path, tmp_path: Path) -> None:
