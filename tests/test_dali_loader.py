@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from _loaders import dali_loader, make_loader  # noqa: E402
+from _packs import corrupt_record, write_test_pack  # noqa: E402
 
 from dataio.dali_index import resolve_cache_dir  # noqa: E402
-from dataio.fixtures import corrupt_record, write_test_pack  # noqa: E402
 from dataio.loader_config import DaliAugment  # noqa: E402
 from dataio.loading import TrainLoader, to_model_input  # noqa: E402
 from dataio.pack import FacePack, PackError  # noqa: E402
@@ -86,8 +86,7 @@ def test_header_pack_read_without_repacking_and_agrees_with_torch(header_pack, t
 def test_headerless_vector_labels_and_default_cache_folder(tmp_path):
     jpegs = []
     import simplejpeg
-
-    from dataio.fixtures import smooth_image
+    from _packs import smooth_image
 
     rng = np.random.default_rng(0)
     with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:

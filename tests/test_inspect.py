@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import simplejpeg
+from _packs import corrupt_record, smooth_image, write_test_pack
 
-from dataio.fixtures import corrupt_record, smooth_image, write_test_pack
 from dataio.inspect_pack import format_report, inspect_pack
 from dataio.pack import PackError
 from dataio.packer import write_pack

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _packs import corrupt_record, write_test_pack
 
-from dataio.fixtures import corrupt_record, write_test_pack
 from dataio.pack import FacePack, PackError
 from dataio.recordio import IRHeader, RecordWriter, pack_record
 

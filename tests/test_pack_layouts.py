@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from _loaders import make_loader
+from _packs import write_face2rec2_pack, write_recbuilder_pack, write_test_pack
 
-from dataio.fixtures import write_face2rec2_pack, write_recbuilder_pack, write_test_pack
 from dataio.inspect_pack import inspect_pack
 from dataio.layout import PackError, read_pack_facts, read_property
 from dataio.pack import FacePack
@@ -207,7 +207,7 @@ def test_skip_corrupt_trains_past_a_bad_record_of_a_recbuilder_pack(
     tmp_path: Path, key: int
 ) -> None:
     """Key 0 of a header-less pack is an image like any other: damaged, it is skipped."""
-    from dataio.fixtures import corrupt_record
+    from _packs import corrupt_record
 
     pack = tmp_path / "rb"
     write_recbuilder_pack(pack, SHUFFLED, size=SIZE)
@@ -226,7 +226,7 @@ def test_skip_corrupt_trains_past_a_bad_record_of_a_recbuilder_pack(
 @pytest.mark.parametrize("fault", ["unindexed", "damaged"])
 def test_a_header_pack_that_lost_its_header_is_refused(tmp_path: Path, fault: str) -> None:
     """Read as header-less, its identity records would pass for (bad) images."""
-    from dataio.fixtures import corrupt_record
+    from _packs import corrupt_record
 
     pack = tmp_path / "f2r"
     write_face2rec2_pack(pack, SORTED, size=(16, 16))

@@ -9,8 +9,8 @@ import pytest
 import simplejpeg
 import torch
 from _loaders import torch_loader
+from _packs import write_test_pack
 
-from dataio.fixtures import write_test_pack
 from dataio.loading import to_model_input
 from dataio.pack_dataset import PackDataset
 

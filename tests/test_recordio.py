@@ -279,8 +279,7 @@ def test_reader_in_forked_child_does_not_share_position(tmp_path):
 
 def test_jpeg_payload_with_aligned_magic_is_split_and_rejoined(tmp_path):
     import simplejpeg
-
-    from dataio.fixtures import aligned_magic_offsets, jpeg_with_magic, smooth_image
+    from _packs import aligned_magic_offsets, jpeg_with_magic, smooth_image
 
     rgb = smooth_image(np.random.default_rng(3), 24, 20)
     jpeg = jpeg_with_magic(rgb, copies=2)

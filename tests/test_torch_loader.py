@@ -226,7 +226,7 @@ def test_loader_ranks_split_the_data_with_equal_steps(tmp_path):
 
 
 def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
-    from dataio.fixtures import write_test_pack
+    from _packs import write_test_pack
 
     pack = tmp_path / "p"
     write_test_pack(pack, [i % 5 for i in range(31)], size=(8, 8))
@@ -263,7 +263,7 @@ def test_state_dict_resumes_with_the_next_unseen_batch(tmp_path):
     "workers,pixels", [(0, "float32"), (2, "float32"), (0, "uint8"), (2, "uint8")]
 )
 def test_skip_corrupt_replaces_and_counts(tmp_path, workers, pixels):
-    from dataio.fixtures import corrupt_record, write_test_pack
+    from _packs import corrupt_record, write_test_pack
 
     pack = tmp_path / "p"
     write_test_pack(pack, list(range(12)), size=(8, 8))  # label == key - 1

@@ -190,7 +190,7 @@ def test_malformed_bins_name_the_file(tmp_path):
 def test_loading_keeps_images_encoded_and_decodes_in_chunks(tmp_path):
     import tracemalloc
 
-    from dataio.fixtures import smooth_image
+    from _packs import smooth_image
 
     rng = np.random.default_rng(5)
     jpegs = [simplejpeg.encode_jpeg(smooth_image(rng, 112, 112), quality=90) for _ in range(300)]

@@ -1,9 +1,10 @@
-"""Small packs and images built byte by byte, for tests and benchmarks.
+"""Test helpers: small packs and images built byte by byte.
 
-Why here and not in tests/: the benchmark and several test files need the same fixtures --
-smooth images (whose JPEG decodes agree closely across decoders), JPEGs that carry the
-RecordIO magic number at a 4-byte aligned offset (the case that splits a record into parts),
-and packs in both layouts -- and they must not depend on the (slower) synthetic face renderer.
+Several test files need the same material -- smooth images (whose JPEG decodes agree closely
+across decoders), JPEGs that carry the RecordIO magic number at a 4-byte aligned offset (the
+case that splits a record into parts), and packs in every layout -- and it must not depend on
+the (slower) synthetic face renderer. Only tests use it (bench/ renders its packs with
+:mod:`dataio.synth`), so it lives here rather than in the package.
 """
 
 from __future__ import annotations
