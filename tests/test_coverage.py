@@ -12,8 +12,8 @@ import collections
 import numpy as np
 import pytest
 import torch
+from _packs import write_test_pack
 
-from dataio.fixtures import write_test_pack
 from dataio.loaders import DaliOptions, LoaderConfig, build_loader
 from dataio.loading import steps_per_epoch
 from dataio.pack import FacePack
