@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
 	# Partial FC's fused CPU kernels (g++ + ninja, ~1 min once; torch ops if this fails).
-	-$(PY) -c "import sys; from partialfc import cpu_kernels; sys.exit(cpu_kernels.main())"
+	-$(PY) -c "import sys; from partialfc.fast import cpu_kernels; sys.exit(cpu_kernels.main())"
 	touch $(STAMP)
 
 $(DEMO_DATA)/val.bin: | $(STAMP)

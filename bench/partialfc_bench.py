@@ -60,9 +60,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="per rank; 0: cores // world")
     p.add_argument("--no-baseline", action="store_true", help="skip the dense single process")
     p.add_argument(
+        "--backend",
+        default="cpu_fused",
+        choices=["cpu_fused", "plain"],
+        help="the fast CPU backend (default) or the plain core (what a GPU runs)",
+    )
+    p.add_argument(
         "--no-cpu-kernels",
         action="store_true",
-        help="Partial FC's torch-op path instead of its fused CPU kernels",
+        help="the fast backend on torch ops instead of its fused CPU kernels",
     )
     p.add_argument(
         "--thp",
@@ -238,7 +244,8 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
     import torch.distributed as dist
 
     sys.path.insert(0, str(REPO))
-    from partialfc import PartialFC, build_margin, cpu_kernels
+    from partialfc import build_margin, build_partial_fc
+    from partialfc.fast import cpu_kernels
 
     torch.set_num_threads(cfg["threads"])
     cpu_kernels.set_enabled(cfg["cpu_kernels"])
@@ -260,9 +267,10 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
         # A tiny run of the same code first, so that pages of code and allocator arenas the
         # step touches once are resident before the baseline is taken.
         tiny_cfg = {**cfg, "warmup": 1, "steps": 1}
-        tiny = PartialFC(
-            build_margin(cfg["head"]), d, 4 * world, 0.5, rank, world, update=cfg["update"]
-        )
+        tiny = build_partial_fc(
+            cfg["backend"], build_margin(cfg["head"]), d, 4 * world, 0.5, rank, world,
+            update=cfg["update"],
+        )  # fmt: skip
         tiny_opt = _optimizer(tiny, cfg)
         _run_steps(tiny, tiny_opt, emb, labels % (4 * world), tiny_cfg, dist.barrier)
         del tiny, tiny_opt
@@ -271,7 +279,8 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
         gc.collect()
         base_rss = _proc_status("VmRSS")
         peak_reset = _reset_peak_rss()
-        pfc = PartialFC(
+        pfc = build_partial_fc(
+            cfg["backend"],
             build_margin(cfg["head"]),
             embedding_size=d,
             num_classes=cfg["classes"],
@@ -449,6 +458,8 @@ def _fmt_ms(x: float | None) -> str:
 def _print_table(rows: list[dict[str, Any]], dense: list[dict[str, Any]]) -> None:
     if rows:
         path = "fused CPU kernels" if rows[0]["cpu_kernels"] else "torch ops (no CPU kernels)"
+        if rows[0]["backend"] == "plain":
+            path = "plain core"
         print(f"Partial FC, {rows[0]['world']} ranks, {path}:")
     print(
         f"{'C':>9} {'rate':>5} {'update':>7} {'S/rank':>8} {'step ms':>9} {'GEMM ms':>9} "
@@ -492,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "threads": threads,
-        "cpu_kernels": not args.no_cpu_kernels,
+        "backend": args.backend,
+        "cpu_kernels": args.backend == "cpu_fused" and not args.no_cpu_kernels,
     }
     rows: list[dict[str, Any]] = []
     dense: list[dict[str, Any]] = []

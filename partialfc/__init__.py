@@ -24,15 +24,19 @@ Vocabulary used throughout this package:
 Modules: ``partition`` (the pure shard arithmetic), ``collectives`` (autograd all-gather and
 reductions that are identities without a process group), ``context`` (what a head sees),
 ``margins`` (head interface, combined-margin family), ``heads`` (the rest of the zoo),
-``aux_losses`` (auxiliary embedding losses), ``registry`` (``build_margin``), ``fused`` (the
-cosine / softmax kernels), ``optim`` (the shard's row-sparse optimizer), ``partial_fc``
-(the ``PartialFC`` module).
+``aux_losses`` (auxiliary embedding losses), ``registry`` (``build_margin``), ``ops`` (row
+gather with a row-sparse gradient, distributed softmax cross-entropy), ``stats`` (angle
+statistics), ``optim`` (the shard's row-sparse optimizer), ``partial_fc`` (the ``PartialFC``
+module: the plain core). ``fast`` is the fast CPU backend behind the same interface;
+``build_partial_fc`` picks the backend (``BACKENDS``).
 """
+
+from typing import Any
+
+import torch
 
 from partialfc.aux_losses import AuxLoss, aux_loss_names, build_aux_loss
 from partialfc.collectives import (
-    GatherCapacity,
-    all_gather_batch,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_inplace,
@@ -44,31 +48,25 @@ from partialfc.collectives import (
     sync_grad,
 )
 from partialfc.context import MarginContext, ShardSpec
-from partialfc.fused import Workspace, distributed_cross_entropy, gather_rows
 from partialfc.margins import CombinedMargin, MarginHead
+from partialfc.ops import distributed_cross_entropy, gather_rows
 from partialfc.optim import ShardOptimizer, clip_grad_norm_
-from partialfc.partial_fc import (
-    INIT_BLOCK_ROWS,
-    UPDATE_MODES,
-    PartialFC,
-    init_class_centers,
-)
+from partialfc.partial_fc import UPDATE_MODES, PartialFC
 from partialfc.partition import class_range
 from partialfc.registry import build_margin, margin_defaults, margin_names
+from partialfc.sampling import INIT_BLOCK_ROWS, init_class_centers
 
 __all__ = [
     "INIT_BLOCK_ROWS",
     "UPDATE_MODES",
     "AuxLoss",
     "CombinedMargin",
-    "GatherCapacity",
+    "BACKENDS",
     "MarginContext",
     "MarginHead",
     "PartialFC",
     "ShardOptimizer",
     "ShardSpec",
-    "Workspace",
-    "all_gather_batch",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "all_reduce_inplace",
@@ -77,6 +75,7 @@ __all__ = [
     "aux_loss_names",
     "build_aux_loss",
     "build_margin",
+    "build_partial_fc",
     "class_range",
     "clip_grad_norm_",
     "distributed_cross_entropy",
@@ -87,5 +86,35 @@ __all__ = [
     "margin_defaults",
     "margin_names",
     "replicated_term",
+    "resolve_backend",
     "sync_grad",
 ]
+
+BACKENDS = ("plain", "cpu_fused")
+"""``plain``: the readable core on public torch APIs (every GPU runs it); ``cpu_fused``: the
+fast CPU backend (``partialfc.fast``), the same numbers."""
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``cpu_fused`` on a CPU where the fused kernels build, else ``plain``;
+    a named backend is returned as it is (``cpu_fused`` without the kernels runs torch ops)."""
+    if backend == "auto":
+        from partialfc.fast import cpu_kernels
+
+        on_cpu = torch.device(device).type == "cpu"
+        return "cpu_fused" if on_cpu and cpu_kernels.available() else "plain"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def build_partial_fc(backend: str, *args: Any, **kwargs: Any) -> PartialFC:
+    """A ``PartialFC`` (``backend="plain"``) or ``FusedPartialFC`` (``"cpu_fused"``) built
+    with ``PartialFC``'s arguments; resolve ``"auto"`` first (``resolve_backend``)."""
+    if backend == "plain":
+        return PartialFC(*args, **kwargs)
+    if backend == "cpu_fused":
+        from partialfc.fast import FusedPartialFC
+
+        return FusedPartialFC(*args, **kwargs)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -11,7 +11,6 @@ gloo and NCCL ``all_gather`` need equal shapes) and trim the padding afterwards.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "GatherCapacity",
     "PendingGather",
-    "all_gather_batch",
     "all_gather_no_grad",
     "all_gather_stack",
     "all_gather_with_grad",
@@ -33,6 +30,7 @@ __all__ = [
     "get_world_size",
     "replicated_term",
     "start_all_gather_stack",
+    "sum_own_rows",
     "sync_grad",
 ]
 
@@ -160,24 +158,37 @@ def _gather_padded(
     return out, sizes
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """[B, ...] -> [B, bytes per row] uint8 view of a contiguous copy (bit-exact packing)."""
-    t = tensor.detach().contiguous()
-    return t.reshape(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8)
-
-
-def _from_bytes(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_as_bytes`` for rows shaped and typed like ``like``."""
-    return raw.contiguous().view(like.dtype).reshape(raw.shape[0], *like.shape[1:])
+def sum_own_rows(
+    grad: torch.Tensor,
+    sizes: list[int],
+    group: ProcessGroup | None,
+    during: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """This rank's rows [B_r, ...] of the sum over ranks of ``grad`` [sum B_r, ...] (the
+    backward of a gather): one all-to-all sends each rank the rows it owns from every rank's
+    gradient (one message round; a ring all-reduce of the whole [N, D] takes two), then they
+    are summed here. ``during`` (optional) runs while the rows travel."""
+    grad = grad.contiguous()  # [sum B_r, ...]
+    world, size = len(sizes), sizes[get_rank(group)]
+    parts = grad.new_empty((world * size, *grad.shape[1:]))
+    work = dist.all_to_all_single(
+        parts,
+        grad,
+        output_split_sizes=[size] * world,
+        input_split_sizes=list(sizes),
+        group=group,
+        async_op=True,
+    )
+    try:
+        if during is not None:
+            during()
+    finally:
+        work.wait()
+    return parts.view(world, size, *grad.shape[1:]).sum(dim=0)  # [B_r, ...]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """Autograd wrapper around the variable-size all-gather; see ``all_gather_with_grad``.
-
-    An optional ``passenger`` (same dim-0 size, any dtype, no gradient: the labels) travels
-    in the same collective, its bytes appended to each row's. An optional ``overlap``
-    callable runs in backward while the gradient exchange is in flight.
-    """
+    """Autograd wrapper around the variable-size all-gather; see ``all_gather_with_grad``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -186,66 +197,21 @@ class _AllGatherWithGrad(torch.autograd.Function):
         group: ProcessGroup | None,
         ddp_scale: bool,
         sizes: list[int] | None,
-        passenger: torch.Tensor | None,
-        capacity: GatherCapacity | None,
-        overlap: Callable[[], None] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
         world = get_world_size(group)
-        if passenger is None:
-            out, sizes = _gather_padded(tensor, group, world, sizes)
-            riders = None
-        else:
-            if passenger.shape[0] != tensor.shape[0]:
-                raise ValueError(
-                    f"passenger has {passenger.shape[0]} rows, the tensor {tensor.shape[0]}"
-                )
-            head = _as_bytes(tensor)
-            packed = torch.cat([head, _as_bytes(passenger)], dim=1)
-            if capacity is not None and capacity.rows is not None and sizes is None:
-                raw, sizes = _gather_with_capacity(packed, group, world, capacity.rows)
-            else:
-                raw, sizes = _gather_padded(packed, group, world, sizes)
-            if capacity is not None:
-                capacity.rows = max(capacity.rows or 0, *sizes)
-            out = _from_bytes(raw[:, : head.shape[1]], tensor)
-            riders = _from_bytes(raw[:, head.shape[1] :], passenger)
-            ctx.mark_non_differentiable(riders)
-        rank = get_rank(group)
+        out, ctx.sizes = _gather_padded(tensor, group, world, sizes)
         ctx.group = group
-        ctx.sizes = sizes
-        ctx.rank = rank
         ctx.scale = float(world) if ddp_scale else 1.0
-        ctx.overlap = overlap
-        return out, riders
+        return out
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_output: torch.Tensor, _grad_riders: Any
-    ) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         # Each rank's loss only covers its own shard of the classifier, so the gradient wrt the
-        # gathered batch is the SUM of every rank's partial gradient. One all-to-all sends each
-        # rank the rows it owns from every rank's gradient (one message round; a ring
-        # all-reduce of the whole [N, D] takes two), then they are summed here.
-        grad = grad_output.contiguous()  # [sum B_r, ...]
-        world, size = len(ctx.sizes), ctx.sizes[ctx.rank]
-        parts = grad.new_empty((world * size, *grad.shape[1:]))
-        work = dist.all_to_all_single(
-            parts,
-            grad,
-            output_split_sizes=[size] * world,
-            input_split_sizes=list(ctx.sizes),
-            group=ctx.group,
-            async_op=True,
-        )
-        try:
-            if ctx.overlap is not None:
-                ctx.overlap()  # e.g. the classifier's weight gradient, while the rows travel
-        finally:
-            work.wait()
-        local = parts.view(world, size, *grad.shape[1:]).sum(dim=0)  # [B_r, ...]
+        # gathered batch is the SUM of every rank's partial gradient.
+        local = sum_own_rows(grad_output, ctx.sizes, ctx.group)
         if ctx.scale != 1.0:
             local = local.mul_(ctx.scale)
-        return local, None, None, None, None, None, None
+        return local, None, None, None
 
 
 def all_gather_with_grad(
@@ -272,68 +238,9 @@ def all_gather_with_grad(
     ``sizes``: every rank's dim-0 size from ``gather_sizes`` (saves one collective).
     Identity (and plain autograd pass-through) with one rank or no process group.
     """
-    world = get_world_size(group)
-    if world == 1:
-        return tensor
-    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes, None, None, None)[0]
-
-
-class GatherCapacity:
-    """Rows per rank that ``all_gather_batch`` pads to: the largest batch seen so far.
-
-    Every rank of the group updates it from the same gathered sizes, so all agree on it
-    without communicating; with it, a gather needs no size exchange of its own (each rank's
-    row count travels in a header row). A rank with more rows than the capacity makes every
-    rank fall back to exchanging sizes for that call. Give each group its own instance.
-    """
-
-    def __init__(self) -> None:
-        self.rows: int | None = None
-
-
-def _gather_with_capacity(
-    packed: torch.Tensor, group: ProcessGroup | None, world: int, cap: int
-) -> tuple[torch.Tensor, list[int]]:
-    """``_gather_padded`` of uint8 rows [B_r, R] (R >= 8) in one collective when every
-    ``B_r <= cap``: rows padded to ``cap`` plus a header row holding ``B_r``."""
-    rows, width = packed.shape
-    frame = packed.new_zeros((cap + 1, width))
-    keep = min(rows, cap)
-    frame[:keep] = packed[:keep]
-    frame[cap, :8] = torch.tensor([rows], dtype=torch.int64).view(torch.uint8)
-    parts = [torch.empty_like(frame) for _ in range(world)]
-    dist.all_gather(parts, frame, group=group)
-    sizes = [int(p[cap, :8].clone().view(torch.int64)) for p in parts]
-    if max(sizes) > cap:  # somebody's batch grew: gather again, sizes now known
-        return _gather_padded(packed, group, world, sizes)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0), sizes
-
-
-def all_gather_batch(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    group: ProcessGroup | None = None,
-    ddp_scale: bool = True,
-    capacity: GatherCapacity | None = None,
-    overlap: Callable[[], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``all_gather_with_grad(embeddings)`` and ``all_gather_no_grad(labels)`` in one
-    collective: the labels' bytes ride along with each embedding row (bit-exact for any
-    dtype; ``labels`` must be 1-D with 8-byte elements). With a ``GatherCapacity`` (kept by
-    the caller across steps) the size exchange is skipped once the capacity is known.
-    ``overlap`` (optional) is called in backward while the embeddings' gradient travels
-    between the ranks (it must not need that gradient). Returns ``([sum B_r, D], [sum
-    B_r])``; the inputs unchanged with one rank."""
     if get_world_size(group) == 1:
-        return embeddings, labels
-    if labels.dim() != 1 or labels.element_size() != 8:
-        raise ValueError(
-            f"labels must be 1-D with 8-byte elements, got {tuple(labels.shape)} {labels.dtype}"
-        )
-    out, riders = _AllGatherWithGrad.apply(
-        embeddings, group, ddp_scale, None, labels, capacity, overlap
-    )
-    return out, riders
+        return tensor
+    return _AllGatherWithGrad.apply(tensor, group, ddp_scale, sizes)
 
 
 def all_gather_no_grad(

@@ -23,10 +23,10 @@ The head interface (``MarginHead``):
   ``MarginContext``. Every head implements it (the generic path).
 - ``fused_scale`` / ``target_logits(ctx, cos_t) -> [R]``: a head whose non-target logits are
   exactly ``s * cos`` with a constant ``s`` says so by returning ``s`` from ``fused_scale``
-  and implements ``target_logits``. ``PartialFC`` then never materialises the logits as a
-  separate autograd tensor: the cosine matrix, the softmax and their gradients are computed
-  in one fused kernel (see ``partialfc.fused``), with only the ``[R]`` target logits going
-  through autograd.
+  and implements ``target_logits``. The fast CPU backend (``partialfc.fast``) then never
+  materialises the logits as a separate autograd tensor: the cosine matrix, the softmax and
+  their gradients are computed in one fused kernel, with only the ``[R]`` target logits
+  going through autograd.
 - ``regularizer(ctx)``: an extra loss term (MagFace's g(a), DiscFace's discrepancy), already
   a global value on every rank.
 - ``bind(spec)``: called once by ``PartialFC`` to create per-class parameters on the shard.

@@ -13,9 +13,10 @@ Update semantics for rows that were not sampled (``PartialFC(update=...)``):
 
 ``ShardOptimizer`` follows ``torch.optim.SGD`` (dampening 0, no Nesterov) and
 ``torch.optim.AdamW`` (no amsgrad) formulas exactly, including for dense gradients, and works
-row chunk by row chunk so it never allocates a temporary of the shard's size. On CPU the
-row-sparse SGD update is one fused sweep over the rows (``partialfc.cpu_kernels``: read
-momentum, gradient and weight, write momentum and weight), the torch-op chunks elsewhere.
+row chunk by row chunk so it never allocates a temporary of the shard's size. The fast CPU
+backend (``partialfc.fast``) hands it a fused kernel for the row-sparse SGD update (one sweep:
+read momentum, gradient and weight, write momentum and weight) and the rows its forward
+already gathered.
 It is a regular ``torch.optim.Optimizer``: LR schedulers, ``state_dict`` and GradScaler
 work unchanged.
 """
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 
-from partialfc import cpu_kernels
 from partialfc.collectives import all_reduce_inplace
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "ShardOptimizer", "clip_grad_norm_"]
@@ -52,6 +52,8 @@ def _rows_of(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 RowCache = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
+SgdRows = Callable[..., bool]
+"""``(weight, momentum, index, grad_rows, lr, momentum_factor, weight_decay) -> done``."""
 
 
 class ShardOptimizer(torch.optim.Optimizer):
@@ -64,8 +66,11 @@ class ShardOptimizer(torch.optim.Optimizer):
             ``weight_decay`` is coupled (added to the gradient) for SGD, decoupled for AdamW.
         chunk_elements: elements per update chunk (``DEFAULT_CHUNK_ELEMENTS``).
         row_cache: optional ``(param, row_index) -> rows [S, ...] or None``: the current
-            values of ``param[row_index]`` if the caller still holds them (PartialFC's forward
-            gathered them already), saving one gather per step. The rows may be overwritten.
+            values of ``param[row_index]`` if the caller still holds them (the fast backend's
+            forward gathered them already), saving one gather per step. The rows may be
+            overwritten.
+        sgd_rows: optional row-sparse SGD update in one call (the fast backend's kernel);
+            it returns False where it does not apply (then the torch ops run).
         after_step: optional callable run at the end of every ``step`` (PartialFC applies
             its head's rule-based state updates there, e.g. center loss's centres).
         after_zero_grad: optional callable run by ``zero_grad`` (PartialFC drops those
@@ -86,6 +91,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         eps: float = 1e-8,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         row_cache: RowCache | None = None,
+        sgd_rows: SgdRows | None = None,
         after_step: Callable[[], None] | None = None,
         after_zero_grad: Callable[[], None] | None = None,
     ) -> None:
@@ -114,6 +120,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         self.name = name
         self.chunk_elements = int(chunk_elements)
         self.row_cache = row_cache
+        self.sgd_rows = sgd_rows
         self.after_step = after_step
         self.after_zero_grad = after_zero_grad
 
@@ -190,11 +197,8 @@ class ShardOptimizer(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         buf = state.get("momentum_buffer")
         data = p.data
-        if index is not None:
-            kern = cpu_kernels.usable(data, values, buf)
-            if kern is not None and index.is_contiguous():
-                # One sweep over the rows: read momentum, gradient, weight; write both back.
-                kern.sgd_rows_(data, buf, index, values, lr, mu, wd)
+        if index is not None and self.sgd_rows is not None:
+            if self.sgd_rows(data, buf, index, values, lr, mu, wd):
                 return
         cached = self._cached_rows(p, index) if index is not None and wd else None
         for sl in self._chunks(values):

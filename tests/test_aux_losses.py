@@ -103,7 +103,7 @@ def _run(
     labels: torch.Tensor,
     centers: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict, PartialFC]:
-    pfc = PartialFC(build_margin(head, aux=aux), D, C, 1.0, 0, 1, low_memory=False).double()
+    pfc = PartialFC(build_margin(head, aux=aux), D, C, 1.0, 0, 1).double()
     with torch.no_grad():
         if pfc.weight.numel():
             pfc.weight.copy_(weight)
@@ -182,7 +182,7 @@ def test_weights_add_to_the_head_loss_and_none_uses_them_alone() -> None:
 )
 def test_aux_gradcheck_float64(aux: dict) -> None:
     weight, x, labels, centers = _problem(2)
-    pfc = PartialFC(build_margin("none", aux=aux), D, C, 1.0, 0, 1, low_memory=False).double()
+    pfc = PartialFC(build_margin("none", aux=aux), D, C, 1.0, 0, 1).double()
     if "center" in aux:
         with torch.no_grad():
             pfc.margin.aux_losses["center"].centers.copy_(centers)
@@ -193,7 +193,7 @@ def test_aux_gradcheck_float64(aux: dict) -> None:
 def test_intra_inter_gradcheck_float64() -> None:
     weight, x, labels, _ = _problem(3)
     head = build_margin("cosface", s=4.0, aux={"intra": {}, "inter": {}})
-    pfc = PartialFC(head, D, C, 1.0, 0, 1, low_memory=False).double()
+    pfc = PartialFC(head, D, C, 1.0, 0, 1).double()
     with torch.no_grad():
         pfc.weight.copy_(weight)
     e = x.clone().requires_grad_(True)

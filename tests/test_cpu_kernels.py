@@ -1,4 +1,4 @@
-"""The fused CPU kernels (partialfc/csrc/cpu_kernels.cpp) against the torch-op path.
+"""The fused CPU kernels (partialfc/fast/csrc/cpu_kernels.cpp) against the torch-op path.
 
 Each kernel is compared with an independent torch computation on random data with the edge
 cases the step produces (masked -inf logits, rows without a finite value, float64), and a
@@ -13,9 +13,13 @@ import math
 
 import pytest
 import torch
+from _backends import partial_fc
 
-from partialfc import PartialFC, build_margin, cpu_kernels
-from partialfc.fused import NORM_EPS, _local_exp_sums, _project_out_radial
+from partialfc import build_margin
+from partialfc.fast import cpu_kernels
+from partialfc.fast.rows import _project_out_radial
+from partialfc.fast.softmax import _local_exp_sums
+from partialfc.ops import NORM_EPS
 
 
 @pytest.fixture
@@ -235,7 +239,7 @@ def test_partialfc_steps_agree_with_and_without_kernels(switch, rate, opt_name) 
     for flag in (True, False):
         switch(flag)
         torch.manual_seed(0)
-        pfc = PartialFC(build_margin("arcface"), 64, 500, rate, 0, 1, update="sampled")
+        pfc = partial_fc(build_margin("arcface"), 64, 500, rate, 0, 1, update="sampled")
         hp = {"lr": 0.5, "momentum": 0.9} if opt_name == "sgd" else {"lr": 0.05, "eps": 0.1}
         opt = pfc.build_optimizer(opt_name, weight_decay=5e-4, **hp)
         x = torch.randn(32, 64, requires_grad=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from partialfc import cpu_kernels
+from partialfc.fast import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGE = "building Partial FC CPU kernels (one time)"
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension as ext
 
-from partialfc import cpu_kernels
+from partialfc.fast import cpu_kernels
 
 if sys.argv[2] == "no-build":
     def refuse(*args, **kwargs):

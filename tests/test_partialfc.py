@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import partial_fc
 
 from partialfc import (
     PartialFC,
@@ -18,7 +19,8 @@ from partialfc import (
     distributed_cross_entropy,
     init_class_centers,
 )
-from partialfc.fused import NORM_EPS, normalize_rows
+from partialfc.fast.rows import normalize_rows
+from partialfc.ops import NORM_EPS
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +148,7 @@ def test_single_process_matches_reference(
 ) -> None:
     margin = build_margin(name, **kwargs)
     weight, x, labels = make_problem(11, [12], seed=1)
-    pfc = PartialFC(margin, D, 11, 1.0, rank=0, world_size=1, fused=fused, low_memory=low_memory)
+    pfc = partial_fc(margin, D, 11, 1.0, rank=0, world_size=1, fused=fused, low_memory=low_memory)
     with torch.no_grad():
         pfc.weight.copy_(weight)
     e = x.clone().requires_grad_(True)
@@ -202,7 +204,7 @@ def test_partialfc_gradcheck_float64(name: str, kwargs: dict, fused: bool) -> No
     x[0] = 1.7 * centre[0] + 1e-3 * x[0]  # theta ~ 0
     x[1] = -2.3 * centre[1] + 1e-3 * x[1]  # theta ~ pi
     x[2] = -1.1 * centre[2] + 0.2 * x[2]  # theta + 0.5 > pi
-    pfc = PartialFC(
+    pfc = partial_fc(
         head, D, num_classes, 1.0, 0, 1, fused=fused, low_memory=False, update="dense"
     ).double()
     pfc.eval()  # stateful heads must not move between the gradcheck evaluations
@@ -221,7 +223,7 @@ def test_partialfc_gradcheck_float64(name: str, kwargs: dict, fused: bool) -> No
 
 def test_low_memory_backward_is_guarded() -> None:
     weight, x, labels = make_problem(9, [6 + D], seed=3)
-    pfc = PartialFC(build_margin("arcface"), D, 9, 1.0, 0, 1, low_memory=True)
+    pfc = partial_fc(build_margin("arcface"), D, 9, 1.0, 0, 1, low_memory=True)
     e = x.clone().requires_grad_(True)
     loss, _ = pfc(e, labels)
     loss.backward(retain_graph=True)
@@ -236,7 +238,7 @@ def test_low_memory_backward_is_guarded() -> None:
     # the same graph fails loudly instead of reading the gradient as rows or logits.
     for rate, rows in ((0.5, len(labels)), (1.0, 6)):
         e.grad = None
-        one_pass = PartialFC(build_margin("arcface"), D, 9, rate, 0, 1, low_memory=True)
+        one_pass = partial_fc(build_margin("arcface"), D, 9, rate, 0, 1, low_memory=True)
         loss, _ = one_pass(e[:rows], labels[:rows])
         loss.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -259,7 +261,7 @@ def test_variable_batch_size_and_stats() -> None:
     """The last batch of an epoch is smaller; every step matches the reference."""
     margin = build_margin("arcface")
     weight, x, labels = make_problem(13, [10], seed=8)
-    pfc = PartialFC(margin, D, 13, 1.0, 0, 1, hist_size=4)
+    pfc = partial_fc(margin, D, 13, 1.0, 0, 1, hist_size=4)
     with torch.no_grad():
         pfc.weight.copy_(weight)
     for n in (10, 3, 10):
@@ -283,23 +285,23 @@ def test_variable_batch_size_and_stats() -> None:
 
 def test_init_identical_for_every_world_size() -> None:
     num_classes = 3000  # spans several INIT_BLOCK_ROWS blocks
-    full = PartialFC(build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=7).weight.detach()
+    full = partial_fc(build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=7).weight.detach()
     assert full.shape == (num_classes, D)
     assert abs(full.std().item() - 0.01) < 5e-4
     torch.testing.assert_close(full, init_class_centers(0, num_classes, D, seed=7, std=0.01))
     for world in (2, 3, 8):
         shards = [
-            PartialFC(build_margin("arcface"), D, num_classes, 1.0, r, world, seed=7).weight
+            partial_fc(build_margin("arcface"), D, num_classes, 1.0, r, world, seed=7).weight
             for r in range(world)
         ]
         assert torch.equal(torch.cat([s.detach() for s in shards]), full)
-    other = PartialFC(build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=8).weight
+    other = partial_fc(build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=8).weight
     assert not torch.equal(other.detach(), full)
     # Sub-centres: row class * K + k, the same matrix for every world size too.
-    sub = PartialFC(build_margin("subcenter_arcface", k=3), D, 1001, 1.0, 0, 1, seed=7).weight
+    sub = partial_fc(build_margin("subcenter_arcface", k=3), D, 1001, 1.0, 0, 1, seed=7).weight
     assert sub.shape == (3003, D)
     shards = [
-        PartialFC(build_margin("subcenter_arcface", k=3), D, 1001, 1.0, r, 3, seed=7).weight
+        partial_fc(build_margin("subcenter_arcface", k=3), D, 1001, 1.0, r, 3, seed=7).weight
         for r in range(3)
     ]
     assert torch.equal(torch.cat([s.detach() for s in shards]), sub.detach())
@@ -312,7 +314,7 @@ def test_sampling_single_process() -> None:
     positives = labels.unique()
 
     def run(seed: int, steps: int) -> list[torch.Tensor]:
-        pfc = PartialFC(margin, D, num_classes, rate, rank=0, world_size=1, seed=seed)
+        pfc = partial_fc(margin, D, num_classes, rate, rank=0, world_size=1, seed=seed)
         with torch.no_grad():
             pfc.weight.copy_(weight)
         sampled = []
@@ -347,7 +349,7 @@ def test_sampling_single_process() -> None:
 def test_sampling_keeps_all_positives_when_they_exceed_the_rate() -> None:
     weight, x, labels = make_problem(20, [16], seed=5)
     labels = torch.arange(16)  # 16 positives > round(0.1 * 20) = 2
-    pfc = PartialFC(build_margin("cosface"), D, 20, 0.1, rank=0, world_size=1)
+    pfc = partial_fc(build_margin("cosface"), D, 20, 0.1, rank=0, world_size=1)
     _, stats = pfc(x, labels)
     assert stats["num_sampled"] == 16
     assert torch.equal(pfc.last_sampled_global, torch.arange(16))
@@ -360,7 +362,7 @@ def test_autocast_bf16_logits_low_precision_softmax_fp32(name: str, fused: bool)
     weight, x, labels = make_problem(13, [9], seed=6)
 
     def build(compute_dtype: torch.dtype | None) -> PartialFC:
-        pfc = PartialFC(
+        pfc = partial_fc(
             build_margin(name), D, 13, 1.0, 0, 1, compute_dtype=compute_dtype, fused=fused
         )
         with torch.no_grad():
@@ -384,7 +386,7 @@ def test_autocast_bf16_logits_low_precision_softmax_fp32(name: str, fused: bool)
 @pytest.mark.parametrize("fused", [True, False])
 def test_autocast_fp16_cuda(fused: bool) -> None:
     weight, x, labels = make_problem(13, [9], seed=6)
-    pfc = PartialFC(build_margin("arcface"), D, 13, 0.5, 0, 1, device="cuda", fused=fused)
+    pfc = partial_fc(build_margin("arcface"), D, 13, 0.5, 0, 1, device="cuda", fused=fused)
     with torch.no_grad():
         pfc.weight.copy_(weight.cuda())
     fp32, _ = pfc(x.cuda(), labels.cuda())
@@ -400,16 +402,16 @@ def test_autocast_fp16_cuda(fused: bool) -> None:
 def test_partialfc_rejects_bad_input() -> None:
     margin = build_margin("arcface")
     with pytest.raises(ValueError, match="sample_rate"):
-        PartialFC(margin, D, 10, 0.0, 0, 1)
+        partial_fc(margin, D, 10, 0.0, 0, 1)
     with pytest.raises(ValueError, match="sample_rate"):
-        PartialFC(margin, D, 10, 1.5, 0, 1)
+        partial_fc(margin, D, 10, 1.5, 0, 1)
     with pytest.raises(ValueError, match="num_classes"):
-        PartialFC(margin, D, 2, 1.0, 0, 3)
+        partial_fc(margin, D, 2, 1.0, 0, 3)
     with pytest.raises(ValueError, match="rank"):
-        PartialFC(margin, D, 10, 1.0, 3, 3)
+        partial_fc(margin, D, 10, 1.0, 3, 3)
     with pytest.raises(ValueError, match="embedding_size"):
-        PartialFC(margin, 0, 10, 1.0, 0, 1)
-    pfc = PartialFC(margin, D, 10, 1.0, 0, 1)
+        partial_fc(margin, 0, 10, 1.0, 0, 1)
+    pfc = partial_fc(margin, D, 10, 1.0, 0, 1)
     x = torch.randn(4, D)
     with pytest.raises(ValueError, match=r"labels.*got 10"):
         pfc(x, torch.tensor([0, 1, 10, 2]))
@@ -421,15 +423,15 @@ def test_partialfc_rejects_bad_input() -> None:
         pfc(x, torch.tensor([0.0, 1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="embeddings"):
         pfc(torch.randn(4, D + 1), torch.tensor([0, 1, 2, 3]))
-    sharded = PartialFC(margin, D, 10, 1.0, 0, 2)
+    sharded = partial_fc(margin, D, 10, 1.0, 0, 2)
     with pytest.raises(RuntimeError, match="process group"):
         sharded(x, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="update"):
-        PartialFC(margin, D, 10, 1.0, 0, 1, update="lazy")
+        partial_fc(margin, D, 10, 1.0, 0, 1, update="lazy")
     with pytest.raises(ValueError, match="MarginHead"):
-        PartialFC(torch.nn.Identity(), D, 10, 1.0, 0, 1)
+        partial_fc(torch.nn.Identity(), D, 10, 1.0, 0, 1)
     with pytest.raises(ValueError, match="stats_columns"):
-        PartialFC(margin, D, 10, 1.0, 0, 1, stats_columns=0)
+        partial_fc(margin, D, 10, 1.0, 0, 1, stats_columns=0)
 
 
 @pytest.mark.parametrize(
@@ -438,7 +440,7 @@ def test_partialfc_rejects_bad_input() -> None:
 )
 def test_largest_sorted_is_the_sorted_top_k(n: int, k: int, num_pos: int) -> None:
     """The thresholded selection used for sampling picks exactly topk's set, in order."""
-    from partialfc.partial_fc import _largest_sorted
+    from partialfc.sampling import _largest_sorted
 
     gen = torch.Generator().manual_seed(n + k)
     keys = torch.rand(n, generator=gen)
@@ -455,7 +457,7 @@ def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str, ra
     the caller still holds must stay intact. (Accumulation itself may update ``.grad`` in
     place: torch's own semantics.)"""
     torch.manual_seed(0)
-    pfc = PartialFC(build_margin("arcface"), 16, 40, rate, 0, 1, update=update)
+    pfc = partial_fc(build_margin("arcface"), 16, 40, rate, 0, 1, update=update)
     x1, x2 = torch.randn(6, 16), torch.randn(6, 16)
     y1, y2 = torch.randint(0, 40, (6,)), torch.randint(0, 40, (6,))
     draws = {}  # the same sampled rows every time a batch comes back
@@ -508,7 +510,7 @@ def test_logits_in_the_gradient_buffer_match_the_generic_path(batch: int) -> Non
     results = []
     for fused, dtype in ((True, torch.float32), (False, torch.float32), (False, torch.float64)):
         torch.manual_seed(0)
-        pfc = PartialFC(
+        pfc = partial_fc(
             build_margin("arcface"), d, classes, 1.0, 0, 1, fused=fused, low_memory=fused
         ).to(dtype)
         e = x.clone().to(dtype).requires_grad_(True)
@@ -533,7 +535,7 @@ def test_logits_in_the_gradient_buffer_match_the_generic_path(batch: int) -> Non
 def test_exps_t_times_into_reads_every_block_before_overwriting_it() -> None:
     """``out = E^T-block products`` with E^T in out's own tail, for N / D from 1/8 to 15/16,
     against the product of a copy; misuse (operand before out, not contiguous) raises."""
-    from partialfc.fused import _exps_t_times_into
+    from partialfc.fast.fused import _exps_t_times_into
 
     gen = torch.Generator().manual_seed(4)
     for s, d, n in [(5000, 64, 8), (3000, 64, 32), (2000, 64, 60), (100, 8, 4), (1, 8, 7)]:
@@ -584,13 +586,13 @@ def test_normalize_rows_matches_autograd_of_the_plain_expression() -> None:
 def test_fused_forward_without_grad_skips_the_backward_product(monkeypatch) -> None:
     """Under no_grad the fused softmax computes no E @ B for a backward that cannot come
     (custom Functions see needs_input_grad even then); with grad it does, once."""
-    from partialfc import fused
+    from partialfc.fast import softmax
 
     calls = []
-    real = fused._exps_times_rows
-    monkeypatch.setattr(fused, "_exps_times_rows", lambda *a: calls.append(1) or real(*a))
+    real = softmax._exps_times_rows
+    monkeypatch.setattr(softmax, "_exps_times_rows", lambda *a: calls.append(1) or real(*a))
     weight, x, labels = make_problem(9, [6], seed=5)
-    pfc = PartialFC(build_margin("arcface"), D, 9, 1.0, 0, 1)
+    pfc = partial_fc(build_margin("arcface"), D, 9, 1.0, 0, 1)
     with torch.no_grad():
         no_grad_loss, _ = pfc(x.clone().requires_grad_(True), labels)
     assert calls == []
@@ -607,7 +609,7 @@ def test_a_held_gradient_keeps_its_buffer_and_the_logits_take_a_fresh_one() -> N
     buffer takes them, and this step's gradient), the accumulated gradient is the sum, and no
     separate logits buffer is ever made (the one left by a no_grad forward is released)."""
     torch.manual_seed(0)
-    pfc = PartialFC(build_margin("arcface"), 32, 500, 1.0, 0, 1)
+    pfc = partial_fc(build_margin("arcface"), 32, 500, 1.0, 0, 1)
     e = torch.randn(8, 32, requires_grad=True)
     labels = torch.randint(0, 500, (8,))
     assert pfc.workspace is not None

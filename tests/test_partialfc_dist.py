@@ -5,9 +5,11 @@ uneven per-rank batches: loss, the gradient wrt the embeddings, the class centre
 head parameter, the head's state and the angle statistics equal a plain single-process
 reference (normalise, matmul, ``head.logits`` on the full cosine matrix, ``F.cross_entropy``)
 within 1e-5, at sample_rate 1 and, at sample_rate < 1, against the reference restricted to
-the union of the sampled columns. Both the fused kernel and the generic autograd path are
-checked. One spawn of 4 processes covers W = 4, 3 and 2 (sub-groups of the first ranks), so
-the whole file pays for a single set of interpreter starts.
+the union of the sampled columns. Both backends are checked: the plain core and the fast
+CPU backend (``FusedPartialFC``; its fused path for heads that have one), which also equal
+each other under gradient accumulation. One spawn of 4 processes covers W = 4, 3 and 2
+(sub-groups of the first ranks), so the whole file pays for a single set of interpreter
+starts.
 
 Stateful heads (CurricularFace's t, AdaFace's norm statistics, SphereFace's step, DiscFace's
 displacement) give the same losses, states and weights for W = 1 and W = 3 over several
@@ -22,23 +24,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _backends import partial_fc
 from _dist import run_distributed
 
 from partialfc import (
-    GatherCapacity,
     MarginContext,
-    PartialFC,
     ShardSpec,
-    all_gather_batch,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_inplace,
     all_reduce_value,
     build_margin,
     class_range,
-    cpu_kernels,
     sync_grad,
 )
+from partialfc.fast import cpu_kernels
+from partialfc.fast.collectives import GatherCapacity, all_gather_batch
 
 D = 16
 NUM_CLASSES = 23  # 23 % 2, 23 % 3, 23 % 4 != 0
@@ -226,7 +227,8 @@ SHARDED_PARAMS = ("bias", "centers")  # per-class head parameters / buffers (sha
 def check_heads(
     rank: int, world: int, group: object, single: object, both_paths: bool = True
 ) -> None:
-    """Every head at rate 1 and RATE (fused and, with both_paths, generic) vs the reference."""
+    """Every head at rate 1 and RATE on the fast CPU backend ("fused": heads with a fused
+    path) and, with both_paths, on the plain core, vs the reference."""
     batches = BATCHES[world]
     n = sum(batches)
     lo = sum(batches[:rank])
@@ -235,15 +237,14 @@ def check_heads(
     for case, (name, kw) in enumerate(HEADS):
         for rate in (1.0, RATE):
             probe = build_margin(name, **kw)
-            fused_options = [True, False] if probe.fused_scale is not None else [False]
-            if not both_paths:
-                fused_options = fused_options[:1]
+            fused_options = [True, False] if both_paths else [True]
             for fused in fused_options:
-                where = f"{name} {kw} rate={rate} fused={fused} rank {rank}/{world}"
+                backend = "cpu_fused" if fused else "plain"
+                where = f"{name} {kw} rate={rate} {backend} rank {rank}/{world}"
                 k = probe.num_subcenters
                 weight, x, labels = make_problem(k, n, seed=100 + case)
                 head = build_margin(name, **kw)
-                pfc = PartialFC(
+                pfc = partial_fc(
                     head,
                     D,
                     NUM_CLASSES,
@@ -324,8 +325,8 @@ def check_stateful_same_for_w1(rank: int, world: int, group: object, single: obj
     start, count = class_range(NUM_CLASSES, rank, world)
     for name, kw in cases:
         weight, _, _ = make_problem(1, sum(batches), seed=7)
-        sharded = PartialFC(build_margin(name, **kw), D, NUM_CLASSES, 1.0, rank, world, group)
-        whole = PartialFC(build_margin(name, **kw), D, NUM_CLASSES, 1.0, 0, 1, single)
+        sharded = partial_fc(build_margin(name, **kw), D, NUM_CLASSES, 1.0, rank, world, group)
+        whole = partial_fc(build_margin(name, **kw), D, NUM_CLASSES, 1.0, 0, 1, single)
         with torch.no_grad():
             sharded.weight.copy_(weight[start : start + count])
             whole.weight.copy_(weight)
@@ -439,7 +440,7 @@ def check_sampling(rank: int, world: int, group: object, single: object) -> None
     local_pos = labels[(labels >= start) & (labels < start + count)].unique()
 
     def run(seed: int, steps: int) -> list[torch.Tensor]:
-        pfc = PartialFC(
+        pfc = partial_fc(
             build_margin("arcface"),
             D,
             NUM_CLASSES,
@@ -482,6 +483,36 @@ def check_sampling(rank: int, world: int, group: object, single: object) -> None
     assert differs.tolist() == [1.0, 1.0]
 
 
+def check_backends_accumulate_alike(rank: int, world: int, group: object) -> None:
+    """Two micro-batches accumulated into one gradient: the fast CPU backend equals the plain
+    core (loss of each micro-batch, the embeddings' and the centres' accumulated gradients),
+    with and without sampling."""
+    batches = BATCHES[world]
+    lo, hi = sum(batches[:rank]), sum(batches[: rank + 1])
+    for rate in (1.0, RATE):
+        weight, x, labels = make_problem(1, 2 * sum(batches), seed=33)
+        results = []
+        for fused in (True, False):
+            pfc = partial_fc(
+                build_margin("arcface"), D, NUM_CLASSES, rate, rank, world, group, seed=2,
+                update="sampled" if rate < 1 else "dense", fused=fused,
+            )  # fmt: skip
+            start = pfc.class_start
+            with torch.no_grad():
+                pfc.weight.copy_(weight[start : start + pfc.num_local])
+            e = x.clone().requires_grad_(True)
+            losses = []
+            for micro in (0, 1):  # rows [lo, hi) of each half of the batch
+                off = micro * sum(batches)
+                loss, _ = pfc(e[off + lo : off + hi], labels[off + lo : off + hi])
+                (loss / 2).backward()
+                losses.append(loss.detach())
+            results.append((torch.stack(losses), e.grad, _dense(pfc.weight.grad, pfc.weight)))
+        where = f"accumulation rate={rate} rank {rank}/{world}"
+        for what, fast, plain in zip(("loss", "x grad", "weight grad"), *results, strict=True):
+            assert_close(fast, plain, f"{where}: {what}")
+
+
 def _worker(rank: int, world: int, kernels: bool) -> None:
     assert world == 4
     cpu_kernels.set_enabled(kernels)
@@ -491,7 +522,9 @@ def _worker(rank: int, world: int, kernels: bool) -> None:
         if rank < w:
             group = subgroups[w]
             check_all_gather(rank, w, group)
-            check_heads(rank, w, group, singles[rank], both_paths=w == 2)
+            # The plain core with the kernels' run; the torch-op run checks the fast backend.
+            check_heads(rank, w, group, singles[rank], both_paths=kernels)
+            check_backends_accumulate_alike(rank, w, group)
             check_sampling(rank, w, group, singles[rank])
             if w == 3:
                 check_stateful_same_for_w1(rank, w, group, singles[rank])
@@ -500,14 +533,15 @@ def _worker(rank: int, world: int, kernels: bool) -> None:
 
 def test_single_process_heads_match_reference() -> None:
     check_heads(0, 1, None, None)
+    check_backends_accumulate_alike(0, 1, None)
     check_sampling(0, 1, None, None)
 
 
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("kernels", [True, False], ids=["fused-cpu-kernels", "torch-ops"])
 def test_distributed_heads_match_reference(kernels: bool) -> None:
-    """W = 4, 3 and 2 (sub-groups of one 4-process spawn), with Partial FC's fused CPU
-    kernels and with the torch-op path (what every other device runs)."""
+    """W = 4, 3 and 2 (sub-groups of one 4-process spawn): every head on the plain core and
+    on the fast CPU backend with its fused kernels, and the fast backend on torch ops."""
     run_distributed(_worker, 4, kernels)
 
 
@@ -516,7 +550,7 @@ def test_discface_displacement_and_fused_paths_agree() -> None:
     weight, x, labels = make_problem(1, 11, seed=3)
     results = []
     for fused in (True, False):
-        pfc = PartialFC(build_margin("discface"), D, NUM_CLASSES, 1.0, 0, 1, fused=fused)
+        pfc = partial_fc(build_margin("discface"), D, NUM_CLASSES, 1.0, 0, 1, fused=fused)
         with torch.no_grad():
             pfc.weight.copy_(weight)
         opt = pfc.build_optimizer("sgd", lr=1.0, momentum=0.0, weight_decay=0.0)
@@ -538,8 +572,8 @@ def _overlap_worker(rank: int, world: int) -> None:
     """The centres' gradient is computed inside the embeddings' gather backward (while the
     all-to-all is in flight), before the shard handle's node asks for it; the gradients are
     the same as without the deferral."""
-    import partialfc.partial_fc as pfc_module
-    from partialfc.fused import DeferredGrad
+    import partialfc.fast.partial_fc as pfc_module
+    from partialfc.fast.buffers import DeferredGrad
 
     order: list[str] = []
 
@@ -556,7 +590,7 @@ def _overlap_worker(rank: int, world: int) -> None:
     weight, x, labels = make_problem(1, 7 * world, seed=21)
     grads = []
     for deferral in (True, False):
-        pfc = PartialFC(build_margin("arcface"), D, NUM_CLASSES, 0.5, rank, world, seed=3)
+        pfc = partial_fc(build_margin("arcface"), D, NUM_CLASSES, 0.5, rank, world, seed=3)
         with torch.no_grad():
             pfc.weight.copy_(weight[pfc.class_start : pfc.class_start + pfc.num_local])
         e = x[7 * rank : 7 * (rank + 1)].clone().requires_grad_(True)

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from _backends import partial_fc
 from _dist import run_distributed
 
-from partialfc import PartialFC, ShardOptimizer, build_margin
+from partialfc import ShardOptimizer, build_margin
 
 C, D = 4, 8
 
 
 def _steps(rank: int, world: int, margin: str, kwargs: dict, rate: float, clip: float | None):
     torch.manual_seed(0)  # same embeddings on both ranks' halves of the batch
-    pfc = PartialFC(
+    pfc = partial_fc(
         build_margin(margin, **kwargs), D, C, rate, rank, world, seed=1, update="sampled"
     )
     opt = pfc.build_optimizer("sgd", lr=0.5, momentum=0.9, weight_decay=5e-4)
@@ -66,7 +67,7 @@ def test_classifier_clip_uses_one_norm_over_all_shards() -> None:
 
 def test_clip_norm_counts_shards_and_replicated_parameters_once() -> None:
     """Single process: the returned norm is the plain L2 norm of every gradient."""
-    pfc = PartialFC(build_margin("discface"), D, C, 1.0, 0, 1, update="sampled")
+    pfc = partial_fc(build_margin("discface"), D, C, 1.0, 0, 1, update="sampled")
     x = torch.randn(5, D)
     loss, _ = pfc(x, torch.tensor([0, 1, 2, 3, 0]))
     loss.backward()

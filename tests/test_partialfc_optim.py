@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _backends import partial_fc
 
 from partialfc import PartialFC, ShardOptimizer, build_margin, clip_grad_norm_
 
@@ -132,7 +133,7 @@ def test_state_dict_round_trip_and_scheduler() -> None:
 
 
 def _pfc(update: str, rate: float, seed: int = 0) -> PartialFC:
-    pfc = PartialFC(build_margin("arcface", s=16.0), 8, 40, rate, 0, 1, seed=seed, update=update)
+    pfc = partial_fc(build_margin("arcface", s=16.0), 8, 40, rate, 0, 1, seed=seed, update=update)
     with torch.no_grad():
         pfc.weight.normal_(0, 1, generator=torch.Generator().manual_seed(9))
     return pfc

@@ -29,7 +29,7 @@ from dataio.loading import to_model_input
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
-from partialfc import PartialFC, all_gather_no_grad, build_margin, cpu_kernels
+from partialfc import all_gather_no_grad, build_margin, build_partial_fc, resolve_backend
 from trainer import checkpoint as ckpt
 from trainer import state as train_state
 from trainer.config import Config, ConfigError, dump_config
@@ -104,13 +104,10 @@ class Trainer:
         self.backbone = create_backbone(mcfg.backbone, **self.backbone_kwargs).to(ctx.device)
 
         pcfg = config.partialfc
-        backend = pcfg.backend
-        if backend == "auto":
-            fast = ctx.device.type == "cpu" and cpu_kernels.available()
-            backend = "cpu_fused" if fast else "plain"
-        cpu_kernels.set_enabled(backend == "cpu_fused")
+        self.backend = resolve_backend(pcfg.backend, ctx.device)
         margin = build_margin(pcfg.margin)
-        self.partial_fc = PartialFC(
+        self.partial_fc = build_partial_fc(
+            self.backend,
             margin,
             embedding_size=mcfg.embedding_size,
             num_classes=self.facts.num_classes,
@@ -121,7 +118,6 @@ class Trainer:
             init_std=pcfg.init_std,
             device=ctx.device,
             update=pcfg.update,
-            fused=backend == "cpu_fused",
         )
         self.partial_fc.count_steps = False  # _one_step counts optimizer steps instead
 
@@ -246,6 +242,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "classifier_rows_this_rank": self.partial_fc.num_local,
+            "classifier_backend": self.backend,
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager:

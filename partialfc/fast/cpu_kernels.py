@@ -21,10 +21,9 @@ extension root (``~/.cache/torch_extensions``) named by a digest of everything t
 the build (:func:`build_dir`). Every later start imports the compiled module from there
 directly, without running ninja; two checkouts or virtual environments on one machine each
 keep their own build instead of rebuilding each other's. ``make setup`` builds them ahead
-(``cpu_kernels.main()``). The torch-op versions stay the reference and the path on every
-other device, for other dtypes, when the build fails (one warning, then the torch ops) and
-after ``set_enabled(False)`` (the trainer's ``partialfc.cpu_kernels: false``). Tests check
-that both paths agree.
+(``cpu_kernels.main()``). The fast backend falls back to torch ops for other dtypes, when
+the build fails (one warning) and after ``set_enabled(False)``; ``partialfc.backend: plain``
+(the reference, what every GPU runs) never uses them. Tests check that all paths agree.
 """
 
 from __future__ import annotations
@@ -181,7 +180,7 @@ def kernels(build: bool = True) -> Any | None:
                 warnings.warn(
                     f"Partial FC's fused CPU kernels ({_SOURCE.name}) could not be built "
                     f"({type(exc).__name__}: {exc}); using the slower torch-op path "
-                    "(partialfc.cpu_kernels: false skips the build).",
+                    "(partialfc.backend: plain skips the build).",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -1,0 +1,125 @@
+"""The plain building blocks of a Partial FC step, on public torch APIs.
+
+- ``gather_rows``: the sampled rows of the shard with a row-sparse gradient (only the rows
+  that took part get a gradient, so the optimizer updates exactly those: the "sampled"
+  update semantics), or a dense one.
+- ``distributed_cross_entropy``: softmax cross-entropy whose classes are sharded over ranks
+  (all-reduce of the row maxima, then of the sums).
+
+The fast CPU backend (``partialfc.fast``) computes the same numbers with fused kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from partialfc.collectives import ProcessGroup, all_reduce_inplace
+
+__all__ = ["NORM_EPS", "distributed_cross_entropy", "gather_rows"]
+
+NORM_EPS = 1e-12
+"""Smallest norm used to normalise a row (as ``F.normalize``): a zero row gives zero cosines."""
+
+
+class _GatherRows(torch.autograd.Function):
+    """``source[index]`` whose gradient is row-sparse (COO) or dense; see ``gather_rows``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, source: torch.Tensor, index: torch.Tensor, sparse: bool, unique: bool
+    ) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = source.shape
+        ctx.sparse = sparse
+        ctx.unique = unique
+        return source.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (index,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        if ctx.sparse:
+            out = torch.sparse_coo_tensor(
+                index[None],
+                grad,
+                ctx.shape,
+                is_coalesced=True if ctx.unique else None,
+                check_invariants=False,
+            )
+            if not ctx.unique:
+                out = out.coalesce()
+        else:
+            out = grad.new_zeros(ctx.shape).index_add_(0, index, grad)
+        return out, None, None, None
+
+
+def gather_rows(
+    source: torch.Tensor, index: torch.Tensor, sparse: bool, unique: bool = False
+) -> torch.Tensor:
+    """``source[index]`` [K, ...] with a row-sparse (``sparse=True``) or dense gradient.
+
+    A row-sparse gradient is a COO tensor holding only the gathered rows: the optimizer can
+    then update exactly those rows (see ``partialfc.optim``) and no ``[C_r, D]`` zero tensor
+    is ever built. ``unique=True`` promises sorted, duplicate-free indices (skips coalescing).
+    """
+    return _GatherRows.apply(source, index, sparse, unique)
+
+
+class _DistSoftmaxCE(torch.autograd.Function):
+    """Softmax cross-entropy whose class dimension is split over ranks.
+
+    Forward, per row i of the global batch (every rank holds all N rows, a slice of columns):
+        m_i = max over all ranks' columns (all-reduce MAX, detached: it only stabilises exp)
+        Z_i = sum over all ranks of sum_j exp(z_ij - m_i)                  (all-reduce SUM)
+        t_i = z_iy - m_i on the one rank holding y, 0 elsewhere            (all-reduce SUM)
+        loss = mean_i (log Z_i - t_i)
+    Backward on the local columns: (softmax - onehot) / N * grad_loss.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None
+    ) -> torch.Tensor:
+        n = logits.shape[0]
+        with torch.no_grad():
+            row_max = logits.max(dim=1).values  # [N]
+            all_reduce_inplace(row_max, "max", group)
+            probs = (logits - row_max[:, None]).exp_()  # [N, S], exp(z - m)
+            rows = torch.nonzero(target >= 0).squeeze(1)  # [R]
+            cols = target[rows]  # [R]
+            sums = logits.new_zeros(2, n)
+            sums[0] = probs.sum(dim=1)
+            sums[1, rows] = logits[rows, cols] - row_max[rows]
+            all_reduce_inplace(sums, "sum", group)
+            loss = (sums[0].log() - sums[1]).mean()
+            probs.div_(sums[0][:, None])  # [N, S] softmax over the global columns
+        ctx.save_for_backward(probs, rows, cols)
+        ctx.n = n
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        probs, rows, cols = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        grad = probs * scale  # [N, S], new tensor: `probs` stays valid for retain_graph
+        grad[rows, cols] -= scale
+        return grad, None, None
+
+
+def distributed_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """Mean softmax cross-entropy over N rows whose columns are sharded over ``group``.
+
+    ``logits`` [N, S_r] are this rank's columns, ``target`` [N] the column of each row's class
+    on this rank or -1 when it lives elsewhere (exactly one rank must hold it). Every rank
+    returns the same 0-dim loss. With no process group it equals ``F.cross_entropy``.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be [N, S] and target [N]; got {tuple(logits.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    return _DistSoftmaxCE.apply(logits, target, group)

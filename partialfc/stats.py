@@ -1,0 +1,93 @@
+"""Angle statistics of a Partial FC step (no gradient): how far each embedding is from its
+class centre, and from the nearest and the average other centre, over the global batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from partialfc.collectives import ProcessGroup, all_reduce_inplace
+
+__all__ = ["angle_stats", "hardest_negative", "negative_angle_sums"]
+
+
+def hardest_negative(cos: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None):
+    """Largest non-target cosine per row over every rank's columns [N] (-inf: none).
+
+    ``cos`` [N, S] this rank's sampled columns, ``target`` [N] the target column or -1.
+    """
+    k = min(2, cos.shape[1])
+    top_val, top_idx = torch.topk(cos, k, dim=1)  # [N, k]
+    best_is_target = top_idx[:, 0] == target  # target -1 never matches
+    runner_up = top_val[:, 1] if k == 2 else torch.full_like(top_val[:, 0], -math.inf)
+    neg = torch.where(best_is_target, runner_up, top_val[:, 0])  # [N]
+    return all_reduce_inplace(neg.contiguous(), "max", group)
+
+
+def negative_angle_sums(
+    values: torch.Tensor,
+    target: torch.Tensor | None,
+    scale: float,
+    max_columns: int,
+    col_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[sum of angles (deg), count] over at most ``max_columns`` evenly spaced columns of this
+    rank's non-target columns (not reduced over ranks).
+
+    ``values`` [N, S] is ``cos`` with ``target`` [N], or ``scale * cos`` with the targets at
+    -inf and ``target`` None (the fast backend; times ``col_scale`` [S] when given).
+    """
+    n, s_cols = values.shape
+    stride = max(1, -(-s_cols // max_columns))
+    # Columns 0, stride, 2 * stride, ... (<= max_columns): a strided view, no gather.
+    sub = values[:, ::stride] / scale  # [N, k]
+    if col_scale is not None:
+        sub = sub * col_scale[::stride].to(sub.dtype)
+    keep = torch.isfinite(sub)
+    if target is not None:
+        picked = torch.arange(0, s_cols, stride, device=values.device)  # [k]
+        keep &= target[:, None] != picked[None, :]
+    deg = torch.rad2deg(torch.acos(sub.clamp(-1.0, 1.0)))
+    return torch.stack(
+        [torch.where(keep, deg, torch.zeros_like(deg)).sum(), keep.sum().to(deg.dtype)]
+    )
+
+
+def angle_stats(
+    target_cos: torch.Tensor,
+    has_target: torch.Tensor,
+    hardest_cos: torch.Tensor,
+    neg_sums: torch.Tensor,
+    hist_size: int,
+) -> dict[str, torch.Tensor]:
+    """The step's angle statistics (0-dim tensors, and a sample of target angles).
+
+    ``target_cos`` [N] each row's target cosine where ``has_target`` [N] (every row, unless
+    the head keeps none); ``hardest_cos`` [N] the global hardest negative cosine per row;
+    ``neg_sums`` the global [sum, count] of sampled negative angles; at most ``hist_size``
+    target angles are kept for a histogram.
+    """
+    target_deg = torch.rad2deg(torch.acos(target_cos[has_target].clamp(-1.0, 1.0)))  # [N']
+    nan = target_deg.new_tensor(math.nan)
+    if target_deg.numel() > 0:
+        q = torch.quantile(target_deg, target_deg.new_tensor([0.1, 0.5, 0.9]))  # [3] linear
+        mean, std = target_deg.mean(), target_deg.std(correction=0)
+    else:
+        q, mean, std = nan.repeat(3), nan, nan
+    hard = torch.where(
+        torch.isfinite(hardest_cos),
+        torch.rad2deg(torch.acos(hardest_cos.clamp(-1.0, 1.0))),
+        torch.full_like(hardest_cos, math.nan),
+    )
+    stride = max(1, -(-target_deg.numel() // hist_size))
+    return {
+        "target_angle_mean_deg": mean,
+        "target_angle_std_deg": std,
+        "target_angle_p10_deg": q[0],
+        "target_angle_p50_deg": q[1],
+        "target_angle_p90_deg": q[2],
+        "target_angles_deg": target_deg[::stride].clone(),
+        "hardest_negative_angle_mean_deg": hard.mean() if hard.numel() else nan,
+        "negative_angle_mean_deg": neg_sums[0] / neg_sums[1],  # 0/0 = NaN: no negative
+    }
