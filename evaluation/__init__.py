@@ -3,7 +3,8 @@
 Modules: ``verification`` (insightface k-fold protocol on .bin pairs), ``roc`` (ROC and TAR@FAR
 from scores), ``ijb`` (IJB-B/C 1:1 template protocol), ``identification`` (MegaFace-style
 rank-k with distractors), ``embed`` (embedders for torch/ONNX models and image sources),
-``plots`` (PNG figures), ``onnx_export`` (export with parity check), ``runner`` (what the
+``plots`` (ROC / angle figures), ``toy_plots`` (2-D toy figure per margin head), ``figures``
+(their shared canvas), ``onnx_export`` (export with parity check), ``runner`` (what the
 ``facetrain eval``/``embed``/``plots`` commands call), ``wandb_offline`` (logged history).
 """
 

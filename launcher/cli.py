@@ -455,7 +455,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from evaluation.plots import load_history, make_toy_plots, plot_target_angle_history
+    from evaluation.plots import load_history, plot_target_angle_history
+    from evaluation.toy_plots import make_toy_plots
 
     res = make_toy_plots(args.out, args.heads, steps=args.steps, seed=args.seed)
     for name, path in res.files.items():

@@ -1,4 +1,5 @@
-"""Tests for evaluation/plots.py: every figure is written, non-trivial, and toys are robust."""
+"""Tests for evaluation/plots.py and toy_plots.py: every figure is written and non-trivial,
+and the toys are robust."""
 
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ from PIL import Image
 from torch import nn
 
 import partialfc
-from evaluation.plots import _toy_data as toy_data
 from evaluation.plots import (
     load_history,
-    make_toy_plots,
     pair_angles,
     plot_pair_angle_histograms,
     plot_roc_curves,
     plot_target_angle_history,
-    train_toy_head,
 )
 from evaluation.roc import roc_curve
+from evaluation.toy_plots import _toy_data as toy_data
+from evaluation.toy_plots import make_toy_plots, train_toy_head
 
 
 def assert_real_png(path: Path, size: tuple[int, int]) -> np.ndarray:
