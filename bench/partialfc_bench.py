@@ -185,7 +185,7 @@ def _run_steps(
     pfc: Any, opt: Any, emb: Any, labels: Any, cfg: dict[str, Any], barrier: Any
 ) -> tuple[list[float], dict[str, Any]]:
     """Warm-up, then timed full steps (forward, backward, optimizer); (seconds, last stats)."""
-    stats: dict[str, Any] = {}
+    stats: Any = None
 
     def step() -> None:
         nonlocal stats
@@ -297,7 +297,7 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
             if peak_reset
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         )
-        s = int(stats["num_sampled"])
+        s = int(stats.num_sampled)
         c_r = pfc.num_local
         grad_rows = c_r if cfg["update"] == "dense" else s
         opt.zero_grad(set_to_none=True)

@@ -55,10 +55,12 @@ from partialfc.partial_fc import UPDATE_MODES, PartialFC
 from partialfc.partition import class_range
 from partialfc.registry import build_margin, margin_defaults, margin_names
 from partialfc.sampling import INIT_BLOCK_ROWS, init_class_centers
+from partialfc.stats import AngleStats, StepStats
 
 __all__ = [
     "INIT_BLOCK_ROWS",
     "UPDATE_MODES",
+    "AngleStats",
     "AuxLoss",
     "CombinedMargin",
     "BACKENDS",
@@ -67,6 +69,7 @@ __all__ = [
     "PartialFC",
     "ShardOptimizer",
     "ShardSpec",
+    "StepStats",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "all_reduce_inplace",

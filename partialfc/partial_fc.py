@@ -41,7 +41,7 @@ from partialfc.ops import NORM_EPS, distributed_cross_entropy, gather_rows
 from partialfc.optim import DEFAULT_CHUNK_ELEMENTS, ShardOptimizer, clip_grad_norm_
 from partialfc.partition import class_range
 from partialfc.sampling import init_class_centers, mixed_seed, sample_columns
-from partialfc.stats import angle_stats, hardest_negative, negative_angle_sums
+from partialfc.stats import StepStats, angle_stats, hardest_negative, negative_angle_sums
 
 __all__ = ["UPDATE_MODES", "PartialFC"]
 
@@ -85,7 +85,7 @@ class PartialFC(nn.Module):
             computed). The constructor default stays "dense" only because it works with any
             optimizer; at sample_rate = 1 the two are the same update.
         stats_columns: columns per rank used to estimate the mean negative angle.
-        hist_size: at most this many target angles in ``stats["target_angles_deg"]``.
+        hist_size: at most this many target angles in ``stats.angles.target_angles_deg``.
 
     Attributes:
         weight: ``nn.Parameter`` [num_local * K, D], this rank's shard (K sub-centres per
@@ -314,7 +314,7 @@ class PartialFC(nn.Module):
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, StepStats]:
         """Loss of this step (same value on every rank) and angle statistics.
 
         Args:
@@ -324,22 +324,9 @@ class PartialFC(nn.Module):
 
         Returns:
             ``(loss, stats)``: loss is a 0-dim tensor, the mean over the N global rows of the
-            softmax cross-entropy plus the head's regulariser and weighted auxiliary losses.
-            stats (no grad, identical on all ranks except ``num_sampled``; 0-dim tensors so
-            that reading them does not force a device sync), over the global batch and
-            before the margin:
-
-            - ``target_angle_mean_deg``, ``target_angle_std_deg`` (population std),
-              ``target_angle_p10_deg``, ``target_angle_p50_deg``, ``target_angle_p90_deg``;
-            - ``target_angles_deg``: [<= hist_size] target angles (a strided subsample), ready
-              for a histogram;
-            - ``hardest_negative_angle_mean_deg``: per row the smallest angle to a non-target
-              sampled centre of any rank; NaN when there is no negative class at all;
-            - ``negative_angle_mean_deg``: mean angle to the sampled non-target centres,
-              estimated on at most ``stats_columns`` evenly spaced sampled columns per rank
-              (exact when every rank samples no more);
-            - ``loss_ce`` and, when present, ``loss_regularizer`` and ``loss_aux_<name>``;
-            - ``num_sampled``: this rank's S, an int.
+            softmax cross-entropy plus the head's regulariser and weighted auxiliary losses,
+            the same on every rank; stats a ``StepStats`` (loss terms, angle statistics over
+            the global batch before the margin, this rank's sampled columns).
         """
         self._check_inputs(embeddings, labels)
         sizes = gather_sizes(embeddings, self.group)  # one size exchange for both gathers
@@ -391,7 +378,7 @@ class PartialFC(nn.Module):
         norms: torch.Tensor,
         x_hat: torch.Tensor,
         world_labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, StepStats]:
         empty = torch.zeros(0, dtype=torch.long, device=emb.device)
         ctx = self._context(
             target=torch.full_like(world_labels, -1),
@@ -404,7 +391,7 @@ class PartialFC(nn.Module):
             normalized=x_hat,
         )
         total = emb.new_zeros(())
-        stats: dict[str, Any] = {"num_sampled": 0}
+        stats = StepStats(losses={}, angles=None, num_sampled=0)
         total = self._add_extra_terms(head, ctx, total, stats)
         self.last_sampled_global = empty
         return total, stats
@@ -448,7 +435,7 @@ class PartialFC(nn.Module):
         x_hat: torch.Tensor,
         world_labels: torch.Tensor,
         mm_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, StepStats]:
         index, ctx = self._sample_step(world_labels, emb, norms, x_hat)
         k = self.num_subcenters
         row_index = index
@@ -474,26 +461,25 @@ class PartialFC(nn.Module):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the softmax runs in float32 or wider
         loss_ce = distributed_cross_entropy(logits, ctx.target, self.group)
-        stats: dict[str, Any] = {"loss_ce": loss_ce.detach()}
+        stats = StepStats({"ce": loss_ce.detach()}, None, int(self.last_sampled_global.numel()))
         total = self._add_extra_terms(head, ctx, loss_ce, stats)
         with torch.no_grad():
             cos = cos.detach()
             hardest_cos = hardest_negative(cos, ctx.target, self.group)  # [N]
             neg = negative_angle_sums(cos, ctx.target, 1.0, self.stats_columns)
             all_reduce_inplace(neg, "sum", self.group)
-            stats.update(angle_stats(*ctx.global_target_cos(), hardest_cos, neg, self.hist_size))
-        stats["num_sampled"] = int(self.last_sampled_global.numel())
+            stats.angles = angle_stats(*ctx.global_target_cos(), hardest_cos, neg, self.hist_size)
         return total, stats
 
     def _add_extra_terms(
-        self, head: MarginHead, ctx: MarginContext, total: torch.Tensor, stats: dict[str, Any]
+        self, head: MarginHead, ctx: MarginContext, total: torch.Tensor, stats: StepStats
     ) -> torch.Tensor:
         reg = head.regularizer(ctx)
         if reg is not None:
-            stats["loss_regularizer"] = reg.detach()
+            stats.losses["regularizer"] = reg.detach()
             total = total + reg
         for name, loss_fn in head.aux_losses.items():
             value = loss_fn(ctx)
-            stats[f"loss_aux_{name}"] = value.detach()
+            stats.losses[f"aux_{name}"] = value.detach()
             total = total + head.aux_weights[name] * value
         return total

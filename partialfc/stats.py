@@ -1,15 +1,64 @@
-"""Angle statistics of a Partial FC step (no gradient): how far each embedding is from its
-class centre, and from the nearest and the average other centre, over the global batch."""
+"""What a Partial FC step reports besides its loss (no gradient): the loss terms, and angle
+statistics -- how far each embedding is from its class centre, and from the nearest and the
+average other centre, over the global batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from partialfc.collectives import ProcessGroup, all_reduce_inplace
 
-__all__ = ["angle_stats", "hardest_negative", "negative_angle_sums"]
+__all__ = ["AngleStats", "StepStats", "angle_stats", "hardest_negative", "negative_angle_sums"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AngleStats:
+    """Angles in degrees over the global batch, before the margin; 0-dim tensors (reading
+    them is the caller's choice of when to synchronise with the device)."""
+
+    target_angle_mean_deg: torch.Tensor
+    """Mean angle between an embedding and its class centre."""
+    target_angle_std_deg: torch.Tensor
+    """Its population standard deviation."""
+    target_angle_p10_deg: torch.Tensor
+    """10th percentile (linear interpolation)."""
+    target_angle_p50_deg: torch.Tensor
+    """Median."""
+    target_angle_p90_deg: torch.Tensor
+    """90th percentile."""
+    hardest_negative_angle_mean_deg: torch.Tensor
+    """Mean over rows of the smallest angle to a sampled centre of another class (any rank);
+    NaN when there is no other class."""
+    negative_angle_mean_deg: torch.Tensor
+    """Mean angle to the sampled centres of other classes, estimated on evenly spaced
+    columns (``PartialFC.stats_columns`` per rank)."""
+    target_angles_deg: torch.Tensor
+    """1-D: a strided sample of the target angles (at most ``PartialFC.hist_size``), for a
+    histogram."""
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """The 0-dim statistics by name (the sample of target angles left out)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "target_angles_deg"
+        }
+
+
+@dataclasses.dataclass
+class StepStats:
+    """A step's report: its loss terms, its angle statistics and its sampled columns."""
+
+    losses: dict[str, torch.Tensor]
+    """Detached 0-dim terms by name: ``ce`` (the margin softmax), ``regularizer`` and
+    ``aux_<name>`` (unweighted) where the head has them."""
+    angles: AngleStats | None
+    """None for a head without classifier (``none``)."""
+    num_sampled: int
+    """Sampled columns of this rank's shard (the one figure that differs between ranks)."""
 
 
 def hardest_negative(cos: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None):
@@ -60,8 +109,8 @@ def angle_stats(
     hardest_cos: torch.Tensor,
     neg_sums: torch.Tensor,
     hist_size: int,
-) -> dict[str, torch.Tensor]:
-    """The step's angle statistics (0-dim tensors, and a sample of target angles).
+) -> AngleStats:
+    """The step's angle statistics.
 
     ``target_cos`` [N] each row's target cosine where ``has_target`` [N] (every row, unless
     the head keeps none); ``hardest_cos`` [N] the global hardest negative cosine per row;
@@ -81,13 +130,13 @@ def angle_stats(
         torch.full_like(hardest_cos, math.nan),
     )
     stride = max(1, -(-target_deg.numel() // hist_size))
-    return {
-        "target_angle_mean_deg": mean,
-        "target_angle_std_deg": std,
-        "target_angle_p10_deg": q[0],
-        "target_angle_p50_deg": q[1],
-        "target_angle_p90_deg": q[2],
-        "target_angles_deg": target_deg[::stride].clone(),
-        "hardest_negative_angle_mean_deg": hard.mean() if hard.numel() else nan,
-        "negative_angle_mean_deg": neg_sums[0] / neg_sums[1],  # 0/0 = NaN: no negative
-    }
+    return AngleStats(
+        target_angle_mean_deg=mean,
+        target_angle_std_deg=std,
+        target_angle_p10_deg=q[0],
+        target_angle_p50_deg=q[1],
+        target_angle_p90_deg=q[2],
+        hardest_negative_angle_mean_deg=hard.mean() if hard.numel() else nan,
+        negative_angle_mean_deg=neg_sums[0] / neg_sums[1],  # 0/0 = NaN: no negative
+        target_angles_deg=target_deg[::stride].clone(),
+    )

@@ -134,7 +134,7 @@ def test_each_aux_loss_matches_numpy() -> None:
         "inter": np_inter(yn, wn),
     }
     for name, value in expected.items():
-        assert stats[f"loss_aux_{name}"].item() == pytest.approx(value, rel=1e-9, abs=1e-12), name
+        assert stats.losses[f"aux_{name}"].item() == pytest.approx(value, rel=1e-9, abs=1e-12), name
     # The other mining of each triplet loss too.
     _, stats, _ = _run(
         "none",
@@ -143,10 +143,10 @@ def test_each_aux_loss_matches_numpy() -> None:
         x,
         labels,
     )
-    assert stats["loss_aux_triplet"].item() == pytest.approx(
+    assert stats.losses["aux_triplet"].item() == pytest.approx(
         np_triplet(xn, yn, 0.2, "batch_hard", angular=False), rel=1e-9
     )
-    assert stats["loss_aux_angular_triplet"].item() == pytest.approx(
+    assert stats.losses["aux_angular_triplet"].item() == pytest.approx(
         np_triplet(xn, yn, 0.35, "semi_hard", angular=True), rel=1e-9
     )
 
@@ -162,12 +162,12 @@ def test_weights_add_to_the_head_loss_and_none_uses_them_alone() -> None:
         labels,
         centers,
     )
-    expected = plain + 0.5 * stats["loss_aux_triplet"] + 0.01 * stats["loss_aux_center"]
+    expected = plain + 0.5 * stats.losses["aux_triplet"] + 0.01 * stats.losses["aux_center"]
     torch.testing.assert_close(both, expected)
     alone, stats, pfc = _run("none", {"triplet": {"weight": 2.0}}, weight, x, labels)
-    assert pfc.weight.shape == (0, D) and stats["num_sampled"] == 0
-    torch.testing.assert_close(alone, 2.0 * stats["loss_aux_triplet"])
-    assert "target_angle_mean_deg" not in stats
+    assert pfc.weight.shape == (0, D) and stats.num_sampled == 0
+    torch.testing.assert_close(alone, 2.0 * stats.losses["aux_triplet"])
+    assert stats.angles is None and set(stats.losses) == {"aux_triplet"}
 
 
 @pytest.mark.parametrize(

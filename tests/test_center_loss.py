@@ -101,7 +101,7 @@ def run_step(pfc: PartialFC, opt: torch.optim.Optimizer, step: int, rank: int, w
     diff = x_all.numpy() - ref[y_all.numpy()]
     n = len(y_all)
     expected = 0.5 * (diff**2).sum() / n
-    assert stats["loss_aux_center"].item() == pytest.approx(expected, rel=1e-10)
+    assert stats.losses["aux_center"].item() == pytest.approx(expected, rel=1e-10)
     if not pfc.margin.uses_classifier:
         np.testing.assert_allclose(x.grad.numpy(), LAMBDA * diff[lo:hi] / n, rtol=1e-10)
     # Own rows only are compared; absent classes keep their centre.

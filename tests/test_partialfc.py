@@ -13,6 +13,7 @@ from _backends import partial_fc
 
 from partialfc import (
     PartialFC,
+    StepStats,
     all_gather_no_grad,
     all_gather_with_grad,
     build_margin,
@@ -104,19 +105,18 @@ def reference(
     }
 
 
-def check_stats(stats: dict, ref: dict, num_sampled: int) -> None:
-    assert_close(stats["target_angle_mean_deg"], ref["target_deg"].mean(), "target angle mean")
+def check_stats(stats: StepStats, ref: dict, num_sampled: int) -> None:
+    assert_close(stats.angles.target_angle_mean_deg, ref["target_deg"].mean(), "target angle mean")
     assert_close(
-        stats["target_angle_std_deg"],
+        stats.angles.target_angle_std_deg,
         ref["target_deg"].std(correction=0),
         "target angle std",
         rtol=1e-4,
         atol=1e-4,
     )
-    assert_close(
-        stats["hardest_negative_angle_mean_deg"], ref["neg_deg"].mean(), "hardest negative angle"
-    )
-    assert stats["num_sampled"] == num_sampled
+    hardest = stats.angles.hardest_negative_angle_mean_deg
+    assert_close(hardest, ref["neg_deg"].mean(), "hardest negative angle")
+    assert stats.num_sampled == num_sampled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,8 +274,9 @@ def test_variable_batch_size_and_stats() -> None:
         check_stats(stats, ref, num_sampled=13)
         q = torch.quantile(ref["target_deg"], torch.tensor([0.1, 0.5, 0.9]))
         for key, value in zip(("p10", "p50", "p90"), q, strict=True):
-            assert_close(stats[f"target_angle_{key}_deg"], value, key, rtol=1e-4, atol=1e-4)
-        assert 1 <= stats["target_angles_deg"].numel() <= 4
+            got = getattr(stats.angles, f"target_angle_{key}_deg")
+            assert_close(got, value, key, rtol=1e-4, atol=1e-4)
+        assert 1 <= stats.angles.target_angles_deg.numel() <= 4
         pfc.weight.grad = None
     assert int(pfc.num_steps) == 3
     pfc.eval()
@@ -324,8 +325,8 @@ def test_sampling_single_process() -> None:
             loss.backward()
             cols = pfc.last_sampled_global.clone()
             sampled.append(cols)
-            assert stats["num_sampled"] == max(round(rate * num_classes), positives.numel())
-            assert cols.numel() == stats["num_sampled"]
+            assert stats.num_sampled == max(round(rate * num_classes), positives.numel())
+            assert cols.numel() == stats.num_sampled
             assert torch.equal(cols, cols.sort().values)
             assert bool(torch.isin(positives, cols).all())
             ref = reference(margin, weight, x, labels, columns=cols)
@@ -351,7 +352,7 @@ def test_sampling_keeps_all_positives_when_they_exceed_the_rate() -> None:
     labels = torch.arange(16)  # 16 positives > round(0.1 * 20) = 2
     pfc = partial_fc(build_margin("cosface"), D, 20, 0.1, rank=0, world_size=1)
     _, stats = pfc(x, labels)
-    assert stats["num_sampled"] == 16
+    assert stats.num_sampled == 16
     assert torch.equal(pfc.last_sampled_global, torch.arange(16))
 
 

@@ -279,24 +279,24 @@ def check_heads(
                         f"{where}: weight grad",
                     )
                     assert_close(
-                        stats["target_angle_mean_deg"],
+                        stats.angles.target_angle_mean_deg,
                         ref["target_deg"].mean(),
                         f"{where}: target angle",
                     )
                     assert_close(
-                        stats["target_angle_p50_deg"],
+                        stats.angles.target_angle_p50_deg,
                         ref["target_deg"].quantile(0.5),
                         f"{where}: target angle p50",
                     )
                     assert_close(
-                        stats["hardest_negative_angle_mean_deg"],
+                        stats.angles.hardest_negative_angle_mean_deg,
                         ref["hardest_deg"].mean(),
                         f"{where}: hardest negative angle",
                     )
                     assert_close(
-                        stats["negative_angle_mean_deg"], ref["neg_deg"], f"{where}: neg angle"
+                        stats.angles.negative_angle_mean_deg, ref["neg_deg"], f"{where}: neg angle"
                     )
-                    assert stats["target_angles_deg"].shape == (n,)
+                    assert stats.angles.target_angles_deg.shape == (n,)
                 for pname, param in head.named_parameters():
                     rgrad = ref["param_grads"][pname]
                     if pname.endswith(SHARDED_PARAMS):
@@ -461,7 +461,7 @@ def check_sampling(rank: int, world: int, group: object, single: object) -> None
             mine = pfc.last_sampled_global.clone()
             sampled.append(mine)
             assert mine.numel() == max(round(RATE * count), local_pos.numel())
-            assert mine.numel() == stats["num_sampled"]
+            assert mine.numel() == stats.num_sampled
             assert bool(((mine >= start) & (mine < start + count)).all())
             assert bool(torch.isin(local_pos, mine).all()), "a positive was not sampled"
             union = all_gather_no_grad(mine, group)
@@ -561,7 +561,7 @@ def test_discface_displacement_and_fused_paths_agree() -> None:
             opt.step()
         xi = pfc.margin.displacement.detach()
         results.append((loss.detach(), xi.clone(), pfc.weight.detach().clone()))
-        assert xi.abs().sum() > 0 and stats["loss_regularizer"] > 0
+        assert xi.abs().sum() > 0 and stats.losses["regularizer"] > 0
     assert_close(results[0][0], results[1][0], "loss")
     assert_close(results[0][1], results[1][1], "displacement")
     assert_close(results[0][2], results[1][2], "weights")

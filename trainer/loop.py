@@ -29,7 +29,7 @@ from dataio.loading import to_model_input
 from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
-from partialfc import all_gather_no_grad, build_margin, build_partial_fc, resolve_backend
+from partialfc import StepStats, all_gather_no_grad, build_margin, build_partial_fc, resolve_backend
 from trainer import checkpoint as ckpt
 from trainer import state as train_state
 from trainer.config import Config, ConfigError, dump_config
@@ -120,6 +120,7 @@ class Trainer:
             update=pcfg.update,
         )
         self.partial_fc.count_steps = False  # _one_step counts optimizer steps instead
+        self.grad_norm: torch.Tensor | None = None  # of the last step, where computed
 
         tcfg = config.train
         loader_config = LoaderConfig(
@@ -332,8 +333,10 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
         }
 
-    def _one_step(self, batches) -> tuple[torch.Tensor, dict[str, Any], bool]:
-        """One optimizer step over ``accum`` micro-batches. Returns (loss, stats, finite).
+    def _one_step(self, batches) -> tuple[torch.Tensor, StepStats | None, bool]:
+        """One optimizer step over ``accum`` micro-batches. Returns (loss, the last
+        micro-batch's Partial FC stats, finite); ``self.grad_norm`` is the step's gradient
+        norm where the engine computed one.
 
         The loss is the global-batch mean on every rank (distributed CE), so every rank takes
         the same branch when it is non-finite and skips the step: no rank is left waiting in a
@@ -343,7 +346,8 @@ class Trainer:
         engine.zero_grad()
         self.opt_fc.zero_grad(set_to_none=True)
         total = torch.zeros((), device=ctx.device)
-        stats: dict[str, Any] = {}
+        stats: StepStats | None = None
+        self.grad_norm = None
         for micro in range(self.accum):
             images, labels = next(batches)
             images = to_model_input(images, ctx.device)  # float32 [B, 3, H, W]
@@ -373,13 +377,11 @@ class Trainer:
                 engine.backward(loss / self.accum, last_micro)
             total += loss.detach() / self.accum
         max_norm = self.config.partialfc.clip_grad_norm
-        grad_norm = engine.step(
+        self.grad_norm = engine.step(
             self.opt_fc,
             self.partial_fc.parameters(),
             None if max_norm is None else lambda: self.partial_fc.clip_grad_norm_(max_norm),
         )
-        if grad_norm is not None:
-            stats["grad_norm"] = grad_norm
         self.partial_fc.num_steps.add_(1)  # what step-annealed heads (SphereFace) read
         self.sched_backbone.step()
         self.sched_fc.step()
@@ -397,7 +399,7 @@ class Trainer:
     def _log(
         self,
         loss: torch.Tensor,
-        stats: dict[str, Any],
+        stats: StepStats | None,
         meter: Throughput,
         global_batch: int,
         steps: int,
@@ -410,32 +412,26 @@ class Trainer:
             "train/epoch": self.epoch,
             "train/nonfinite_steps": self.nonfinite_total,
         }
-        if "grad_norm" in stats:
-            out["train/grad_norm"] = float(stats["grad_norm"])
+        if self.grad_norm is not None:
+            out["train/grad_norm"] = float(self.grad_norm)
         if self.loader.num_skipped:
             out["data/skipped_records"] = self.loader.num_skipped
-        for key, value in stats.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                continue  # the target-angle sample goes to the histogram
-            if key.endswith("_deg"):
-                out[f"angles/{key}"] = float(value)
-            elif key.startswith("loss_"):
-                out[f"train/{key}"] = float(value)
-            elif key == "num_sampled":
-                out["train/classes_sampled_rank0"] = int(value)
+        if stats is None:
+            return out
+        out.update({f"train/loss_{k}": float(v) for k, v in stats.losses.items()})
+        if stats.angles is not None:
+            out.update({f"angles/{k}": float(v) for k, v in stats.angles.scalars().items()})
+        out["train/classes_sampled_rank0"] = stats.num_sampled
         return out
 
-    def _histogram(self, stats: dict[str, Any]) -> dict[str, Any]:
+    def _histogram(self, stats: StepStats | None) -> dict[str, Any]:
         """A wandb histogram of this step's target angles (a sample PartialFC returns)."""
-        sample = next(
-            (v for k, v in stats.items() if torch.is_tensor(v) and v.dim() == 1 and "angle" in k),
-            None,
-        )
-        if sample is None or self.ctx.rank != 0:
+        if stats is None or stats.angles is None or self.ctx.rank != 0:
             return {}
         import wandb
 
-        return {"angles/target_angle_hist": wandb.Histogram(sample.detach().float().cpu().numpy())}
+        sample = stats.angles.target_angles_deg.detach().float().cpu().numpy()
+        return {"angles/target_angle_hist": wandb.Histogram(sample)}
 
     # ------------------------------------------------------------------- eval / save / export
     def evaluate(self, wandb_run: WandbRun, progress: Progress) -> dict[str, dict[str, float]]:

@@ -26,7 +26,7 @@ from partialfc.fast.softmax import fused_softmax_ce
 from partialfc.margins import MarginHead
 from partialfc.ops import NORM_EPS, gather_rows
 from partialfc.partial_fc import PartialFC
-from partialfc.stats import angle_stats, negative_angle_sums
+from partialfc.stats import StepStats, angle_stats, negative_angle_sums
 
 __all__ = ["FusedPartialFC"]
 
@@ -95,7 +95,7 @@ class FusedPartialFC(PartialFC):
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, StepStats]:
         """As ``PartialFC.forward``."""
         head: MarginHead = self.margin  # type: ignore[assignment]
         if not self.fuses(head):
@@ -128,7 +128,7 @@ class FusedPartialFC(PartialFC):
         world_labels: torch.Tensor,
         mm_dtype: torch.dtype,
         shard: tuple[torch.Tensor | None, DeferredGrad | None],
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, StepStats]:
         index, ctx = self._sample_step(world_labels, emb, norms, x_hat)
         rows, cols, n = ctx.rows, ctx.cols, ctx.num_rows
         scale = head.fused_scale
@@ -174,11 +174,10 @@ class FusedPartialFC(PartialFC):
         f = head.target_logits(ctx, c_t)  # [R]
         loss_ce, hardest, extra = fused_softmax_ce(z, f, rows, self.group, link, extra, col_scale)
         ctx.cache["global_target_cos"] = (extra[:n], extra[n : 2 * n] > 0)
-        stats: dict[str, Any] = {"loss_ce": loss_ce.detach()}
+        stats = StepStats({"ce": loss_ce.detach()}, None, int(self.last_sampled_global.numel()))
         total = self._add_extra_terms(head, ctx, loss_ce, stats)
         with torch.no_grad():
             target_cos, has = ctx.global_target_cos()
             hardest_cos = hardest / scale  # [N]
-            stats.update(angle_stats(target_cos, has, hardest_cos, extra[2 * n :], self.hist_size))
-        stats["num_sampled"] = int(self.last_sampled_global.numel())
+            stats.angles = angle_stats(target_cos, has, hardest_cos, extra[2 * n :], self.hist_size)
         return total, stats
