@@ -1,6 +1,7 @@
 """Evaluation: verification, ROC / TAR@FAR, IJB templates, identification, plots, ONNX export.
 
-Modules: ``verification`` (insightface k-fold protocol on .bin pairs), ``roc`` (ROC and TAR@FAR
+Modules: ``verification`` (insightface protocol on .bin pairs: embeddings, pair distances),
+``kfold`` (its k-fold threshold search on the distances), ``roc`` (ROC and TAR@FAR
 from scores), ``ijb`` (IJB-B/C 1:1 template protocol), ``identification`` (MegaFace-style
 rank-k with distractors), ``embed`` (embedders for torch/ONNX models and image sources),
 ``plots`` (ROC / angle figures), ``toy_plots`` (2-D toy figure per margin head), ``figures``
@@ -18,17 +19,15 @@ from evaluation.embed import (
 )
 from evaluation.identification import IdentificationResult, identification_ranks
 from evaluation.ijb import IJBMeta, IJBResult, ijb_verification, read_ijb_meta
+from evaluation.kfold import VerificationResult, kfold_verification_from_distances, roc_points
 from evaluation.onnx_export import ExportResult, OnnxParityError, export_onnx
 from evaluation.roc import DEFAULT_FARS, RocCurve, TarAtFar, roc_curve, tar_at_far
 from evaluation.verification import (
-    VerificationResult,
     cosine_pixel_baseline,
     extract_embeddings,
     kfold_verification,
-    kfold_verification_from_distances,
     l2_normalize,
     pair_distances,
-    roc_points,
 )
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Tests for evaluation/verification.py: insightface k-fold verification semantics."""
+"""Tests for evaluation/verification.py and kfold.py: insightface k-fold verification semantics."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ from sklearn.metrics import roc_curve
 from sklearn.model_selection import KFold
 from torch import nn
 
-from evaluation.verification import (
+from evaluation.kfold import (
     _kfold_splits,
     _threshold_for_far,
+    kfold_verification_from_distances,
+    roc_points,
+)
+from evaluation.verification import (
     cosine_pixel_baseline,
     extract_embeddings,
     kfold_verification,
-    kfold_verification_from_distances,
     pair_distances,
-    roc_points,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
