@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from dataio.recordio import RecordIOError, RecordReader, unpack_record
+from dataio.record_reader import RecordReader
+from dataio.recordio import RecordIOError, unpack_record
 
 REC_NAME = "train.rec"
 IDX_NAME = "train.idx"

@@ -28,6 +28,7 @@ from dataio.layout import (
     read_header,
     read_property,
 )
+from dataio.record_reader import RecordReader, read_record_heads
 from dataio.recordio import (
     CFLAG_FIRST,
     CFLAG_WHOLE,
@@ -35,8 +36,6 @@ from dataio.recordio import (
     MAGIC,
     IRHeader,
     RecordIOError,
-    RecordReader,
-    read_record_heads,
     unpack_record,
 )
 

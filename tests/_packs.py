@@ -183,7 +183,7 @@ def corrupt_record(pack_dir: str | os.PathLike[str], key: int, kind: str) -> Non
     length, undecodable). ``truncate``: the ``.rec`` file cut in the middle of the record (and
     everything after it removed). ``offset``: the index points the key past the end of file.
     """
-    from dataio.recordio import read_index
+    from dataio.record_reader import read_index
 
     rec = os.path.join(os.fspath(pack_dir), REC_NAME)
     idx = os.path.join(os.fspath(pack_dir), IDX_NAME)

@@ -19,7 +19,8 @@ from dataio.loader_config import DaliAugment  # noqa: E402
 from dataio.loading import TrainLoader, to_model_input  # noqa: E402
 from dataio.pack import FacePack, PackError  # noqa: E402
 from dataio.pack_dataset import PackDataset  # noqa: E402
-from dataio.recordio import IRHeader, RecordWriter, pack_record, read_index  # noqa: E402
+from dataio.record_reader import read_index  # noqa: E402
+from dataio.recordio import IRHeader, RecordWriter, pack_record  # noqa: E402
 from dataio.torch_loader import build_train_loader  # noqa: E402
 
 LEVEL = 1.0 / 127.5  # one intensity level after (x - 127.5) / 127.5

@@ -14,7 +14,8 @@ from PIL import Image
 
 from dataio.pack import FacePack, PackError, PackInfo
 from dataio.packer import pack_image_folder, write_pack
-from dataio.recordio import IRHeader, RecordReader, RecordWriter, pack_record
+from dataio.record_reader import RecordReader
+from dataio.recordio import IRHeader, RecordWriter, pack_record
 from dataio.recordio import unpack_record as unpack
 
 

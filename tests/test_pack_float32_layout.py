@@ -16,7 +16,8 @@ from PIL import Image
 import dataio.pack as pack_mod
 from dataio.pack import FacePack, PackError
 from dataio.packer import write_pack
-from dataio.recordio import IRHeader, pack_record, read_index, unpack_record
+from dataio.record_reader import read_index
+from dataio.recordio import IRHeader, pack_record, unpack_record
 
 COUNTS = [3, 9, 2, 11, 1, 14]  # images per class: boundaries at 1, 4, 13, 15, 26, 27, 41
 GAP, EXACT_BELOW = 4, 16

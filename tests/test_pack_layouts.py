@@ -18,7 +18,7 @@ from _packs import write_face2rec2_pack, write_recbuilder_pack, write_test_pack
 from dataio.inspect_pack import inspect_pack
 from dataio.layout import PackError, read_pack_facts, read_property
 from dataio.pack import FacePack
-from dataio.recordio import RecordReader, read_index
+from dataio.record_reader import RecordReader, read_index
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (112, 112)  # the trainer's backbone needs the ArcFace crop size

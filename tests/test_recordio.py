@@ -10,11 +10,11 @@ import struct
 import numpy as np
 import pytest
 
+from dataio.record_reader import RecordReader
 from dataio.recordio import (
     MAGIC,
     IRHeader,
     RecordIOError,
-    RecordReader,
     RecordWriter,
     encode_record,
     pack_record,
@@ -308,7 +308,7 @@ def test_jpeg_payload_with_aligned_magic_is_split_and_rejoined(tmp_path):
 
 
 def test_reader_skips_bad_offsets_on_request_and_heads_scan(tmp_path):
-    from dataio.recordio import read_record_heads
+    from dataio.record_reader import read_record_heads
 
     rec, idx = write_all(tmp_path, {0: pack_record(IRHeader(0, 2.0, 0, 0), b"ab")})
     idx.write_text("0\t0\n5\t9999\n")
