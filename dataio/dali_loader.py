@@ -4,6 +4,8 @@ The pipeline (:mod:`dataio.dali_pipeline`): DALI's mxnet reader, sharded by rank
 size and shuffled with a seed derived from the run's seed, then decoding ("mixed" on CUDA,
 "cpu" otherwise), optional colour jitter, flips and normalisation. Insightface packs are read
 without re-packing, through an index of their image records only (:mod:`dataio.dali_index`).
+The rank's shard, the pipelines ("parts") of an epoch and the mapping from what DALI returns
+back to pack records are :mod:`dataio.dali_plan`.
 
 Why each pipeline reads one epoch. A pipeline is built per ``(epoch, rank)`` with a reader
 seed derived from ``(seed, epoch, shard)``, so ``set_epoch(e)`` is a pure function of its
@@ -43,7 +45,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -51,8 +52,8 @@ import numpy as np
 import torch
 
 from dataio.checks import check_int
-from dataio.dali_index import image_index_path, resolve_cache_dir, write_index
-from dataio.dali_pipeline import Part, build_pipeline, dali_reason, import_dali, source_offsets
+from dataio.dali_pipeline import Part, build_pipeline, dali_reason, import_dali
+from dataio.dali_plan import EpochPlan
 from dataio.decode import decode_record
 from dataio.loader_config import LoaderConfig
 from dataio.loading import (
@@ -67,12 +68,6 @@ from dataio.pack import FacePack, PackError
 logger = logging.getLogger(__name__)
 
 _SOURCE_OFFSET = re.compile(r" at index (\d+)")
-
-
-def _derive_seed(*parts: int) -> int:
-    """A DALI reader seed (31-bit) from integers, e.g. (seed, epoch, shard, part)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]
-    return int(state) & 0x7FFFFFFF
 
 
 class DaliLoader:
@@ -126,12 +121,8 @@ class DaliLoader:
                 f"world_size={self.world_size}, fewer than batch_size={self.batch_size}: "
                 "no full batch"
             )
-        # Records in file order: DALI reads them in this order and shards it in ranges.
-        self._file_order = np.argsort(self.pack.image_offsets, kind="stable")  # [N] positions
-        self._sorted_offsets = self.pack.image_offsets[self._file_order]  # [N]
-        self._population_index = image_index_path(
-            self.pack, self._file_order, config.dali.cache_dir
-        )
+        # The shard, the pipeline parts of an epoch and their indexes (see dataio.dali_plan).
+        self._plan = EpochPlan(self.pack, config, rank=self.rank, world_size=self.world_size)
         self._known_bad: set[int] = set()  # positions found bad at run time (this rank)
         self._runtime_skipped = 0
         self.num_padded = 0
@@ -140,9 +131,7 @@ class DaliLoader:
         self._start_batch = 0
         self._yielded = 0
         self._epoch_excluded: list[int] = []
-        self._parts: list[Part] = []
         self._replay_history: list[tuple[int, list[int]]] = []
-        self._temp_files: list[str] = []
         self._pipe: Any = None
 
     # ------------------------------------------------------------------------------ interface
@@ -167,8 +156,8 @@ class DaliLoader:
         self._start_batch = start
         self._yielded = start
         self._epoch_excluded = sorted(int(self.pack.image_keys[p]) for p in self._known_bad)
-        self._parts = []
-        self._replay_history: list[tuple[int, list[int]]] = []
+        self._plan.reset()
+        self._replay_history = []
 
     def state_dict(self) -> dict[str, Any]:
         """Position within the epoch plus what a replay needs (records excluded, pipelines)."""
@@ -181,7 +170,7 @@ class DaliLoader:
             self.seed,
             self.pack.num_images,
             excluded=list(self._epoch_excluded),
-            parts=[[p.start_batch, list(p.excluded)] for p in self._parts[1:]],
+            parts=[[p.start_batch, list(p.excluded)] for p in self._plan.parts[1:]],
         )
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> tuple[int, int]:
@@ -196,7 +185,7 @@ class DaliLoader:
         resumable = (epoch, batch) == (state["epoch"], state["batch"])
         self.set_epoch(epoch, batch)
         if resumable:
-            key_to_pos = self._key_positions()
+            key_to_pos = self._plan.key_positions()
             excluded = [int(k) for k in state.get("excluded", [])]
             history = [(int(b), [int(k) for k in ks]) for b, ks in state.get("parts", [])]
             for k in excluded + [k for _, ks in history for k in ks]:
@@ -209,12 +198,7 @@ class DaliLoader:
     def close(self) -> None:
         """Release the pipeline and remove temporary index files."""
         self._pipe = None
-        for path in self._temp_files:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-        self._temp_files = []
+        self._plan.remove_temp_files()
 
     def __del__(self) -> None:
         try:
@@ -225,19 +209,7 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         return self._iterate()
 
-    # ------------------------------------------------------------------------------ sharding
-
-    def _shard(self, epoch: int) -> tuple[int, np.ndarray]:
-        """(shard id, positions of the shard's records in file order) for ``epoch``.
-
-        DALI's reader gives shard ``s`` of ``w`` the records ``[n*s//w, n*(s+1)//w)`` of the
-        offset-sorted index; computing the same ranges lets a resumed or repaired epoch
-        continue on exactly the records of its shard.
-        """
-        shard_id = (self.rank + epoch) % self.world_size
-        n = self._file_order.size
-        lo, hi = n * shard_id // self.world_size, n * (shard_id + 1) // self.world_size
-        return shard_id, self._file_order[lo:hi]
+    # ------------------------------------------------------------------------------ pipelines
 
     def _epoch_sizes(self) -> tuple[int, int]:
         """(samples this rank yields per epoch, size of the last batch)."""
@@ -247,79 +219,11 @@ class DaliLoader:
         per_rank = -(-n // w)
         return per_rank, per_rank - (self.steps_per_epoch - 1) * b
 
-    def _key_positions(self) -> dict[int, int]:
-        return {int(k): i for i, k in enumerate(self.pack.image_keys.tolist())}
-
-    # ------------------------------------------------------------------------------ pipelines
-
-    def _new_part(
-        self,
-        epoch: int,
-        shard: np.ndarray,
-        seen: np.ndarray,
-        bad: set[int],
-        start: int,
-        newly: list[int],
-    ) -> Part:
-        """The next pipeline of the epoch: the whole shard, or its records not yet seen.
-
-        A pure function of its arguments and of the parts made so far, so a resumed run can
-        rebuild the parts of the interrupted one exactly (``bad``: positions known bad;
-        ``newly``: keys found bad just before this part).
-        """
-        shard_id, _ = self._shard(epoch)
-        bad_mask = np.fromiter((p in bad for p in shard.tolist()), bool, shard.size)
-        part_no = len(self._parts)
-        seed = _derive_seed(self.seed, epoch, shard_id, part_no)
-        if part_no == 0 and not bad_mask.any():
-            # The plain case: DALI's own sharding of the population index.
-            part = Part(self._population_index, shard_id, self.world_size, seed, start, newly)
-        else:
-            left = shard[~seen & ~bad_mask]
-            if left.size == 0:  # everything read or bad: pad by repeating the shard
-                left = shard[~bad_mask]
-            if left.size == 0:
-                raise PackError(
-                    f"{self.pack.rec_path}: every record of rank {self.rank}'s shard in epoch "
-                    f"{epoch} is corrupt"
-                )
-            part = Part(self._temp_index(left), 0, 1, seed, start, newly)
-        self._parts.append(part)
-        return part
-
-    def _temp_index(self, positions: np.ndarray) -> str:
-        folder = resolve_cache_dir(self.pack.pack_dir, self.config.dali.cache_dir)
-        fd, path = tempfile.mkstemp(prefix=f"rank{self.rank}-", suffix=".idx", dir=folder)
-        os.close(fd)
-        pos = np.sort(positions)
-        write_index(path, self.pack.image_keys[pos], self.pack.image_offsets[pos])
-        self._temp_files.append(path)
-        return path
-
-    def _fill(self, part: Part) -> int:
-        """Shuffle buffer size: ``initial_fill``, but no larger than the part's records."""
-        if part.num_shards == 1 and part.index_path != self._population_index:
-            with open(part.index_path, encoding="ascii") as f:
-                count = sum(1 for _ in f)
-        else:
-            count = -(-self._file_order.size // part.num_shards)
-        return max(1, min(self.config.dali.initial_fill, count))
-
     def _pipeline(self, part: Part, decode: bool) -> Any:
         """The built pipeline of ``part`` (``decode=False``: the reader alone, for replays)."""
         return build_pipeline(
-            self.pack.rec_path, part, self.config, self.device, self._fill(part), decode
+            self.pack.rec_path, part, self.config, self.device, self._plan.fill(part), decode
         )
-
-    def _positions_of(self, source: Any) -> np.ndarray:
-        """Pack positions of a batch from its ``source_info``."""
-        offsets = source_offsets(source, self.pack.rec_path)  # [B]
-        i = np.searchsorted(self._sorted_offsets, offsets)
-        i = np.minimum(i, self._sorted_offsets.size - 1)
-        if not np.array_equal(self._sorted_offsets[i], offsets):
-            bad = int(offsets[self._sorted_offsets[i] != offsets][0])
-            raise PackError(f"{self.pack.rec_path}: DALI read a record at unknown offset {bad}")
-        return self._file_order[i]
 
     def _replay(self, part: Part, batches: int) -> np.ndarray:
         """Positions of the first ``batches`` batches of ``part``, read without decoding."""
@@ -329,7 +233,7 @@ class DaliLoader:
         out = []
         for _ in range(batches):
             _, source = pipe.run()
-            out.append(self._positions_of(source))
+            out.append(self._plan.positions_of(source))
         del pipe
         return np.concatenate(out)
 
@@ -338,13 +242,13 @@ class DaliLoader:
     def _iterate(self) -> Iterator[tuple[torch.Tensor, ...]]:
         epoch, total = self._epoch, self.steps_per_epoch
         _, last_size = self._epoch_sizes()
-        _, shard = self._shard(epoch)
+        _, shard = self._plan.shard(epoch)
         shard_index = {p: i for i, p in enumerate(shard.tolist())}
         seen = np.zeros(shard.size, dtype=bool)  # [S] yielded this epoch
-        key_to_pos = self._key_positions()
+        key_to_pos = self._plan.key_positions()
         bad = {key_to_pos[k] for k in self._epoch_excluded if k in key_to_pos}
         history, self._replay_history = self._replay_history, []
-        self._parts = []
+        self._plan.reset()
         self.close()
 
         def mark(pos: np.ndarray) -> None:
@@ -367,17 +271,17 @@ class DaliLoader:
             for j, (begin, newly) in enumerate(starts):
                 bad.update(key_to_pos[k] for k in newly if k in key_to_pos)
                 stop = starts[j + 1][0] if j + 1 < len(starts) else self._start_batch
-                part = self._new_part(epoch, shard, seen, bad, begin, list(newly))
+                part = self._plan.new_part(epoch, shard, seen, bad, begin, list(newly))
                 mark(self._replay(part, stop - begin))
             self.num_padded = padded
         self._yielded = self._start_batch
-        part = self._new_part(epoch, shard, seen, bad, self._yielded, [])
+        part = self._plan.new_part(epoch, shard, seen, bad, self._yielded, [])
         pipe = self._pipeline(part, decode=True)
         self._pipe = pipe
         while self._yielded < total:
             try:
                 images, labels, source = pipe.run()
-                pos = self._positions_of(source)
+                pos = self._plan.positions_of(source)
                 self._check_batch(pos, labels, images.shape())
             except (RuntimeError, PackError) as err:
                 self._pipe = pipe = None
@@ -386,7 +290,7 @@ class DaliLoader:
                 self._known_bad.update(found)
                 self._runtime_skipped += len(found)
                 newly = sorted(int(self.pack.image_keys[p]) for p in found)
-                part = self._new_part(epoch, shard, seen, bad, self._yielded, newly)
+                part = self._plan.new_part(epoch, shard, seen, bad, self._yielded, newly)
                 pipe = self._pipeline(part, decode=True)
                 self._pipe = pipe
                 continue
@@ -456,11 +360,9 @@ class DaliLoader:
                 reasons[int(m.group(1))] = message
         if not reasons:
             m = _SOURCE_OFFSET.search(message)
-            if m is not None:
-                i = np.searchsorted(self._sorted_offsets, int(m.group(1)))
-                if i < self._sorted_offsets.size and self._sorted_offsets[i] == int(m.group(1)):
-                    key = int(self.pack.image_keys[self._file_order[i]])
-                    reasons[key] = f"{self.pack.rec_path}: key {key}: {dali_reason(message)}"
+            key = None if m is None else self._plan.key_at_offset(int(m.group(1)))
+            if key is not None:
+                reasons[key] = f"{self.pack.rec_path}: key {key}: {dali_reason(message)}"
         unseen = shard[~seen]
         unseen = unseen[[p not in bad for p in unseen.tolist()]]
         if not reasons and unseen.size:
@@ -474,7 +376,7 @@ class DaliLoader:
             ) from err
         if not self.skip_corrupt:
             raise PackError(next(iter(reasons.values()))) from err
-        key_to_pos = self._key_positions()
+        key_to_pos = self._plan.key_positions()
         for reason in reasons.values():
             logger.warning("skipping corrupt record: %s", reason)
         return {key_to_pos[k] for k in reasons}
