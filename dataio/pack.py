@@ -5,7 +5,8 @@ DALI read it directly, so packs we write are interchangeable with the published 
 
 The three layouts users have (an insightface header anywhere in the file, header-less
 ``RecBuilder`` packs, ours) are described and detected in :mod:`dataio.layout`;
-:class:`FacePack` reads any of them and checks every record. Packs are written by
+:class:`FacePack` reads any of them and checks every record; a header pack's labels come from
+its identity records (:mod:`dataio.identity_labels`). Packs are written by
 :mod:`dataio.packer`.
 """
 
@@ -14,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
 from types import TracebackType
 
 import numpy as np
 
+from dataio.identity_labels import labels_from_identities
 from dataio.layout import (
     IDX_NAME,
     PROPERTY_NAME,
@@ -34,12 +35,11 @@ from dataio.recordio import (
     CFLAG_WHOLE,
     IR_HEADER_SIZE,
     MAGIC,
+    PART_HEAD,
     IRHeader,
     RecordIOError,
     unpack_record,
 )
-
-_PART_HEAD_SIZE = 8  # magic + lrecord in front of every RecordIO part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +53,6 @@ class PackInfo:
     """(height, width) of every image."""
 
 
-def _wrap_errors(records: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
-    """Re-raise RecordIO errors met while iterating as PackError (they already name the file)."""
-    try:
-        yield from records
-    except RecordIOError as e:
-        raise PackError(str(e)) from e
-
-
 def _label_from_header(header: IRHeader) -> float:
     """The class label of an image record: the scalar, or element 0 of a vector label.
 
@@ -70,15 +62,6 @@ def _label_from_header(header: IRHeader) -> float:
     if isinstance(header.label, np.ndarray):
         return float(header.label[0])
     return float(header.label)
-
-
-def _float32_spacing(value: int) -> int:
-    """Gap between neighbouring float32 numbers at ``value``; 1 where every integer is exact.
-
-    IRHeader labels are float32, so the key ranges of a header and of identity records are
-    rounded to a multiple of this above 2**24 = 16,777,216 records (Glint360K, WebFace42M).
-    """
-    return max(1, int(np.spacing(np.float32(value))))
 
 
 class FacePack:
@@ -126,7 +109,11 @@ class FacePack:
             check_not_headless(self._reader)
             self.image_keys, self.labels = self._labels_by_scan()
         else:
-            self.image_keys, self.labels = self._labels_from_identities(*header)
+            self.image_keys, self.labels, missing = labels_from_identities(
+                self._reader, header, self.num_classes, self.bad_keys, self.skip_corrupt
+            )
+            for key, reason in missing.items():
+                self.bad_keys.setdefault(key, reason)
         if self.image_keys.size == 0:
             raise PackError(f"{self.rec_path}: pack holds no images")
         layout_images = self.image_keys.size + len(self.bad_keys)  # skipped ones included
@@ -137,126 +124,6 @@ class FacePack:
             )
 
     # -- open-time helpers
-
-    def _exact_layout(self, first_id: int, end: int) -> tuple[int, int]:
-        """The header's [first_identity_key, end_key), exact even where float32 rounded it.
-
-        Identity records are the last ``num_classes`` keys of the layout, so past 2**24 the
-        exact values come from the index, checked to lie within the rounding of the header's.
-        """
-        if _float32_spacing(end) == 1:
-            return first_id, end
-        exact_end = max(self._reader.keys) + 1
-        exact_first = exact_end - self.num_classes
-        if abs(exact_end - end) > _float32_spacing(end) or abs(
-            exact_first - first_id
-        ) > _float32_spacing(first_id):
-            raise PackError(
-                f"{self.rec_path}: key 0: header range [{first_id}, {end}) does not match the "
-                f"index (last key {exact_end - 1}, {self.num_classes} classes), even allowing "
-                "for float32 rounding"
-            )
-        return exact_first, exact_end
-
-    def _repair_rounded_boundaries(
-        self, labels: np.ndarray, boundaries: np.ndarray, first_id: int
-    ) -> None:
-        """Past 2**24 an identity record's [first, end) image keys are float32-rounded, so the
-        images next to a class boundary may be given the neighbouring class. Their own
-        IRHeaders (class ids are exact) decide: the heads of the images within one float32
-        gap of every rounded boundary are read (a vectorised gather) and their labels used.
-        """
-        rounded = boundaries[np.array([_float32_spacing(int(v)) > 1 for v in boundaries])]
-        if rounded.size == 0:
-            return
-        gap = _float32_spacing(int(rounded.max()))
-        keys = np.unique((rounded[:, None] + np.arange(-gap, gap + 1)[None, :]).reshape(-1))
-        keys = keys[(keys >= 1) & (keys < first_id)]
-        keys = np.array([k for k in keys.tolist() if k in self._reader], dtype=np.int64)
-        if keys.size == 0:
-            return
-        offsets = np.fromiter(
-            (self._reader.offset(int(k)) for k in keys), dtype=np.int64, count=keys.size
-        )
-        heads = read_record_heads(self.rec_path, offsets)
-        values = np.where(heads.flag == 0, heads.label, heads.first_value).astype(np.float64)
-        ok = (heads.magic == MAGIC) & np.isfinite(values)
-        ok &= (values >= 0) & (values < self.num_classes) & (values == np.floor(values))
-        # A broken head keeps the identity records' label; reading it reports the record.
-        labels[keys[ok] - 1] = values[ok].astype(np.int64)
-        if np.any(np.diff(labels) < 0):
-            key = int(np.flatnonzero(np.diff(labels) < 0)[0]) + 2
-            raise PackError(
-                f"{self.rec_path}: key {key}: image labels are not in class order around the "
-                "float32-rounded identity ranges of this pack"
-            )
-
-    def _labels_from_identities(self, first_id: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        first_id, end = self._exact_layout(first_id, end)
-        num_identities = end - first_id
-        if num_identities != self.num_classes:
-            raise PackError(
-                f"{self.rec_path}: header lists {num_identities} identity records (keys "
-                f"{first_id}..{end - 1}) but property says num_classes={self.num_classes}"
-            )
-        image_keys = np.arange(1, first_id, dtype=np.int64)
-        for key in sorted(k for k in self.bad_keys if first_id <= k < end):
-            raise PackError(self.bad_keys[key])  # an identity record cannot be skipped
-        for key in (first_id, end - 1):
-            if first_id <= key < end and key not in self._reader:
-                raise PackError(f"{self.idx_path}: key {key} of the header's layout is missing")
-        labels = np.full(image_keys.size, -1, dtype=np.int64)
-        boundaries: list[int] = []  # every class's [first, end) image keys, as stored
-        # Identity records are tiny and stored together: one sequential pass reads them all.
-        identities = self._reader.scan(range(first_id, end))
-        for key, record in _wrap_errors(identities):
-            c = key - first_id
-            try:
-                head, _ = unpack_record(record)
-            except RecordIOError as e:
-                raise PackError(f"{self.rec_path}: identity record key {key}: {e}") from e
-            if head.flag != 2:
-                raise PackError(
-                    f"{self.rec_path}: identity record key {key} (class {c}) has flag "
-                    f"{head.flag}; expected a 2-value label [first_image_key, end_image_key)"
-                )
-            a, b = int(head.label[0]), int(head.label[1])  # type: ignore[index]
-            boundaries += [a, b]
-            if _float32_spacing(b) > 1:  # rounded past 2**24: may overshoot by half a gap
-                a, b = min(a, first_id), min(b, first_id)
-            if not 1 <= a <= b <= first_id:
-                raise PackError(
-                    f"{self.rec_path}: identity record key {key} (class {c}): image range "
-                    f"[{a}, {b}) outside [1, {first_id})"
-                )
-            if np.any(labels[a - 1 : b - 1] >= 0):
-                raise PackError(
-                    f"{self.rec_path}: identity record key {key} (class {c}): image range "
-                    f"[{a}, {b}) overlaps another class"
-                )
-            labels[a - 1 : b - 1] = c
-        if _float32_spacing(end) > 1:
-            self._repair_rounded_boundaries(labels, np.unique(boundaries), first_id)
-        unassigned = np.flatnonzero(labels < 0)
-        if unassigned.size:
-            raise PackError(
-                f"{self.rec_path}: image key {int(image_keys[unassigned[0]])} belongs to no "
-                f"identity record ({unassigned.size} such images)"
-            )
-        present = np.fromiter(
-            (int(k) in self._reader for k in image_keys), dtype=bool, count=image_keys.size
-        )
-        if not present.all():
-            missing = image_keys[~present]
-            if not self.skip_corrupt:
-                raise PackError(
-                    f"{self.idx_path}: image key {int(missing[0])} of the header's layout is "
-                    f"missing from the index ({missing.size} missing)"
-                )
-            for key in missing.tolist():
-                self.bad_keys.setdefault(key, f"{self.idx_path}: image key {key} not indexed")
-            image_keys, labels = image_keys[present], labels[present]
-        return image_keys, labels
 
     def _labels_by_scan(self) -> tuple[np.ndarray, np.ndarray]:
         keys = np.asarray(self._reader.keys, dtype=np.int64)  # [N]
@@ -311,7 +178,7 @@ class FacePack:
         checks = [
             (offsets % 4 != 0, lambda i: f"offset {offsets[i]} is not 4-byte aligned"),
             (
-                heads.available < _PART_HEAD_SIZE,
+                heads.available < PART_HEAD.size,
                 lambda i: f"truncated record: no part header at offset {offsets[i]}",
             ),
             (
@@ -326,12 +193,12 @@ class FacePack:
                 lambda i: f"record starts with continuation flag {int(heads.cflag[i])}",
             ),
             (
-                whole & (offsets + _PART_HEAD_SIZE + heads.length > next_off),
+                whole & (offsets + PART_HEAD.size + heads.length > next_off),
                 lambda i: (
                     f"truncated record: needs {int(heads.length[i])} bytes after offset "
-                    f"{offsets[i] + _PART_HEAD_SIZE}, "
+                    f"{offsets[i] + PART_HEAD.size}, "
                     + (
-                        f"file has {size - offsets[i] - _PART_HEAD_SIZE}"
+                        f"file has {size - offsets[i] - PART_HEAD.size}"
                         if next_off[i] == size
                         else f"next record starts at {next_off[i]}"
                     )

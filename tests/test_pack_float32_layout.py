@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataio.pack as pack_mod
+import dataio.identity_labels as identity_labels
 from dataio.pack import FacePack, PackError
 from dataio.packer import write_pack
 from dataio.record_reader import read_index
@@ -67,7 +67,7 @@ def test_rounded_identity_ranges_still_give_every_image_its_class(
     rounded_pack: tuple[Path, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, labels = rounded_pack
-    monkeypatch.setattr(pack_mod, "_float32_spacing", _coarse_spacing)
+    monkeypatch.setattr(identity_labels, "_float32_spacing", _coarse_spacing)
     with FacePack(path) as pack:
         assert pack.image_keys.tolist() == list(range(1, len(labels) + 1))
         assert pack.labels.tolist() == labels
@@ -82,7 +82,7 @@ def test_taken_at_face_value_the_rounded_layout_is_unreadable(
     """What the exact layout is for: read as exact, the rounded header [40, 48) lists 8
     identity records for 6 classes."""
     path, _ = rounded_pack
-    monkeypatch.setattr(pack_mod, "_float32_spacing", lambda value: 1)
+    monkeypatch.setattr(identity_labels, "_float32_spacing", lambda value: 1)
     with pytest.raises(PackError, match="header lists 8 identity records"):
         FacePack(path)
 
@@ -92,6 +92,6 @@ def test_a_header_beyond_its_rounding_is_refused(
 ) -> None:
     path, labels = rounded_pack
     _rewrite_label(path, 0, [_round(len(labels) + 1) + 2 * GAP, 60])
-    monkeypatch.setattr(pack_mod, "_float32_spacing", _coarse_spacing)
+    monkeypatch.setattr(identity_labels, "_float32_spacing", _coarse_spacing)
     with pytest.raises(PackError, match="does not match the index"):
         FacePack(path)
