@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import cli
+from launcher import cli, train_commands
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_cpu.yaml")
@@ -25,7 +25,7 @@ def no_start(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("a process, job or model was started before the check")
 
-    monkeypatch.setattr(cli, "_spawn_torchrun", started)
+    monkeypatch.setattr(train_commands, "_spawn_torchrun", started)
     monkeypatch.setattr("launcher.worker.run_worker", started)
     monkeypatch.setattr("launcher.submit.submit", started)
     monkeypatch.setattr("launcher.tools.make_embedder", started)

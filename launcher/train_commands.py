@@ -1,0 +1,147 @@
+"""``facetrain train`` and ``facetrain submit``: start a training run here, or on Slurm.
+
+``train`` validates the config and the pack before any process starts; when it is not already
+running under a launcher (torchrun, the DeepSpeed launcher, srun) and more than one process is
+asked for, it starts torchrun itself and passes stop signals on to the workers. ``submit``
+renders the sbatch script for a config (:mod:`launcher.submit`) after the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from launcher import env as launch_env
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.preflight import check_run_inputs
+    from trainer.config import ConfigError, dump_config, load_config
+    from trainer.plan import format_plan, pack_facts, plan_run
+
+    overrides = list(args.overrides)
+    if args.nproc is not None:
+        overrides.append(f"dist.nproc={args.nproc}")
+    if args.resume is not None:
+        overrides.append(f"run.resume={args.resume}")
+    if args.engine is not None:
+        overrides.append(f"dist.engine={args.engine}")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} outside [0, --nnodes {args.nnodes})")
+    if args.nnodes > 1 and not args.rdzv:
+        raise ConfigError("--nnodes > 1 needs --rdzv HOST:PORT (the first node's address)")
+    config = load_config(args.config, overrides)  # fails here, before any process starts
+    world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
+    plan = plan_run(config, world, pack_facts(config).as_dict())
+    check_run_inputs(config)  # data.val and --resume, read as the trainer will read them
+    if args.dry_run:
+        print(dump_config(config))
+        print(format_plan(plan))
+        return 0
+    if launch_env.under_launcher() or (config.dist.nproc == 1 and args.nnodes == 1):
+        from launcher.worker import run_worker
+
+        # One rank of srun / torchrun / deepspeed leaves its process group to the process
+        # exit (see entry); a single process run in-process tears it down.
+        run_worker(config, keep_group=launch_env.under_launcher())
+        return 0
+    return _spawn_torchrun(args, overrides, config)
+
+
+def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Config) -> int:
+    """Start ``dist.nproc`` workers on this node under torchrun's elastic agent: standalone
+    on one node, or one agent per node meeting at the ``--rdzv`` endpoint (c10d).
+
+    SIGTERM / SIGUSR1 sent to this process are passed on to the workers as SIGUSR1 (each
+    finishes its step, checkpoints and exits 0), not to the agent, which would kill them.
+    """
+    nproc = config.dist.nproc
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if args.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={args.nnodes}",
+            f"--node-rank={args.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv}",
+            f"--rdzv-id={config.run.name}",
+        ]
+    cmd += [
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={config.dist.max_restarts}",
+        "-m",
+        "launcher.worker",
+        args.config,
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    where = f" (node {args.node_rank} of {args.nnodes})" if args.nnodes > 1 else ""
+    print(f"facetrain: starting {nproc} processes under torchrun{where}", flush=True)
+    # A session of its own: a signal sent to this process's group (srun and slurmstepd signal
+    # whole groups) must not kill the agent; the workers get it from `forward` instead.
+    agent = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in _workers(agent.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return agent.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _workers(pid: int) -> list[int]:
+    """The training workers: the torchrun agent's direct children (not their DataLoader
+    workers, which a SIGUSR1 would kill)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=False)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.preflight import check_job_shape, check_run_inputs
+    from launcher.submit import render_sbatch, submit
+    from trainer.config import load_config
+    from trainer.plan import pack_facts, plan_run
+
+    check_job_shape(args.nodes, args.gpus_per_node)
+    config = load_config(args.config, args.overrides)
+    nproc = args.gpus_per_node or config.dist.nproc
+    plan_run(config, nproc * args.nodes, pack_facts(config).as_dict())  # fail early
+    check_run_inputs(config)
+    script = render_sbatch(
+        args.config,
+        args.overrides,
+        config,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        partition=args.partition,
+        time_limit=args.time_limit,
+        account=args.account,
+        qos=args.qos,
+        cpus_per_task=args.cpus_per_task,
+        signal_seconds=args.signal_seconds,
+    )
+    if args.dry_run:
+        print(script)
+        return 0
+    job = submit(script, config.run_dir.resolve())
+    print(f"facetrain: submitted job {job}; log {config.run_dir.resolve()}/slurm-{job}.out")
+    print(job)
+    return 0
