@@ -4,13 +4,12 @@ Every section is a pydantic model with ``extra="forbid"``, so a misspelled key o
 the wrong type fails when the config is loaded -- before any process starts -- with a message
 naming the file and the dotted key. Facts the dataset knows (number of classes and images,
 image size) are not configured: the trainer reads them from the pack and, where the config
-states them anyway, checks that they agree.
+states them anyway, checks that they agree. The error messages are worded by
+:mod:`trainer.config_errors`.
 """
 
 from __future__ import annotations
 
-import typing
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +30,7 @@ from partialfc.registry import (
     margin_defaults,
     unknown_head_message,
 )
+from trainer.config_errors import did_you_mean, format_validation_errors
 
 
 class ConfigError(ValueError):
@@ -88,7 +88,7 @@ class ModelConfig(_Section):
 
         known = list_backbones(include_aliases=True)
         if name not in known:
-            hint = _did_you_mean(name, known)
+            hint = did_you_mean(name, known)
             raise ValueError(f"unknown backbone {name!r}{hint}; known: {', '.join(known)}")
         return name
 
@@ -344,80 +344,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The section model of a field: its annotation, or the model in ``Model | None``."""
-    options = [annotation, *typing.get_args(annotation)]
-    models = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
-    return models[0] if models else None
-
-
-def _resolve(loc: tuple[int | str, ...]) -> tuple[list[str], type[BaseModel] | None]:
-    """Walk an error location from ``Config``: the dotted path without the tags pydantic puts
-    after a discriminated union (``partialfc.margin.cosface.s`` is ``partialfc.margin.s``),
-    and the model of the section holding the last key (None if it is not a section)."""
-    model: type[BaseModel] | None = Config
-    holder: type[BaseModel] | None = None
-    path: list[str] = []
-    i = 0
-    while i < len(loc):
-        part = str(loc[i])
-        path.append(part)
-        holder = model
-        field = model.model_fields.get(part) if model is not None else None
-        i += 1
-        if field is None:
-            model = None
-        elif field.discriminator and i < len(loc):
-            entry = head_entry(str(loc[i]))
-            model = entry.config if entry is not None else None
-            i += 1  # the tag
-        else:
-            model = _model_of(field.annotation)
-    return path, holder
-
-
-def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys allowed where ``loc`` points (its parent section's fields), if that is a
-    section of the config."""
-    _, holder = _resolve(loc)
-    return list(holder.model_fields) if holder is not None else []
-
-
-def _describe(err: Any) -> str:
-    path, _ = _resolve(err["loc"])
-    key = ".".join(path) or "<root>"
-    if err["type"] == "extra_forbidden":
-        keys = _section_keys(err["loc"])
-        hint = _did_you_mean(str(err["loc"][-1]), keys)
-        return f"{key}: unknown key{hint or '; known keys: ' + ', '.join(keys)}"
-    # pydantic prefixes the message of a ValueError raised by a validator
-    msg = err["msg"].removeprefix("Value error, ")
-    if msg.startswith(key + "."):  # the validator named a deeper key itself
-        return msg
-    got = err.get("input")
-    said = isinstance(got, str) and repr(got) in msg  # the validator named the value
-    shown = "" if isinstance(got, dict) or said else f" (got {got!r})"
-    return f"{key}: {msg}{shown}"
-
-
-def _format_errors(source: str, exc: ValidationError) -> str:
-    """One line for one error; a line per error under a heading for several."""
-    problems = [_describe(err) for err in exc.errors()]
-    if len(problems) == 1:
-        return f"{source}: invalid config: {problems[0]}"
-    return "\n  ".join([f"{source}: invalid config", *problems])
-
-
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from exc
+        raise ConfigError(format_validation_errors(source, exc, Config)) from exc
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
