@@ -10,7 +10,6 @@ One step on every rank::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import random
@@ -26,18 +25,18 @@ import torch.distributed as dist
 from backbones import create_backbone
 from dataio.loaders import LoaderConfig, build_loader
 from dataio.loading import to_model_input
-from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.onnx_export import export_onnx
-from evaluation.verification import cosine_pixel_baseline, extract_embeddings, kfold_verification
-from partialfc import StepStats, all_gather_no_grad, build_margin, build_partial_fc, resolve_backend
+from evaluation.verification import cosine_pixel_baseline
+from partialfc import StepStats, build_margin, build_partial_fc, resolve_backend
 from trainer import checkpoint as ckpt
-from trainer import state as train_state
-from trainer.config import Config, ConfigError, dump_config
+from trainer.config import Config, ConfigError
 from trainer.context import DistContext
 from trainer.engine import build_engine
-from trainer.monitor import Progress, Throughput, WandbRun
+from trainer.evaluate import evaluate_sets, load_eval_sets
+from trainer.monitor import Progress, Throughput, WandbRun, angle_histogram, step_metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plan import pack_facts
+from trainer.resume import Checkpointing
 
 
 class TrainingError(RuntimeError):
@@ -68,23 +67,9 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclasses.dataclass
-class EvalSet:
-    name: str
-    images: np.ndarray  # [2N, H, W, 3] uint8
-    issame: np.ndarray  # [N] bool
-
-
-def _load_eval_sets(paths: list[str]) -> list[EvalSet]:
-    sets = []
-    for path in paths:
-        vs: VerificationSet = load_bin(path)
-        sets.append(EvalSet(Path(path).stem, vs.decode(), np.asarray(vs.issame, dtype=bool)))
-    return sets
-
-
-class Trainer:
-    """Builds every part from the config on this rank and runs the job."""
+class Trainer(Checkpointing):
+    """Builds every part from the config on this rank and runs the job (checkpoints and
+    resume: ``trainer.resume.Checkpointing``)."""
 
     def __init__(self, config: Config, ctx: DistContext, stop: StopFlag | None = None) -> None:
         self.config = config
@@ -176,7 +161,7 @@ class Trainer:
         self.wandb_id: str | None = None
         self.resumed_from: Path | None = None
         self._loader_positioned = False  # True once a checkpoint's loader state was loaded
-        self.eval_sets = _load_eval_sets(config.data.val)
+        self.eval_sets = load_eval_sets(config.data.val)
 
     # ------------------------------------------------------------------------------ running
     def fit(self) -> dict[str, Any]:
@@ -299,7 +284,7 @@ class Trainer:
             if self.step % tcfg.log_every == 0 or final:
                 last = self._log(loss, stats, meter, global_batch, steps_since_log)
                 if tcfg.histogram_every and self.step % tcfg.histogram_every == 0:
-                    last = {**last, **self._histogram(stats)}
+                    last = {**last, **angle_histogram(stats if self.ctx.is_main else None)}
                 wandb_run.log(last, step=self.step)
                 progress.update(
                     steps_since_log,
@@ -416,218 +401,22 @@ class Trainer:
             out["train/grad_norm"] = float(self.grad_norm)
         if self.loader.num_skipped:
             out["data/skipped_records"] = self.loader.num_skipped
-        if stats is None:
-            return out
-        out.update({f"train/loss_{k}": float(v) for k, v in stats.losses.items()})
-        if stats.angles is not None:
-            out.update({f"angles/{k}": float(v) for k, v in stats.angles.scalars().items()})
-        out["train/classes_sampled_rank0"] = stats.num_sampled
-        return out
-
-    def _histogram(self, stats: StepStats | None) -> dict[str, Any]:
-        """A wandb histogram of this step's target angles (a sample PartialFC returns)."""
-        if stats is None or stats.angles is None or self.ctx.rank != 0:
-            return {}
-        import wandb
-
-        sample = stats.angles.target_angles_deg.detach().float().cpu().numpy()
-        return {"angles/target_angle_hist": wandb.Histogram(sample)}
+        return {**out, **step_metrics(stats)}
 
     # ------------------------------------------------------------------- eval / save / export
     def evaluate(self, wandb_run: WandbRun, progress: Progress) -> dict[str, dict[str, float]]:
-        """The figures ``facetrain eval`` gives for the checkpoint of this step, to the bit.
-
-        Every rank embeds whole batches of ``eval.batch_size`` images (the batches ``eval``
-        makes of the set: a batch's composition can change a conv's floating-point result)
-        with the module state the checkpoint saves: rank 0's, whose BatchNorm statistics are
-        copied to every rank first (each rank's own drift with its own batches). Rank 0 scores
-        the gathered embeddings. Splitting the work keeps every rank busy for the same short
-        time, so none waits in a collective for long (a rank-0-only evaluation of a large set
-        can hit the collective timeout of the others).
-        """
-        world, rank = self.ctx.world_size, self.ctx.rank
-        distributed = self.ctx.distributed and dist.is_initialized()
-        if distributed:
-            for buffer in self.backbone.buffers():
-                dist.broadcast(buffer, src=0)
-        batch = self.config.eval.batch_size
-        results: dict[str, dict[str, float]] = {}
-        for s in self.eval_sets:
-            n = len(s.images)
-            batches = math.ceil(n / batch)
-            first = [batches * r // world for r in range(world + 1)]  # rank r's first batch
-            cuts = [min(n, batch * b) for b in first]
-            mine = s.images[cuts[rank] : cuts[rank + 1]]
-            if len(mine):
-                emb = extract_embeddings(self.backbone, mine, batch, self.ctx.device)
-            else:  # fewer batches than ranks
-                emb = np.zeros((0, self.config.model.embedding_size), np.float32)
-            most = math.ceil(batches / world)
-            if self.engine.collective_forward and first[rank + 1] - first[rank] < most:
-                # Ranks hold ceil or floor of batches / world; one with fewer embeds one more
-                # (discarded) so that every rank runs as many (collective) forwards.
-                extract_embeddings(self.backbone, s.images[:batch], batch, self.ctx.device)
-            emb_t = torch.from_numpy(emb).to(self.ctx.device)
-            if distributed:
-                sizes = [cuts[r + 1] - cuts[r] for r in range(world)]
-                emb_t = all_gather_no_grad(emb_t, sizes=sizes)
-            if not self.ctx.is_main:
-                continue
-            res = kfold_verification(emb_t.cpu().numpy(), s.issame, nfolds=self.config.eval.nfolds)
-            d = res.as_dict()
-            results[s.name] = {
-                "accuracy": d["accuracy_mean"],
-                "accuracy_std": d["accuracy_std"],
-                "best_threshold": d["best_threshold"],
-                "val_at_far_1e-3": d["val_mean"],
-            }
-            wandb_run.log(
-                {f"eval/{s.name}/{k}": v for k, v in results[s.name].items()}, step=self.step
-            )
+        """The figures ``facetrain eval`` gives for the checkpoint of this step (see
+        ``trainer.evaluate.evaluate_sets``), logged and printed by rank 0."""
+        results = evaluate_sets(
+            self.eval_sets, self.backbone, self.config, self.ctx, self.engine.collective_forward
+        )
+        for name, res in results.items():
+            wandb_run.log({f"eval/{name}/{k}": v for k, v in res.items()}, step=self.step)
             progress.write(
-                f"[eval step {self.step}] {s.name}: accuracy "
-                f"{100 * d['accuracy_mean']:.2f}% +- {100 * d['accuracy_std']:.2f}"
+                f"[eval step {self.step}] {name}: accuracy "
+                f"{100 * res['accuracy']:.2f}% +- {100 * res['accuracy_std']:.2f}"
             )
         return results
-
-    def save_checkpoint(self) -> Path:
-        """Every rank writes its part into step-N.tmp; rank 0 publishes it."""
-        tmp = ckpt.tmp_dir_for(self.run_dir, self.step)
-        if self.ctx.is_main:
-            tmp.mkdir(parents=True, exist_ok=True)
-        self._barrier()
-        r = self.ctx.rank
-        pfc = self.partial_fc
-        payload = train_state.classifier_payload(pfc, self.opt_fc, pfc.class_start, pfc.num_local)
-        payload["scheduler"] = self.sched_fc.state_dict()
-        ckpt.save_torch(payload, tmp / f"classifier-rank{r}.pt")
-        ckpt.save_torch(
-            {
-                "engine": self.engine.state_dict(),
-                "scheduler": self.sched_backbone.state_dict(),
-                "rng": train_state.capture_rng(),
-                "sample_generator": pfc.sample_generator.get_state(),
-                "loader": self.loader.state_dict(),
-            },
-            tmp / f"trainer-rank{r}.pt",
-        )
-        self.engine.save_extra(tmp)  # collective (DeepSpeed partitions)
-        backbone_state = self.engine.full_state_dict()  # collective under ZeRO-3
-        if self.ctx.is_main:
-            ckpt.save_torch(backbone_state, tmp / "backbone.pt")
-        self._barrier()
-        final = self.run_dir / f"step-{self.step}"
-        if self.ctx.is_main:
-            meta = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.ctx.world_size,
-                "engine": self.engine.name,
-                "batch_size": self.config.train.batch_size,
-                "nonfinite_steps": self.nonfinite_total,
-                "wandb_id": self.wandb_id,
-                "backbone": self.config.model.backbone,
-                "backbone_kwargs": self.backbone_kwargs,
-                "derived": self.derived(),
-                "config": dump_config(self.config),
-            }
-            final = ckpt.finalize(self.run_dir, self.step, meta, self.config.train.keep_checkpoints)
-        self._barrier()
-        return final
-
-    def _maybe_resume(self) -> None:
-        """Load ``run.resume``: "auto" = the newest complete checkpoint of this run that every
-        rank can read (a truncated or missing file falls back to the one before), or a path.
-        """
-        spec = self.config.run.resume
-        if spec is None:
-            return
-        if spec == "auto":
-            candidates = [d for _, d in reversed(ckpt.step_dirs(self.run_dir))]
-            if not candidates:
-                return
-        else:
-            candidates = [ckpt.resolve_checkpoint(spec)]
-        errors = []
-        for step_dir in candidates:
-            try:
-                self.load_checkpoint(step_dir)
-                ok = 1.0
-            except ckpt.CheckpointError as exc:
-                errors.append(str(exc))
-                ok = 0.0
-            # Every rank must resume from the same checkpoint.
-            flag = torch.tensor([ok], device=self.ctx.device)
-            if self.ctx.distributed and dist.is_initialized():
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() > 0:
-                if errors and self.ctx.is_main:
-                    print(
-                        f"facetrain: resumed from {step_dir} after skipping: {errors}", flush=True
-                    )
-                return
-            if self.ctx.is_main:
-                print(
-                    f"facetrain: cannot resume from {step_dir}; trying an older checkpoint",
-                    flush=True,
-                )
-        tried = [str(c) for c in candidates]
-        reason = errors or "another rank could not read its files"
-        raise ckpt.CheckpointError(f"no usable checkpoint among {tried}: {reason}")
-
-    def load_checkpoint(self, step_dir: Path) -> None:
-        """Restore everything; the classifier is re-sharded if the world size changed."""
-        meta = ckpt.read_meta(step_dir)
-        saved_world = int(meta["world_size"])
-        same_world = saved_world == self.ctx.world_size
-        self.engine.load_weights(ckpt.load_torch(step_dir / "backbone.pt"))
-        pfc = self.partial_fc
-        train_state.load_classifier(
-            step_dir, saved_world, pfc, self.opt_fc, pfc.class_start, pfc.num_local
-        )
-        fc_sched = ckpt.load_torch(step_dir / "classifier-rank0.pt")["scheduler"]
-        own = step_dir / f"trainer-rank{self.ctx.rank if same_world else 0}.pt"
-        trainer_state = ckpt.load_torch(own)
-        same_engine = meta.get("engine", "ddp") == self.engine.name
-        if same_engine and same_world:
-            self.engine.load_state_dict(trainer_state["engine"])
-        elif same_engine and self.engine.name == "ddp":
-            # DDP's optimizer state is replicated: any rank's copy fits any world size.
-            self.engine.load_state_dict(trainer_state["engine"])
-        # DeepSpeed's own checkpoint (optimizer partitions) when the world size is unchanged;
-        # otherwise the weights loaded above stand and its optimizer starts afresh.
-        self.engine.load_extra(step_dir, same_world and same_engine)
-        self.sched_backbone.load_state_dict(trainer_state["scheduler"])
-        self.sched_fc.load_state_dict(fc_sched)
-        self.step = int(meta["step"])
-        self.epoch = int(meta["epoch"])
-        self.nonfinite_total = int(meta.get("nonfinite_steps", 0))
-        self.wandb_id = meta.get("wandb_id")
-        if same_world and meta.get("batch_size") == self.config.train.batch_size:
-            # Exact: this rank's RNG streams and data position continue where they stopped.
-            train_state.restore_rng(trainer_state["rng"])
-            pfc.sample_generator.set_state(trainer_state["sample_generator"])
-            self.batch_in_epoch = int(meta["batch_in_epoch"])
-            if "loader" in trainer_state:
-                # The loader's own position also carries what it skipped (corrupt records).
-                # A loader that cuts the epoch differently now (another kind, seed or number
-                # of images) cannot continue it: it starts the next epoch instead, and the
-                # trainer follows, so no image of the saved epoch is seen twice.
-                position = self.loader.load_state_dict(trainer_state["loader"], strict=False)
-                self.epoch, self.batch_in_epoch = position
-                self._loader_positioned = True
-        else:
-            # New world size: the same global number of samples of this epoch is skipped (to
-            # within one global batch); per-rank random streams restart from a seed that
-            # depends on (seed, rank, step) so the run stays reproducible.
-            consumed = int(meta["batch_in_epoch"]) * int(meta["batch_size"]) * saved_world
-            per_batch = self.config.train.batch_size * self.ctx.world_size
-            self.batch_in_epoch = min(consumed // per_batch, len(self.loader))
-            seed = hash((self.config.run.seed, self.ctx.rank, self.step)) & (2**63 - 1)
-            pfc.sample_generator.manual_seed(seed)
-            torch.manual_seed(seed)
-        self.resumed_from = step_dir
 
     def export(self, step_dir: Path) -> dict[str, Any]:
         """Rank 0: ONNX export, with an onnxruntime parity check, of the backbone saved in

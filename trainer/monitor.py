@@ -6,7 +6,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+from partialfc import StepStats
 from trainer.config import WandbConfig
+
+
+def step_metrics(stats: StepStats | None) -> dict[str, float]:
+    """A Partial FC step's report as wandb metrics: ``train/loss_<term>``, ``angles/<name>``
+    and ``train/classes_sampled_rank0``."""
+    if stats is None:
+        return {}
+    out = {f"train/loss_{k}": float(v) for k, v in stats.losses.items()}
+    if stats.angles is not None:
+        out.update({f"angles/{k}": float(v) for k, v in stats.angles.scalars().items()})
+    out["train/classes_sampled_rank0"] = stats.num_sampled
+    return out
+
+
+def angle_histogram(stats: StepStats | None) -> dict[str, Any]:
+    """A wandb histogram of the step's sample of target angles (none without one)."""
+    if stats is None or stats.angles is None:
+        return {}
+    import wandb
+
+    sample = stats.angles.target_angles_deg.detach().float().cpu().numpy()
+    return {"angles/target_angle_hist": wandb.Histogram(sample)}
 
 
 class WandbRun:

@@ -1,0 +1,166 @@
+"""Checkpoints of a run and resuming from them: the ``Trainer``'s part that writes and reads
+``step-N/`` folders (see ``trainer.checkpoint`` for the files, ``trainer.state`` for what a
+classifier shard and the random state hold)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint as ckpt
+from trainer import state as train_state
+from trainer.config import dump_config
+
+__all__ = ["Checkpointing"]
+
+
+class Checkpointing:
+    """Save, find and load checkpoints; mixed into ``trainer.loop.Trainer``, whose state
+    (step, epoch, modules, optimizers, schedules, loader, wandb id) it reads and restores."""
+
+    # Set by the Trainer.
+    config: Any
+    ctx: Any
+    run_dir: Path
+
+    def save_checkpoint(self) -> Path:
+        """Every rank writes its part into step-N.tmp; rank 0 publishes it."""
+        tmp = ckpt.tmp_dir_for(self.run_dir, self.step)
+        if self.ctx.is_main:
+            tmp.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        r = self.ctx.rank
+        pfc = self.partial_fc
+        payload = train_state.classifier_payload(pfc, self.opt_fc, pfc.class_start, pfc.num_local)
+        payload["scheduler"] = self.sched_fc.state_dict()
+        ckpt.save_torch(payload, tmp / f"classifier-rank{r}.pt")
+        ckpt.save_torch(
+            {
+                "engine": self.engine.state_dict(),
+                "scheduler": self.sched_backbone.state_dict(),
+                "rng": train_state.capture_rng(),
+                "sample_generator": pfc.sample_generator.get_state(),
+                "loader": self.loader.state_dict(),
+            },
+            tmp / f"trainer-rank{r}.pt",
+        )
+        self.engine.save_extra(tmp)  # collective (DeepSpeed partitions)
+        backbone_state = self.engine.full_state_dict()  # collective under ZeRO-3
+        if self.ctx.is_main:
+            ckpt.save_torch(backbone_state, tmp / "backbone.pt")
+        self._barrier()
+        final = self.run_dir / f"step-{self.step}"
+        if self.ctx.is_main:
+            meta = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.ctx.world_size,
+                "engine": self.engine.name,
+                "batch_size": self.config.train.batch_size,
+                "nonfinite_steps": self.nonfinite_total,
+                "wandb_id": self.wandb_id,
+                "backbone": self.config.model.backbone,
+                "backbone_kwargs": self.backbone_kwargs,
+                "derived": self.derived(),
+                "config": dump_config(self.config),
+            }
+            final = ckpt.finalize(self.run_dir, self.step, meta, self.config.train.keep_checkpoints)
+        self._barrier()
+        return final
+
+    def _maybe_resume(self) -> None:
+        """Load ``run.resume``: "auto" = the newest complete checkpoint of this run that every
+        rank can read (a truncated or missing file falls back to the one before), or a path.
+        """
+        spec = self.config.run.resume
+        if spec is None:
+            return
+        if spec == "auto":
+            candidates = [d for _, d in reversed(ckpt.step_dirs(self.run_dir))]
+            if not candidates:
+                return
+        else:
+            candidates = [ckpt.resolve_checkpoint(spec)]
+        errors = []
+        for step_dir in candidates:
+            try:
+                self.load_checkpoint(step_dir)
+                ok = 1.0
+            except ckpt.CheckpointError as exc:
+                errors.append(str(exc))
+                ok = 0.0
+            # Every rank must resume from the same checkpoint.
+            flag = torch.tensor([ok], device=self.ctx.device)
+            if self.ctx.distributed and dist.is_initialized():
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() > 0:
+                if errors and self.ctx.is_main:
+                    print(
+                        f"facetrain: resumed from {step_dir} after skipping: {errors}", flush=True
+                    )
+                return
+            if self.ctx.is_main:
+                print(
+                    f"facetrain: cannot resume from {step_dir}; trying an older checkpoint",
+                    flush=True,
+                )
+        tried = [str(c) for c in candidates]
+        reason = errors or "another rank could not read its files"
+        raise ckpt.CheckpointError(f"no usable checkpoint among {tried}: {reason}")
+
+    def load_checkpoint(self, step_dir: Path) -> None:
+        """Restore everything; the classifier is re-sharded if the world size changed."""
+        meta = ckpt.read_meta(step_dir)
+        saved_world = int(meta["world_size"])
+        same_world = saved_world == self.ctx.world_size
+        self.engine.load_weights(ckpt.load_torch(step_dir / "backbone.pt"))
+        pfc = self.partial_fc
+        train_state.load_classifier(
+            step_dir, saved_world, pfc, self.opt_fc, pfc.class_start, pfc.num_local
+        )
+        fc_sched = ckpt.load_torch(step_dir / "classifier-rank0.pt")["scheduler"]
+        own = step_dir / f"trainer-rank{self.ctx.rank if same_world else 0}.pt"
+        trainer_state = ckpt.load_torch(own)
+        same_engine = meta.get("engine", "ddp") == self.engine.name
+        if same_engine and same_world:
+            self.engine.load_state_dict(trainer_state["engine"])
+        elif same_engine and self.engine.name == "ddp":
+            # DDP's optimizer state is replicated: any rank's copy fits any world size.
+            self.engine.load_state_dict(trainer_state["engine"])
+        # DeepSpeed's own checkpoint (optimizer partitions) when the world size is unchanged;
+        # otherwise the weights loaded above stand and its optimizer starts afresh.
+        self.engine.load_extra(step_dir, same_world and same_engine)
+        self.sched_backbone.load_state_dict(trainer_state["scheduler"])
+        self.sched_fc.load_state_dict(fc_sched)
+        self.step = int(meta["step"])
+        self.epoch = int(meta["epoch"])
+        self.nonfinite_total = int(meta.get("nonfinite_steps", 0))
+        self.wandb_id = meta.get("wandb_id")
+        if same_world and meta.get("batch_size") == self.config.train.batch_size:
+            # Exact: this rank's RNG streams and data position continue where they stopped.
+            train_state.restore_rng(trainer_state["rng"])
+            pfc.sample_generator.set_state(trainer_state["sample_generator"])
+            self.batch_in_epoch = int(meta["batch_in_epoch"])
+            if "loader" in trainer_state:
+                # The loader's own position also carries what it skipped (corrupt records).
+                # A loader that cuts the epoch differently now (another kind, seed or number
+                # of images) cannot continue it: it starts the next epoch instead, and the
+                # trainer follows, so no image of the saved epoch is seen twice.
+                position = self.loader.load_state_dict(trainer_state["loader"], strict=False)
+                self.epoch, self.batch_in_epoch = position
+                self._loader_positioned = True
+        else:
+            # New world size: the same global number of samples of this epoch is skipped (to
+            # within one global batch); per-rank random streams restart from a seed that
+            # depends on (seed, rank, step) so the run stays reproducible.
+            consumed = int(meta["batch_in_epoch"]) * int(meta["batch_size"]) * saved_world
+            per_batch = self.config.train.batch_size * self.ctx.world_size
+            self.batch_in_epoch = min(consumed // per_batch, len(self.loader))
+            seed = hash((self.config.run.seed, self.ctx.rank, self.step)) & (2**63 - 1)
+            pfc.sample_generator.manual_seed(seed)
+            torch.manual_seed(seed)
+        self.resumed_from = step_dir
