@@ -254,13 +254,19 @@ def test_roc_points_agree_with_sklearn_roc_curve() -> None:
 
 
 @pytest.mark.parametrize(("n", "k"), [(10, 10), (6000, 10), (23, 4), (7, 3), (9, 2)])
-def test_folds_are_sklearn_kfold_without_shuffle(n: int, k: int) -> None:
+def test_folds_are_contiguous_unshuffled_blocks(n: int, k: int) -> None:
+    """insightface's LFold: k contiguous test blocks in order, the first n % k one longer,
+    each fold training on the rest (written out here, not taken from sklearn)."""
     ours = _kfold_splits(n, k)
-    ref = list(KFold(n_splits=k, shuffle=False).split(np.arange(n)))
-    assert len(ours) == len(ref)
-    for (tr, te), (rtr, rte) in zip(ours, ref, strict=True):
-        np.testing.assert_array_equal(tr, rtr)
-        np.testing.assert_array_equal(te, rte)
+    sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    starts = np.cumsum([0, *sizes])
+    assert len(ours) == k
+    for i, (tr, te) in enumerate(ours):
+        np.testing.assert_array_equal(te, np.arange(starts[i], starts[i + 1]))
+        np.testing.assert_array_equal(tr, np.setdiff1d(np.arange(n), te))
+    tr, te = _kfold_splits(n, 1)[0]  # one fold: train and test on everything
+    np.testing.assert_array_equal(tr, np.arange(n))
+    np.testing.assert_array_equal(te, np.arange(n))
 
 
 def test_as_dict_is_json_ready() -> None:
