@@ -108,6 +108,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         return "cpu_fused" if on_cpu and cpu_kernels.available() else "plain"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu_fused" and torch.device(device).type != "cpu":
+        raise ValueError(f"backend cpu_fused runs on the CPU, not {device}; use plain (or auto)")
     return backend
 
 

@@ -453,7 +453,10 @@ class PartialFC(nn.Module):
             ctx.target_centers_fn = lambda: w_hat[ctx.cols]
             ctx.sampled_centers_fn = lambda: w_hat
         ctx.cos = cos
-        ctx.target_cos = cos[ctx.rows, ctx.cols]  # [R]
+        if k == 1:  # exact in the output dtype, whatever the product's (the margin needs it)
+            ctx.target_cos = (x_hat[ctx.rows] * w_hat[ctx.cols]).sum(dim=1)  # [R]
+        else:
+            ctx.target_cos = cos[ctx.rows, ctx.cols]  # [R], pooled over the sub-centres
         if head.needs_bias:
             bias = head.bias  # type: ignore[attr-defined]
             ctx.bias = bias if index is None else self._gather(bias, index)

@@ -629,3 +629,40 @@ def test_a_held_gradient_keeps_its_buffer_and_the_logits_take_a_fresh_one() -> N
     assert pfc.weight.grad is held
     assert_close(pfc.weight.grad, 2 * first, "accumulated")
     assert "logits" not in buffers
+
+
+def test_backends_agree_under_low_precision_products() -> None:
+    """bf16 products: both backends take the exact target cosine in float32, so the margin
+    sees the same angles; the non-target logits differ only by the products' rounding."""
+    weight, x, labels = make_problem(13, [8], seed=4)
+    runs = []
+    for fused in (True, False):
+        pfc = partial_fc(
+            build_margin("arcface"), D, 13, 1.0, 0, 1, compute_dtype=torch.bfloat16, fused=fused
+        )
+        with torch.no_grad():
+            pfc.weight.copy_(weight)
+        loss, stats = pfc(x.clone(), labels)
+        runs.append((loss.detach(), stats.angles.target_angle_mean_deg))
+    (loss_f, angle_f), (loss_p, angle_p) = runs
+    assert_close(angle_f, angle_p, "target angle", rtol=1e-6, atol=1e-5)
+    assert_close(loss_f, loss_p, "loss", rtol=5e-3, atol=0.0)
+
+
+def test_resolve_backend() -> None:
+    from partialfc import build_partial_fc, resolve_backend
+    from partialfc.fast import FusedPartialFC, cpu_kernels
+
+    expected = "cpu_fused" if cpu_kernels.available() else "plain"
+    assert resolve_backend("auto", "cpu") == expected
+    assert resolve_backend("auto", "cuda") == "plain"
+    assert resolve_backend("plain", "cpu") == "plain"
+    with pytest.raises(ValueError, match="cpu_fused runs on the CPU"):
+        resolve_backend("cpu_fused", "cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve_backend("fast", "cpu")
+    head = build_margin("arcface")
+    assert type(build_partial_fc("plain", head, D, 7, 1.0, 0, 1)) is PartialFC
+    assert isinstance(
+        build_partial_fc("cpu_fused", build_margin("arcface"), D, 7, 1.0, 0, 1), FusedPartialFC
+    )

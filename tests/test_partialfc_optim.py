@@ -132,8 +132,12 @@ def test_state_dict_round_trip_and_scheduler() -> None:
     assert opt_a.state[a]["step"].tolist() == [4.0] * 6
 
 
-def _pfc(update: str, rate: float, seed: int = 0) -> PartialFC:
-    pfc = partial_fc(build_margin("arcface", s=16.0), 8, 40, rate, 0, 1, seed=seed, update=update)
+BACKENDS = pytest.mark.parametrize("fused", [True, False], ids=["cpu_fused", "plain"])
+
+
+def _pfc(update: str, rate: float, seed: int = 0, fused: bool = True) -> PartialFC:
+    head = build_margin("arcface", s=16.0)
+    pfc = partial_fc(head, 8, 40, rate, 0, 1, seed=seed, update=update, fused=fused)
     with torch.no_grad():
         pfc.weight.normal_(0, 1, generator=torch.Generator().manual_seed(9))
     return pfc
@@ -144,9 +148,10 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(12, 8, generator=gen), torch.randint(0, 40, (12,), generator=gen)
 
 
+@BACKENDS
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_update_modes_agree_at_full_rate(name: str) -> None:
-    dense, sampled = _pfc("dense", 1.0), _pfc("sampled", 1.0)
+def test_update_modes_agree_at_full_rate(name: str, fused: bool) -> None:
+    dense, sampled = _pfc("dense", 1.0, fused=fused), _pfc("sampled", 1.0, fused=fused)
     opt_d = _torch_opt(name, list(dense.parameters()))
     opt_s = sampled.build_optimizer(name, momentum=0.9, betas=(0.8, 0.95), eps=1e-6, **HP)
     for step in range(3):
@@ -158,11 +163,14 @@ def test_update_modes_agree_at_full_rate(name: str) -> None:
     torch.testing.assert_close(sampled.weight, dense.weight, rtol=1e-6, atol=1e-6)
 
 
+@BACKENDS
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_sampled_update_freezes_unsampled_rows(name: str) -> None:
-    pfc = _pfc("sampled", 0.25)
+def test_sampled_update_freezes_unsampled_rows(name: str, fused: bool) -> None:
+    """The shard's gradient holds the sampled rows only (row-sparse) and the optimizer moves
+    those rows alone, on both backends."""
+    pfc = _pfc("sampled", 0.25, fused=fused)
     opt = pfc.build_optimizer(name, momentum=0.9, **HP)
-    nocache = _pfc("sampled", 0.25)
+    nocache = _pfc("sampled", 0.25, fused=fused)
     opt_nocache = nocache.build_optimizer(name, momentum=0.9, **HP)
     opt_nocache.row_cache = None
     for step in range(3):
@@ -185,9 +193,10 @@ def test_sampled_update_freezes_unsampled_rows(name: str) -> None:
     torch.testing.assert_close(pfc.weight, nocache.weight, rtol=0, atol=0)
 
 
-def test_dense_update_moves_unsampled_rows() -> None:
+@BACKENDS
+def test_dense_update_moves_unsampled_rows(fused: bool) -> None:
     """The semantics the "sampled" mode avoids: momentum and decay touch every row."""
-    pfc = _pfc("dense", 0.25)
+    pfc = _pfc("dense", 0.25, fused=fused)
     opt = torch.optim.SGD(pfc.parameters(), momentum=0.9, **HP)
     for step in range(2):
         x, labels = _data(step)

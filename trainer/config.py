@@ -310,6 +310,8 @@ class Config(_Section):
             raise ValueError("dist.backend: nccl needs dist.device cuda (or auto on a GPU machine)")
         if self.train.precision == "fp16" and self.dist.device == "cpu":
             raise ValueError("train.precision: fp16 needs CUDA; use bf16 on the CPU")
+        if self.partialfc.backend == "cpu_fused" and self.dist.device == "cuda":
+            raise ValueError("partialfc.backend: cpu_fused runs on the CPU; use plain or auto")
         return self
 
     @property
