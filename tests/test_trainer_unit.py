@@ -237,3 +237,13 @@ def test_deepspeed_cannot_skip_a_half_accumulated_step(tiny_dataset: Path, tmp_p
         else:
             _, _, finite = trainer._one_step(trainer._batches())
             assert not finite and trainer.batch_in_epoch == 2
+
+
+@pytest.mark.parametrize("backend", ["plain", "cpu_fused"])
+def test_trainer_runs_either_classifier_backend(
+    tiny_dataset: Path, tmp_path: Path, backend: str
+) -> None:
+    trainer = _trainer(tiny_dataset, tmp_path, f"partialfc.backend={backend}")
+    assert trainer.derived()["classifier_backend"] == backend
+    loss, stats, finite = trainer._one_step(trainer._batches())
+    assert finite and torch.isfinite(loss) and stats is not None and stats.angles is not None
