@@ -18,7 +18,6 @@ sampled index). One step, for every rank r (``PartialFC.forward``)::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -26,13 +25,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from partialfc.checks import UPDATE_MODES, check_arguments, check_batch, check_group
 from partialfc.collectives import (
     ProcessGroup,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_inplace,
     gather_sizes,
-    get_rank,
     get_world_size,
 )
 from partialfc.context import MarginContext, ShardSpec
@@ -44,9 +43,6 @@ from partialfc.sampling import init_class_centers, mixed_seed, sample_columns
 from partialfc.stats import StepStats, angle_stats, hardest_negative, negative_angle_sums
 
 __all__ = ["UPDATE_MODES", "PartialFC"]
-
-UPDATE_MODES = ("dense", "sampled")
-"""Update semantics of unsampled rows; see ``PartialFC`` and ``partialfc.optim``."""
 
 
 class PartialFC(nn.Module):
@@ -118,39 +114,13 @@ class PartialFC(nn.Module):
         hist_size: int = 1024,
     ) -> None:
         super().__init__()
-        if not isinstance(margin, MarginHead):
-            raise ValueError(
-                f"margin must be a MarginHead (see build_margin), got {type(margin).__name__}"
-            )
-        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int):
-            raise ValueError(f"embedding_size must be an int, got {embedding_size!r}")
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         start, count = class_range(num_classes, rank, world_size)
-        if num_classes < world_size:
-            raise ValueError(
-                f"num_classes={num_classes} must be >= world_size={world_size}: "
-                "every rank needs at least one class centre"
-            )
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
-            raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if not (isinstance(init_std, int | float) and math.isfinite(init_std) and init_std > 0):
-            raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
-        if compute_dtype is not None and not (
-            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
-        ):
-            raise ValueError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype}")
-        if update not in UPDATE_MODES:
-            raise ValueError(f"update must be one of {UPDATE_MODES}, got {update!r}")
-        for name, value in (("stats_columns", stats_columns), ("hist_size", hist_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_arguments(
+            margin, embedding_size, num_classes, sample_rate, world_size, seed, init_std,
+            compute_dtype, update, stats_columns, hist_size,
+        )  # fmt: skip
         if get_world_size(group) > 1 or world_size > 1:
-            self._check_group_matches(group, rank, world_size)
+            check_group(group, rank, world_size)
 
         self.embedding_size = embedding_size
         self.num_classes = num_classes
@@ -194,19 +164,6 @@ class PartialFC(nn.Module):
         optimizer steps (one per accumulation cycle, none for a skipped step)."""
         self.sample_generator = torch.Generator().manual_seed(mixed_seed("sample", seed, rank))
         self.last_sampled_global: torch.Tensor | None = None
-
-    @staticmethod
-    def _check_group_matches(group: ProcessGroup | None, rank: int, world_size: int) -> None:
-        """With a live process group, rank/world_size must be the group's; checked lazily
-        (at forward) when the module is built before the group exists."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        g_world, g_rank = get_world_size(group), get_rank(group)
-        if (g_rank, g_world) != (rank, world_size):
-            raise ValueError(
-                f"rank={rank}, world_size={world_size} do not match the process group "
-                f"(rank {g_rank} of {g_world})"
-            )
 
     def extra_repr(self) -> str:
         return (
@@ -263,35 +220,14 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------------- forward
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings must be [B, {self.embedding_size}], got {tuple(embeddings.shape)}"
-            )
-        if not embeddings.is_floating_point():
-            raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(
-                f"labels must be [B={embeddings.shape[0]}] to match embeddings, "
-                f"got {tuple(labels.shape)}"
-            )
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.device != embeddings.device:
-            raise ValueError(f"labels are on {labels.device} but embeddings on {embeddings.device}")
-        if labels.numel() > 0:
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= self.num_classes:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"labels must be in [0, num_classes={self.num_classes}), got {bad}"
-                )
+        check_batch(embeddings, labels, self.embedding_size, self.num_classes)
         if self.world_size > 1:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError(
                     f"PartialFC with world_size={self.world_size} needs an initialised "
                     "process group"
                 )
-            self._check_group_matches(self.group, self.rank, self.world_size)
+            check_group(self.group, self.rank, self.world_size)
 
     def _sample(
         self, local_labels: torch.Tensor, is_local: torch.Tensor

@@ -33,7 +33,14 @@ from trainer.config import Config, ConfigError
 from trainer.context import DistContext
 from trainer.engine import build_engine
 from trainer.evaluate import evaluate_sets, load_eval_sets
-from trainer.monitor import Progress, Throughput, WandbRun, angle_histogram, step_metrics
+from trainer.monitor import (
+    Progress,
+    Throughput,
+    WandbRun,
+    angle_histogram,
+    flatten_metrics,
+    step_metrics,
+)
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plan import pack_facts
 from trainer.resume import Checkpointing
@@ -209,7 +216,7 @@ class Trainer(Checkpointing):
                 if cfg.export.onnx:
                     summary["onnx"] = self.export(Path(summary["checkpoint"]))
                 summary["wandb_run"] = wandb_run.path
-                wandb_run.summary(_flatten("final", summary.get("eval_after", {})))
+                wandb_run.summary(flatten_metrics("final", summary.get("eval_after", {})))
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         finally:
             progress.close()
@@ -439,14 +446,3 @@ class Trainer(Checkpointing):
     def _barrier(self) -> None:
         if self.ctx.distributed and dist.is_initialized():
             dist.barrier()
-
-
-def _flatten(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(name, value))
-        else:
-            out[name] = value
-    return out

@@ -22,6 +22,18 @@ def step_metrics(stats: StepStats | None) -> dict[str, float]:
     return out
 
 
+def flatten_metrics(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"prefix/a/b": 1}`` (wandb's summary keys)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            out.update(flatten_metrics(name, value))
+        else:
+            out[name] = value
+    return out
+
+
 def angle_histogram(stats: StepStats | None) -> dict[str, Any]:
     """A wandb histogram of the step's sample of target angles (none without one)."""
     if stats is None or stats.angles is None:

@@ -1,0 +1,102 @@
+"""Argument checks of ``PartialFC``: its construction, each batch, the process group.
+Each raises ``ValueError`` naming the argument and the value it got."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from partialfc.collectives import ProcessGroup, get_rank, get_world_size
+from partialfc.margins import MarginHead
+
+__all__ = ["UPDATE_MODES", "check_arguments", "check_batch", "check_group"]
+
+UPDATE_MODES = ("dense", "sampled")
+"""Update semantics of unsampled rows; see ``PartialFC`` and ``partialfc.optim``."""
+
+
+def check_arguments(
+    margin: object,
+    embedding_size: object,
+    num_classes: int,
+    sample_rate: object,
+    world_size: int,
+    seed: object,
+    init_std: object,
+    compute_dtype: object,
+    update: str,
+    stats_columns: object,
+    hist_size: object,
+) -> None:
+    """``PartialFC``'s constructor arguments (the shard itself is checked by
+    ``class_range``)."""
+    if not isinstance(margin, MarginHead):
+        raise ValueError(
+            f"margin must be a MarginHead (see build_margin), got {type(margin).__name__}"
+        )
+    if isinstance(embedding_size, bool) or not isinstance(embedding_size, int):
+        raise ValueError(f"embedding_size must be an int, got {embedding_size!r}")
+    if embedding_size < 1:
+        raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+    if num_classes < world_size:
+        raise ValueError(
+            f"num_classes={num_classes} must be >= world_size={world_size}: "
+            "every rank needs at least one class centre"
+        )
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
+        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not (isinstance(init_std, int | float) and math.isfinite(init_std) and init_std > 0):
+        raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
+    if compute_dtype is not None and not (
+        isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+    ):
+        raise ValueError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype}")
+    if update not in UPDATE_MODES:
+        raise ValueError(f"update must be one of {UPDATE_MODES}, got {update!r}")
+    for name, value in (("stats_columns", stats_columns), ("hist_size", hist_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_batch(
+    embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: int, num_classes: int
+) -> None:
+    """A batch: embeddings [B, D] floating point, labels [B] integer class ids on the same
+    device, in [0, num_classes)."""
+    if embeddings.dim() != 2 or embeddings.shape[1] != embedding_size:
+        raise ValueError(f"embeddings must be [B, {embedding_size}], got {tuple(embeddings.shape)}")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be [B={embeddings.shape[0]}] to match embeddings, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != embeddings.device:
+        raise ValueError(f"labels are on {labels.device} but embeddings on {embeddings.device}")
+    if labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels must be in [0, num_classes={num_classes}), got {bad}")
+
+
+def check_group(group: ProcessGroup | None, rank: int, world_size: int) -> None:
+    """With a live process group, rank/world_size must be the group's; checked lazily
+    (at forward) when the module is built before the group exists."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    g_world, g_rank = get_world_size(group), get_rank(group)
+    if (g_rank, g_world) != (rank, world_size):
+        raise ValueError(
+            f"rank={rank}, world_size={world_size} do not match the process group "
+            f"(rank {g_rank} of {g_world})"
+        )
