@@ -194,9 +194,17 @@ def read_pack_facts(pack_dir: str | os.PathLike[str], skip_corrupt: bool = False
             f"{idx}: {num_records} indexed records cannot hold the header, {prop.num_classes} "
             "identity records and any image (truncated index?)"
         )
-    if prop.num_images is not None and prop.num_images != num_images:
+    check_image_count(prop, prop_path, layout, num_images, f" ({idx}: {num_records} records)")
+    return PackFacts(layout, prop.num_classes, num_images, prop.image_size)
+
+
+def check_image_count(
+    prop: PackProperty, prop_path: str, layout: str, count: int, detail: str = ""
+) -> None:
+    """A ``property`` that states an image count (``RecBuilder``'s second line) must agree
+    with the ``count`` of images the pack's layout holds, damaged ones included."""
+    if prop.num_images is not None and prop.num_images != count:
         raise PackError(
             f"{prop_path}: says {prop.num_images} images but the pack's {layout} layout has "
-            f"{num_images} ({idx}: {num_records} records)"
+            f"{count}{detail}"
         )
-    return PackFacts(layout, prop.num_classes, num_images, prop.image_size)

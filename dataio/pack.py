@@ -25,6 +25,7 @@ from dataio.layout import (
     PROPERTY_NAME,
     REC_NAME,
     PackError,
+    check_image_count,
     check_not_headless,
     read_header,
     read_property,
@@ -116,12 +117,8 @@ class FacePack:
                 self.bad_keys.setdefault(key, reason)
         if self.image_keys.size == 0:
             raise PackError(f"{self.rec_path}: pack holds no images")
-        layout_images = self.image_keys.size + len(self.bad_keys)  # skipped ones included
-        if prop.num_images is not None and prop.num_images != layout_images:
-            raise PackError(
-                f"{prop_path}: says {prop.num_images} images but the pack's {self.layout} "
-                f"layout has {layout_images}"
-            )
+        # Skipped records included: the layout's count.
+        check_image_count(prop, prop_path, self.layout, self.image_keys.size + len(self.bad_keys))
 
     # -- open-time helpers
 
