@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "PendingGather",
     "all_gather_no_grad",
-    "all_gather_stack",
     "all_gather_with_grad",
     "all_reduce_inplace",
     "all_reduce_value",
@@ -29,7 +27,6 @@ __all__ = [
     "gather_sizes",
     "get_world_size",
     "replicated_term",
-    "start_all_gather_stack",
     "sum_own_rows",
     "sync_grad",
 ]
@@ -69,46 +66,6 @@ def all_reduce_inplace(
     if get_world_size(group) > 1:
         dist.all_reduce(tensor, op=ops[op], group=group)
     return tensor
-
-
-class PendingGather:
-    """An all-gather in flight (``start_all_gather_stack``); ``wait()`` returns its result."""
-
-    def __init__(self, out: torch.Tensor, work: Any | None) -> None:
-        self._out = out
-        self._work = work
-
-    def wait(self) -> torch.Tensor:
-        """``[world, *shape]``, once every rank's part has arrived."""
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        return self._out
-
-
-def start_all_gather_stack(
-    tensor: torch.Tensor, group: ProcessGroup | None = None
-) -> PendingGather:
-    """Start ``all_gather_stack`` without waiting: the caller computes something else while
-    the ranks' messages travel (on CPU gloo's own thread carries them), then calls
-    ``wait()``. ``tensor`` must not change before then."""
-    world = get_world_size(group)
-    if world == 1:
-        return PendingGather(tensor.detach()[None], None)
-    src = tensor.detach().contiguous()
-    out = src.new_empty((world, *src.shape))
-    work = dist.all_gather(list(out.unbind(0)), src, group=group, async_op=True)
-    return PendingGather(out, work)
-
-
-def all_gather_stack(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
-    """``[world, *shape]``: every rank's ``tensor`` (same shape on every rank), no autograd.
-
-    One collective where a ring all-reduce takes two message rounds: per-row statistics that
-    need several reductions (a max and sums weighted by it) are gathered once and combined
-    locally. ``tensor[None]`` with one rank or no process group.
-    """
-    return start_all_gather_stack(tensor, group).wait()
 
 
 def _gather_sizes(tensor: torch.Tensor, group: ProcessGroup | None, world: int) -> list[int]:

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from partialfc.collectives import ProcessGroup, start_all_gather_stack
+from partialfc.collectives import ProcessGroup
 from partialfc.fast import cpu_kernels
+from partialfc.fast.collectives import start_all_gather_stack
 from partialfc.fast.fused import FusedLink, _exps_times_rows
 
 __all__ = ["fused_softmax_ce"]
