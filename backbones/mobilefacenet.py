@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from backbones.common import as_pair, autocast_active
 from backbones.registry import register_backbone
+from common.checks import check_int
 
 __all__ = [
     "MobileFaceNet",
@@ -173,8 +174,7 @@ class MobileFaceNet(nn.Module):
         blocks = tuple(int(b) for b in blocks)
         if len(blocks) != 4 or min(blocks) < 1:
             raise ValueError(f"blocks must be 4 positive block counts, got {blocks!r}")
-        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"scale must be a positive int, got {scale!r}")
+        scale = check_int("scale", scale, minimum=1)
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size!r}")
         height, width = as_pair(input_size, "input_size")

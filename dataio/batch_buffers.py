@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from dataio.checks import check_int
+from common.checks import check_int
 
 
 def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

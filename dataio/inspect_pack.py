@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dataio.checks import check_int
+from common.checks import check_int
 from dataio.decode import decode_record
 from dataio.pack import FacePack, PackError
 

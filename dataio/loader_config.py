@@ -11,7 +11,7 @@ import dataclasses
 import os
 from typing import Literal
 
-from dataio.checks import check_int
+from common.checks import check_int
 
 PixelFormat = Literal["float32", "uint8"]
 

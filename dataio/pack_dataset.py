@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from dataio.checks import check_int
+from common.checks import check_int
 from dataio.decode import load_pixels
 from dataio.loader_config import check_pixels
 from dataio.loading import PIXEL_DTYPES, batch_layout, flip_mask

@@ -18,8 +18,8 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from common.checks import check_int
 from dataio.align import AlignmentError, align_face, template_for
-from dataio.checks import check_int
 from dataio.layout import IDX_NAME, PROPERTY_NAME, REC_NAME, PackError, PackProperty, write_property
 from dataio.pack import PackInfo
 from dataio.recordio import IRHeader, RecordWriter, pack_record
@@ -55,11 +55,7 @@ def write_pack(
     the end, so an interrupted run never leaves a pack that looks complete.
     """
     out = os.fspath(out_dir)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise ValueError(f"num_classes must be an int, got {num_classes!r}")
-    if num_classes <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    num_classes = int(num_classes)
+    num_classes = check_int("num_classes", num_classes, minimum=1)
     size = _check_image_size(image_size)
 
     items: list[tuple[int, bytes]] = []
@@ -68,13 +64,12 @@ def write_pack(
             label, payload = sample
         except (TypeError, ValueError):
             raise ValueError(f"sample {i}: expected a (label, bytes) pair") from None
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
-            raise ValueError(f"sample {i}: label must be an int, got {label!r}")
+        label = check_int(f"sample {i}: label", label, minimum=None)
         if not 0 <= label < num_classes:
             raise ValueError(f"sample {i}: label {label} outside [0, num_classes={num_classes})")
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise ValueError(f"sample {i}: image must be bytes, got {type(payload).__name__}")
-        items.append((int(label), bytes(payload)))
+        items.append((label, bytes(payload)))
     if not items:
         raise ValueError(f"write_pack({out}): no samples to write")
 

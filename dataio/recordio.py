@@ -39,7 +39,7 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
-from dataio.checks import check_int
+from common.checks import check_int
 
 MAGIC = 0xCED7230A
 """The dmlc RecordIO magic number (``RecordIOWriter::kMagic``)."""

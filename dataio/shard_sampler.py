@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from dataio.checks import check_int
+from common.checks import check_int
 
 
 class ShardSampler(Sampler[int]):

@@ -33,8 +33,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from common.checks import check_int
 from dataio.batch_buffers import BatchBuffers
-from dataio.checks import check_int
 from dataio.loader_config import LoaderConfig
 from dataio.loading import position_state, register_loader, resolve_position, steps_per_epoch
 from dataio.pack_dataset import PackDataset

@@ -3,11 +3,10 @@ Each raises ``ValueError`` naming the argument and the value it got."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
+from common.checks import check_int, check_number
 from partialfc.collectives import ProcessGroup, get_rank, get_world_size
 from partialfc.margins import MarginHead
 
@@ -36,32 +35,24 @@ def check_arguments(
         raise ValueError(
             f"margin must be a MarginHead (see build_margin), got {type(margin).__name__}"
         )
-    if isinstance(embedding_size, bool) or not isinstance(embedding_size, int):
-        raise ValueError(f"embedding_size must be an int, got {embedding_size!r}")
-    if embedding_size < 1:
-        raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+    check_int("embedding_size", embedding_size, minimum=1)
     if num_classes < world_size:
         raise ValueError(
             f"num_classes={num_classes} must be >= world_size={world_size}: "
             "every rank needs at least one class centre"
         )
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
-        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
-    if not 0.0 < sample_rate <= 1.0:
+    if not 0.0 < check_number("sample_rate", sample_rate) <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    if not (isinstance(init_std, int | float) and math.isfinite(init_std) and init_std > 0):
-        raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
+    check_int("seed", seed, minimum=None)
+    check_number("init_std", init_std, positive=True)
     if compute_dtype is not None and not (
         isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
     ):
         raise ValueError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype}")
     if update not in UPDATE_MODES:
         raise ValueError(f"update must be one of {UPDATE_MODES}, got {update!r}")
-    for name, value in (("stats_columns", stats_columns), ("hist_size", hist_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("stats_columns", stats_columns, minimum=1)
+    check_int("hist_size", hist_size, minimum=1)
 
 
 def check_batch(

@@ -46,6 +46,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from common.checks import check_number
 from partialfc.aux_losses import AuxLosses
 from partialfc.context import MarginContext, ShardSpec
 from partialfc.specs import DEFAULT_EPS, SpecModel, register_head
@@ -63,24 +64,12 @@ __all__ = [
     "MarginHead",
     "NormFaceConfig",
     "SphereFaceArccosConfig",
-    "check_number",
     "monotone_psi",
 ]
 
 Fallback = Literal["auto", "thmm", "easy", "psi", "none"]
 FALLBACKS: tuple[str, ...] = typing.get_args(Fallback)
 """What the target logit does where ``m1 * theta + m2`` passes pi (see ``CombinedFormConfig``)."""
-
-
-def check_number(name: str, value: object, *, positive: bool = False, finite: bool = True) -> float:
-    """A real number (bools rejected) as float, or a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if finite and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
 
 
 def monotone_psi(phi: torch.Tensor) -> torch.Tensor:

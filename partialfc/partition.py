@@ -7,14 +7,9 @@ be tested for many world sizes without a process group.
 
 from __future__ import annotations
 
+from common.checks import check_int
+
 __all__ = ["class_range"]
-
-
-def _check_int(name: str, value: object) -> int:
-    """Reject non-integers (bools included) so a float class count never slips through."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -31,14 +26,11 @@ def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
         ValueError: ``num_classes < 1``, ``world_size < 1``, ``rank`` outside
             ``[0, world_size)``, or a non-int argument; the message names the argument.
     """
-    num_classes = _check_int("num_classes", num_classes)
-    rank = _check_int("rank", rank)
-    world_size = _check_int("world_size", world_size)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
+    # Integers only (bools rejected): a float class count never slips through.
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    rank = check_int("rank", rank)
+    world_size = check_int("world_size", world_size, minimum=1)
+    if rank >= world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     base, extra = divmod(num_classes, world_size)
     count = base + (1 if rank < extra else 0)

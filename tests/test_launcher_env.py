@@ -60,7 +60,7 @@ def test_single_context_helper() -> None:
     assert ctx.world_size == 1 and ctx.device.type == "cpu"
 
 
-BELOW_LAUNCHER = ("trainer", "partialfc", "dataio", "backbones", "evaluation")
+BELOW_LAUNCHER = ("trainer", "partialfc", "dataio", "backbones", "evaluation", "common")
 
 
 def _sources(packages: tuple[str, ...]) -> list[Path]:
@@ -89,7 +89,8 @@ def test_no_hard_coded_cuda_calls() -> None:
 
 
 def test_packages_import_downward() -> None:
-    """partialfc/dataio/backbones/evaluation never import trainer or launcher."""
+    """partialfc/dataio/backbones/evaluation never import trainer or launcher; common (the
+    lowest package, its argument checks) imports none of the project's packages."""
     pattern = re.compile(r"^\s*(from|import)\s+(trainer|launcher)\b")
     offenders = [
         f"{p.relative_to(REPO)}:{i}"
@@ -105,6 +106,15 @@ def test_packages_import_downward() -> None:
         if re.search(r"^\s*(from|import)\s+launcher\b", line)
     ]
     assert not trainer_up, trainer_up
+    common_up = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _sources(("common",))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(
+            r"^\s*(from|import)\s+(launcher|trainer|partialfc|dataio|backbones|evaluation)\b", line
+        )
+    ]
+    assert not common_up, common_up
 
 
 @pytest.mark.parametrize("keep_group", [False, True])
