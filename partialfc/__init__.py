@@ -23,7 +23,8 @@ Vocabulary used throughout this package:
 
 Modules: ``partition`` (the pure shard arithmetic), ``collectives`` (autograd all-gather and
 reductions that are identities without a process group), ``context`` (what a head sees),
-``margins`` (head interface, combined-margin family), ``heads`` (the rest of the zoo),
+``margins`` (head interface, combined-margin family), ``head_configs`` (the base of every
+head's config, the combined family's configs), ``heads`` (the rest of the zoo),
 ``aux_losses`` (auxiliary embedding losses), ``registry`` (``build_margin``), ``ops`` (row
 gather with a row-sparse gradient, distributed softmax cross-entropy), ``stats`` (angle
 statistics), ``optim`` (the shard's row-sparse optimizer), ``partial_fc`` (the ``PartialFC``

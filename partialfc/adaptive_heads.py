@@ -17,8 +17,9 @@ from torch import nn
 
 from partialfc.collectives import sync_grad
 from partialfc.context import MarginContext, ShardSpec
+from partialfc.head_configs import ArcFaceConfig, CombinedConfig
 from partialfc.heads import ArccosConfig, clamped_acos
-from partialfc.margins import ArcFaceConfig, CombinedConfig, CombinedMargin, MarginHead
+from partialfc.margins import CombinedMargin, MarginHead
 from partialfc.specs import register_head
 
 __all__ = [

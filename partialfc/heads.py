@@ -20,7 +20,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from partialfc.context import MarginContext, ShardSpec
-from partialfc.margins import HeadConfig, MarginHead
+from partialfc.head_configs import HeadConfig
+from partialfc.margins import MarginHead
 from partialfc.specs import DEFAULT_EPS, aux_loss_entry, register_head
 
 __all__ = [

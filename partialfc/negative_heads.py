@@ -16,8 +16,9 @@ from pydantic import Field
 
 from partialfc.collectives import all_reduce_inplace
 from partialfc.context import MarginContext
+from partialfc.head_configs import HeadConfig
 from partialfc.heads import ArccosConfig, clamped_acos
-from partialfc.margins import HeadConfig, MarginHead
+from partialfc.margins import MarginHead
 from partialfc.specs import register_head
 
 __all__ = [

@@ -26,7 +26,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 # Imported for their @register_head decorators (and the heads they define).
 from partialfc import adaptive_heads, heads, negative_heads  # noqa: F401
 from partialfc.aux_losses import aux_loss_names, build_aux_loss
-from partialfc.margins import ArcFaceConfig, HeadConfig, MarginHead
+from partialfc.head_configs import ArcFaceConfig, HeadConfig
+from partialfc.margins import MarginHead
 from partialfc.specs import (
     describe_errors,
     head_entry,

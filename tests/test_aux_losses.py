@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from partialfc import PartialFC, aux_loss_names, build_aux_loss, build_margin
-from partialfc.margins import DEFAULT_EPS
+from partialfc.specs import DEFAULT_EPS
 
 C, D = 9, 6
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from partialfc import build_margin
-from partialfc.margins import ArcFaceConfig, CombinedMargin
+from partialfc.head_configs import ArcFaceConfig
+from partialfc.margins import CombinedMargin
 from partialfc.registry import (
     ALIASES,
     margin_config,

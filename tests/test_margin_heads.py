@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from partialfc import MarginContext, ShardSpec, build_margin, margin_defaults, margin_names
+from partialfc.head_configs import CombinedConfig
 from partialfc.heads import chebyshev_cos, sphere_psi
-from partialfc.margins import DEFAULT_EPS, CombinedConfig, CombinedMargin, monotone_psi
+from partialfc.margins import CombinedMargin, monotone_psi
+from partialfc.specs import DEFAULT_EPS
 
 EPS = DEFAULT_EPS
 
