@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from partialfc.aux_losses import AuxLoss, aux_loss_names, build_aux_loss
+from partialfc.aux_losses import AuxLoss
 from partialfc.collectives import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -54,7 +54,13 @@ from partialfc.ops import distributed_cross_entropy, gather_rows
 from partialfc.optim import ShardOptimizer, clip_grad_norm_
 from partialfc.partial_fc import UPDATE_MODES, PartialFC
 from partialfc.partition import class_range
-from partialfc.registry import build_margin, margin_defaults, margin_names
+from partialfc.registry import (
+    aux_loss_names,
+    build_aux_loss,
+    build_margin,
+    margin_defaults,
+    margin_names,
+)
 from partialfc.sampling import INIT_BLOCK_ROWS, init_class_centers
 from partialfc.stats import AngleStats, StepStats
 

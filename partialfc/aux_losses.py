@@ -10,37 +10,29 @@ heads; the value is identical on every rank and the gradient reaches every embed
 
 Each loss has one typed config (``*Config``: fields, defaults, bounds and a docstring each) and
 is registered with it by ``@register_aux_loss``; a head's config names them under ``aux``:
-``{name: arcface, aux: {triplet: {weight: 0.1, margin: 0.2}}}`` (``AuxLosses`` is that
-section's model), or attach one with ``head.add_aux_loss(name, loss, weight)``; the ``none``
-head uses them alone.
+``{name: arcface, aux: {triplet: {weight: 0.1, margin: 0.2}}}`` (``AuxLosses`` in
+``partialfc.head_configs`` is that section's model; ``build_aux_loss`` in ``partialfc.registry``
+builds a loss by name), or attach one with ``head.add_aux_loss(name, loss, weight)``; the
+``none`` head uses them alone. The triplet losses' mining is ``partialfc.mining``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from partialfc.collectives import all_reduce_inplace, all_reduce_with_grad
 from partialfc.context import MarginContext, ShardSpec
-from partialfc.specs import (
-    DEFAULT_EPS,
-    AuxLossConfig,
-    aux_loss_entry,
-    aux_losses_model,
-    describe_errors,
-    register_aux_loss,
-    registered_aux_losses,
-)
+from partialfc.mining import Mining, mine_pairs
+from partialfc.specs import DEFAULT_EPS, AuxLossConfig, register_aux_loss
 
 __all__ = [
     "AngularTripletConfig",
     "AngularTripletLoss",
     "AuxLoss",
-    "AuxLosses",
     "CenterConfig",
     "CenterLoss",
     "ContrastiveConfig",
@@ -51,12 +43,7 @@ __all__ = [
     "IntraLoss",
     "TripletConfig",
     "TripletLoss",
-    "aux_loss_names",
-    "build_aux_loss",
 ]
-
-Mining = Literal["semi_hard", "batch_hard"]
-"""Triplet mining: FaceNet's semi-hard negatives, or per anchor the hardest pair."""
 
 
 class AuxLoss(nn.Module):
@@ -81,47 +68,6 @@ class AuxLoss(nn.Module):
 def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
     """A 0 that still depends on ``x`` (keeps the backward collectives of every rank aligned)."""
     return x.sum() * 0.0
-
-
-def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same-identity (excluding the diagonal) and different-identity masks, [N, N]."""
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(labels.numel(), dtype=torch.bool, device=labels.device)
-    return same & ~eye, ~same
-
-
-def _mine(
-    dist: torch.Tensor, labels: torch.Tensor, mining: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_ap, d_an) pairs chosen by ``mining`` from a distance matrix [N, N].
-
-    ``batch_hard``: per anchor with a positive and a negative, its farthest positive and
-    closest negative. ``semi_hard`` (FaceNet): per (anchor, positive) pair with a negative,
-    the closest negative farther than the positive; if none is farther, the farthest negative.
-    Selection is done without gradient; the returned distances carry it.
-    """
-    pos, neg = _pair_masks(labels)
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-    with torch.no_grad():
-        d = dist.detach()
-        has_neg = neg.any(dim=1)  # [N]
-    if mining == "batch_hard":
-        with torch.no_grad():
-            ok = pos.any(dim=1) & has_neg
-            anchors = torch.nonzero(ok).squeeze(1)  # [A]
-            p_idx = torch.where(pos, d, -inf).argmax(dim=1)[anchors]
-            n_idx = torch.where(neg, d, inf).argmin(dim=1)[anchors]
-        return dist[anchors, p_idx], dist[anchors, n_idx]
-    with torch.no_grad():
-        a_idx, p_idx = torch.nonzero(pos & has_neg[:, None], as_tuple=True)  # [P] pairs
-        d_ap = d[a_idx, p_idx]  # [P]
-        d_an = d[a_idx]  # [P, N]
-        negs = neg[a_idx]  # [P, N]
-        farther = negs & (d_an > d_ap[:, None])
-        semi = torch.where(farther, d_an, inf).argmin(dim=1)
-        hardest_far = torch.where(negs, d_an, -inf).argmax(dim=1)
-        n_idx = torch.where(farther.any(dim=1), semi, hardest_far)
-    return dist[a_idx, p_idx], dist[a_idx, n_idx]
 
 
 class ContrastiveConfig(AuxLossConfig):
@@ -196,7 +142,7 @@ class TripletLoss(AuxLoss):
     def forward(self, ctx: MarginContext) -> torch.Tensor:
         emb = ctx.require("normalized", "triplet")
         labels = ctx.require("labels", "triplet")
-        d_ap, d_an = _mine(self.distances(emb), labels, self.mining)
+        d_ap, d_an = mine_pairs(self.distances(emb), labels, self.mining)
         if d_ap.numel() == 0:
             return ctx.replicated(_zero_like_graph(emb))
         value = (d_ap - d_an + self.margin).clamp(min=0.0).mean()
@@ -390,36 +336,3 @@ class InterLoss(AuxLoss):
             )  # pairs on this rank
             all_reduce_inplace(count, "sum", ctx.group)
         return -ctx.sharded_sum(total) / (math.pi * count.clamp(min=1.0).to(ang.dtype)[0])
-
-
-AuxLosses = aux_losses_model()
-"""A head's ``aux`` section: one optional field per loss registered above."""
-
-
-def aux_loss_names() -> list[str]:
-    """Names of the registered auxiliary losses (the keys of ``aux``), sorted."""
-    return [entry.name for entry in registered_aux_losses()]
-
-
-def build_aux_loss(config: AuxLossConfig | str, **kwargs: Any) -> AuxLoss:
-    """Build an auxiliary loss from its config, or from a name and the config's fields
-    (validated by the model; its defaults apply). ``weight`` is the caller's business
-    (``MarginHead.add_aux_loss``).
-
-    Raises:
-        ValueError: unknown name (the known ones listed), or a bad field (named).
-    """
-    if isinstance(config, str):
-        entry = aux_loss_entry(config)
-        if entry is None:
-            raise ValueError(f"unknown auxiliary loss {config!r}; known: {aux_loss_names()}")
-        try:
-            config = entry.config.model_validate(kwargs)
-        except ValidationError as exc:
-            raise ValueError(f"auxiliary loss {entry.name!r}: {describe_errors(exc)}") from None
-    elif kwargs:
-        raise ValueError("build_aux_loss: give a config or a name with fields, not both")
-    for entry in registered_aux_losses():
-        if type(config) is entry.config:
-            return entry.loss(config)
-    raise ValueError(f"{type(config).__name__} is not a registered auxiliary loss config")

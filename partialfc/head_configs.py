@@ -1,5 +1,5 @@
 """Head configs: ``HeadConfig``, the base of every head's config (its ``name`` and ``aux``
-section), and the configs of the combined-margin family that ``CombinedMargin``
+section, ``AuxLosses``), and the configs of the combined-margin family that ``CombinedMargin``
 (``partialfc.margins``) is built from: NormFace, ArcFace, CosFace, the general combined
 margin, the arccos SphereFace and ArcFace with inter-class filtering.
 
@@ -16,12 +16,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from partialfc.aux_losses import AuxLosses
-from partialfc.specs import DEFAULT_EPS, SpecModel
+# Imported for its @register_aux_loss decorators: AuxLosses has a field per registered loss.
+from partialfc import aux_losses  # noqa: F401
+from partialfc.specs import DEFAULT_EPS, SpecModel, aux_losses_model
 
 __all__ = [
     "FALLBACKS",
     "ArcFaceConfig",
+    "AuxLosses",
     "CombinedConfig",
     "CombinedFormConfig",
     "CosFaceConfig",
@@ -34,6 +36,10 @@ __all__ = [
 Fallback = Literal["auto", "thmm", "easy", "psi", "none"]
 FALLBACKS: tuple[str, ...] = typing.get_args(Fallback)
 """What the target logit does where ``m1 * theta + m2`` passes pi (see ``CombinedFormConfig``)."""
+
+
+AuxLosses = aux_losses_model()
+"""A head's ``aux`` section: one optional field per loss of ``partialfc.aux_losses``."""
 
 
 class HeadConfig(SpecModel):

@@ -1,5 +1,5 @@
-"""Names -> margin heads: the union of every registered head's config, and how configs build
-heads.
+"""Names -> margin heads and auxiliary losses: the union of every registered head's config,
+and how configs build heads (``build_margin``) and auxiliary losses (``build_aux_loss``).
 
 Importing this module imports every module that defines heads, so each ``@register_head`` has
 run; ``MarginConfig`` is then the discriminated union (on ``name``) of the registered config
@@ -25,10 +25,12 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 # Imported for their @register_head decorators (and the heads they define).
 from partialfc import adaptive_heads, heads, negative_heads  # noqa: F401
-from partialfc.aux_losses import aux_loss_names, build_aux_loss
+from partialfc.aux_losses import AuxLoss
 from partialfc.head_configs import ArcFaceConfig, HeadConfig
 from partialfc.margins import MarginHead
 from partialfc.specs import (
+    AuxLossConfig,
+    aux_loss_entry,
     describe_errors,
     head_entry,
     registered_aux_losses,
@@ -38,7 +40,9 @@ from partialfc.specs import (
 __all__ = [
     "ALIASES",
     "MarginConfig",
+    "aux_loss_names",
     "aux_losses_markdown",
+    "build_aux_loss",
     "build_margin",
     "default_margin",
     "describe_head",
@@ -140,6 +144,35 @@ def build_margin(config: HeadConfig | str, **fields: Any) -> MarginHead:
     for aux_name, aux in config.aux_configs().items():
         head.add_aux_loss(aux_name, build_aux_loss(aux), aux.weight)
     return head
+
+
+def aux_loss_names() -> list[str]:
+    """Names of the registered auxiliary losses (the keys of ``aux``), sorted."""
+    return [entry.name for entry in registered_aux_losses()]
+
+
+def build_aux_loss(config: AuxLossConfig | str, **kwargs: Any) -> AuxLoss:
+    """Build an auxiliary loss from its config, or from a name and the config's fields
+    (validated by the model; its defaults apply). ``weight`` is the caller's business
+    (``MarginHead.add_aux_loss``).
+
+    Raises:
+        ValueError: unknown name (the known ones listed), or a bad field (named).
+    """
+    if isinstance(config, str):
+        entry = aux_loss_entry(config)
+        if entry is None:
+            raise ValueError(f"unknown auxiliary loss {config!r}; known: {aux_loss_names()}")
+        try:
+            config = entry.config.model_validate(kwargs)
+        except ValidationError as exc:
+            raise ValueError(f"auxiliary loss {entry.name!r}: {describe_errors(exc)}") from None
+    elif kwargs:
+        raise ValueError("build_aux_loss: give a config or a name with fields, not both")
+    for entry in registered_aux_losses():
+        if type(config) is entry.config:
+            return entry.loss(config)
+    raise ValueError(f"{type(config).__name__} is not a registered auxiliary loss config")
 
 
 def _text(doc: str | None) -> str:
