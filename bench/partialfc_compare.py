@@ -20,7 +20,8 @@ shared machine. Reported per implementation: the median step time, the median of
 per-pair ratios to the bare products, and its ratio to arcface_torch's median step.
 
 Peak memory is measured for each implementation in processes of its own (peak resident set
-during two steps minus the resident size before the module was built), next to the state
+during two steps minus the resident size before the module was built, after a tiny run of
+the same implementation), next to the state
 that any implementation must hold: shard weights + momentum + gradient rows.
 
     .venv/bin/python bench/partialfc_compare.py --anchor-dir ../shared/anchors/arcface_torch
@@ -139,7 +140,16 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
 
 
 def _memory(cfg: dict[str, Any], rank: int, emb: Any, labels: Any) -> dict[str, Any]:
-    """Peak resident memory of two steps of one implementation, above the start."""
+    """Peak resident memory of two steps of one implementation, above the start.
+
+    As in partialfc_bench, a tiny run of the same implementation comes first, so that the
+    code pages, thread pools and allocator arenas a step touches once are resident before
+    the baseline is taken (they are not the classifier's memory)."""
+    world = cfg["world"]
+    tiny = _Impl(cfg["impl"], {**cfg, "classes": 64 * world}, rank)
+    tiny.step(emb, labels % (64 * world))
+    del tiny
+    emb.grad = None
     gc.collect()
     base = pb._proc_status("VmRSS")
     if not pb._reset_peak_rss():

@@ -80,10 +80,17 @@ def check_batch(
             raise ValueError(f"labels must be in [0, num_classes={num_classes}), got {bad}")
 
 
-def check_group(group: ProcessGroup | None, rank: int, world_size: int) -> None:
+def check_group(
+    group: ProcessGroup | None, rank: int, world_size: int, required: bool = False
+) -> None:
     """With a live process group, rank/world_size must be the group's; checked lazily
-    (at forward) when the module is built before the group exists."""
+    (at forward) when the module is built before the group exists. ``required``: a
+    world_size > 1 without an initialised process group is an error too."""
     if not (dist.is_available() and dist.is_initialized()):
+        if required and world_size > 1:
+            raise RuntimeError(
+                f"PartialFC with world_size={world_size} needs an initialised process group"
+            )
         return
     g_world, g_rank = get_world_size(group), get_rank(group)
     if (g_rank, g_world) != (rank, world_size):

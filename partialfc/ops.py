@@ -3,6 +3,9 @@
 - ``gather_rows``: the sampled rows of the shard with a row-sparse gradient (only the rows
   that took part get a gradient, so the optimizer updates exactly those: the "sampled"
   update semantics), or a dense one.
+- ``normalized_cosine``: the cosines of normalised embeddings with the shard's rows,
+  normalised on the fly (the row norms scale the product's columns: no normalised copy of
+  the rows is made).
 - ``distributed_cross_entropy``: softmax cross-entropy whose classes are sharded over ranks
   (all-reduce of the row maxima, then of the sums).
 
@@ -17,7 +20,7 @@ import torch
 
 from partialfc.collectives import ProcessGroup, all_reduce_inplace
 
-__all__ = ["NORM_EPS", "distributed_cross_entropy", "gather_rows"]
+__all__ = ["NORM_EPS", "distributed_cross_entropy", "gather_rows", "normalized_cosine"]
 
 NORM_EPS = 1e-12
 """Smallest norm used to normalise a row (as ``F.normalize``): a zero row gives zero cosines."""
@@ -65,6 +68,74 @@ def gather_rows(
     is ever built. ``unique=True`` promises sorted, duplicate-free indices (skips coalescing).
     """
     return _GatherRows.apply(source, index, sparse, unique)
+
+
+class _NormalizedCosine(torch.autograd.Function):
+    """``cos = x @ w.T / |w|`` and its targets; see ``normalized_cosine`` for the maths.
+
+    Written by hand (not ``x @ F.normalize(w).T`` under autograd) for memory: ``F.normalize``
+    makes a normalised copy of the rows [S, D] and its backward two more [S, D] temporaries,
+    where this function keeps the rows as they are and needs one [N, S] temporary; at
+    sample_rate 1 the rows are the whole shard, as large as the weights themselves.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_hat: torch.Tensor,
+        w: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        mm_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out_dtype = x_hat.dtype
+        norms = torch.linalg.vector_norm(w.to(out_dtype), dim=1)  # [S]
+        inv = norms.clamp_min(NORM_EPS).reciprocal_()  # [S]
+        w_mm = w.to(mm_dtype)  # w itself unless the product runs in a narrower dtype
+        x_mm = x_hat.to(mm_dtype)
+        cos = (x_mm @ w_mm.T).to(out_dtype).mul_(inv)  # [N, S]
+        # The targets' cosines exactly in the output dtype, whatever the product's.
+        target_cos = (x_hat[rows] * w[cols].to(out_dtype)).sum(dim=1) * inv[cols]  # [R]
+        # d|w|/dw is zero where the norm was clamped (as for F.normalize's clamp_min).
+        ctx.save_for_backward(x_mm, w_mm, inv, norms >= NORM_EPS, cos, rows, cols)
+        return cos, target_cos
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_cos: torch.Tensor, grad_target: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        x_mm, w_mm, inv, unclamped, cos, rows, cols = ctx.saved_tensors
+        # The target cosines are entries of cos computed exactly: their gradient joins it.
+        g = grad_cos * inv  # [N, S], G / |w| column by column (new tensor)
+        g.index_put_((rows, cols), grad_target * inv[cols], accumulate=True)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g.to(x_mm.dtype) @ w_mm).to(cos.dtype)  # [N, D]
+        if ctx.needs_input_grad[1]:
+            # d cos_ij / d w_j = x_i / |w_j| - cos_ij w_j / |w_j|^2
+            radial = (g * cos).sum(dim=0).mul_(inv).mul_(unclamped)  # [S]
+            grad_w = (g.to(x_mm.dtype).T @ x_mm).to(cos.dtype)  # [S, D]
+            grad_w.addcmul_(w_mm.to(cos.dtype), radial[:, None], value=-1.0)
+        return grad_x, grad_w, None, None, None
+
+
+def normalized_cosine(
+    x_hat: torch.Tensor,
+    w: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    mm_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines of unit rows ``x_hat`` [N, D] with the rows of ``w`` [S, D], normalised here.
+
+    Returns ``cos`` [N, S] with ``cos_ij = x_i . w_j / max(|w_j|, NORM_EPS)`` (the product in
+    ``mm_dtype``, default ``x_hat``'s dtype; the result in ``x_hat``'s dtype) and the targets'
+    cosines ``cos[rows, cols]`` [R], computed exactly in ``x_hat``'s dtype whatever the
+    product's. Both are differentiable in ``x_hat`` and ``w``:
+    ``d cos_ij / d w_j = x_i / |w_j| - cos_ij w_j / |w_j|^2``.
+    """
+    return _NormalizedCosine.apply(x_hat, w, rows, cols, mm_dtype or x_hat.dtype)
 
 
 class _DistSoftmaxCE(torch.autograd.Function):

@@ -9,6 +9,7 @@ sampled index). One step, for every rank r (``PartialFC.forward``)::
       -> all-gather (embeddings with grad, labels)                     -> [N, D], [N]
       -> sampled index of the shard (positives + random negatives)     -> [S]
       -> cos = normalize(emb) @ normalize(W_r[sampled]).T              -> [N, S]
+         (normalized_cosine: the rows' norms scale the product, no normalised copy)
       -> margin head -> logits                                         -> [N, S]
       -> distributed softmax cross-entropy (all-reduce max / sum)      -> loss (same on all ranks)
       -> + head regulariser + weighted auxiliary losses
@@ -21,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,17 +30,16 @@ from partialfc.collectives import (
     ProcessGroup,
     all_gather_no_grad,
     all_gather_with_grad,
-    all_reduce_inplace,
     gather_sizes,
     get_world_size,
 )
 from partialfc.context import MarginContext, ShardSpec
 from partialfc.margins import MarginHead
-from partialfc.ops import NORM_EPS, distributed_cross_entropy, gather_rows
+from partialfc.ops import NORM_EPS, distributed_cross_entropy, gather_rows, normalized_cosine
 from partialfc.optim import DEFAULT_CHUNK_ELEMENTS, ShardOptimizer, clip_grad_norm_
 from partialfc.partition import class_range
 from partialfc.sampling import init_class_centers, mixed_seed, sample_columns
-from partialfc.stats import StepStats, angle_stats, hardest_negative, negative_angle_sums
+from partialfc.stats import StepStats, cosine_angle_stats
 
 __all__ = ["UPDATE_MODES", "PartialFC"]
 
@@ -69,17 +68,14 @@ class PartialFC(nn.Module):
             Margins and the softmax always run in float32 or wider.
         device: where the shard lives (initial values are generated on CPU, then moved).
         update: ``"dense"`` or ``"sampled"``: what happens to rows that were not sampled.
-            ``"dense"``: ``weight.grad`` is dense with zero rows, so momentum and weight decay
-            of an ordinary ``torch.optim`` optimizer keep moving every row every step.
-            ``"sampled"``: ``weight.grad`` (and every per-class head parameter's) is row-sparse
-            and the optimizer from ``build_optimizer`` updates only the sampled rows; an
-            unsampled row is frozen for that step (weights and optimizer state). **Chosen
-            default for sample_rate < 1: "sampled"** (measured in BENCHMARKS.md, "Partial
-            FC": the dense update costs a full pass over the shard's weights, gradient and
-            optimizer state every step, several times the sampled matrix products at
-            sample_rate 0.1, and keeps shrinking/moving rows whose gradient was not even
-            computed). The constructor default stays "dense" only because it works with any
-            optimizer; at sample_rate = 1 the two are the same update.
+            ``"dense"``: ``weight.grad`` is dense with zero rows, so an ordinary
+            ``torch.optim`` optimizer's momentum and weight decay move every row every step.
+            ``"sampled"``: ``weight.grad`` (and every per-class head parameter's) is
+            row-sparse and ``build_optimizer``'s optimizer moves only the sampled rows
+            (weights and state). The trainer's default for sample_rate < 1 (measured in
+            BENCHMARKS.md: the dense update costs a pass over the shard and its state every
+            step); "dense" is the constructor's default only because any optimizer takes it.
+            At sample_rate 1 the two are the same update.
         stats_columns: columns per rank used to estimate the mean negative angle.
         hist_size: at most this many target angles in ``stats.angles.target_angles_deg``.
 
@@ -222,12 +218,7 @@ class PartialFC(nn.Module):
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         check_batch(embeddings, labels, self.embedding_size, self.num_classes)
         if self.world_size > 1:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError(
-                    f"PartialFC with world_size={self.world_size} needs an initialised "
-                    "process group"
-                )
-            check_group(self.group, self.rank, self.world_size)
+            check_group(self.group, self.rank, self.world_size, required=True)
 
     def _sample(
         self, local_labels: torch.Tensor, is_local: torch.Tensor
@@ -379,20 +370,17 @@ class PartialFC(nn.Module):
             row_index = (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
         w = self.weight if index is None else self._gather(self.weight, row_index)  # [S*K, D]
         w = w.to(x_hat.dtype)
-        w_norm = torch.linalg.vector_norm(w, dim=1)  # [S*K]
-        w_hat = F.normalize(w, dim=1, eps=NORM_EPS)  # [S*K, D]
-        cos = (x_hat.to(mm_dtype) @ w_hat.to(mm_dtype).T).to(x_hat.dtype)  # [N, S*K]
         if k > 1:
+            cos, _ = normalized_cosine(x_hat, w, ctx.rows[:0], ctx.cols[:0], mm_dtype)
             cos = head.pool(cos)  # type: ignore[attr-defined]  # [N, S]
-        else:
-            ctx.weight_norms = w_norm
-            ctx.target_centers_fn = lambda: w_hat[ctx.cols]
-            ctx.sampled_centers_fn = lambda: w_hat
-        ctx.cos = cos
-        if k == 1:  # exact in the output dtype, whatever the product's (the margin needs it)
-            ctx.target_cos = (x_hat[ctx.rows] * w_hat[ctx.cols]).sum(dim=1)  # [R]
-        else:
             ctx.target_cos = cos[ctx.rows, ctx.cols]  # [R], pooled over the sub-centres
+        else:  # the targets' cosines exact in the output dtype (the margin needs them)
+            cos, ctx.target_cos = normalized_cosine(x_hat, w, ctx.rows, ctx.cols, mm_dtype)
+            if head.needs_weight_norms:
+                ctx.weight_norms = torch.linalg.vector_norm(w, dim=1)  # [S]
+            ctx.target_centers_fn = lambda: F.normalize(w[ctx.cols], dim=1, eps=NORM_EPS)
+            ctx.sampled_centers_fn = lambda: F.normalize(w, dim=1, eps=NORM_EPS)
+        ctx.cos = cos  # [N, S]
         if head.needs_bias:
             bias = head.bias  # type: ignore[attr-defined]
             ctx.bias = bias if index is None else self._gather(bias, index)
@@ -402,12 +390,10 @@ class PartialFC(nn.Module):
         loss_ce = distributed_cross_entropy(logits, ctx.target, self.group)
         stats = StepStats({"ce": loss_ce.detach()}, None, int(self.last_sampled_global.numel()))
         total = self._add_extra_terms(head, ctx, loss_ce, stats)
-        with torch.no_grad():
-            cos = cos.detach()
-            hardest_cos = hardest_negative(cos, ctx.target, self.group)  # [N]
-            neg = negative_angle_sums(cos, ctx.target, 1.0, self.stats_columns)
-            all_reduce_inplace(neg, "sum", self.group)
-            stats.angles = angle_stats(*ctx.global_target_cos(), hardest_cos, neg, self.hist_size)
+        stats.angles = cosine_angle_stats(
+            cos.detach(), ctx.target, ctx.global_target_cos(), self.group,
+            self.stats_columns, self.hist_size,
+        )  # fmt: skip
         return total, stats
 
     def _add_extra_terms(

@@ -11,7 +11,14 @@ import torch
 
 from partialfc.collectives import ProcessGroup, all_reduce_inplace
 
-__all__ = ["AngleStats", "StepStats", "angle_stats", "hardest_negative", "negative_angle_sums"]
+__all__ = [
+    "AngleStats",
+    "StepStats",
+    "angle_stats",
+    "cosine_angle_stats",
+    "hardest_negative",
+    "negative_angle_sums",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +147,20 @@ def angle_stats(
         negative_angle_mean_deg=neg_sums[0] / neg_sums[1],  # 0/0 = NaN: no negative
         target_angles_deg=target_deg[::stride].clone(),
     )
+
+
+@torch.no_grad()
+def cosine_angle_stats(
+    cos: torch.Tensor,
+    target: torch.Tensor,
+    global_target_cos: tuple[torch.Tensor, torch.Tensor],
+    group: ProcessGroup | None,
+    max_columns: int,
+    hist_size: int,
+) -> AngleStats:
+    """The plain core's angle statistics from this rank's cosines ``cos`` [N, S] and target
+    columns ``target`` [N] (-1: elsewhere); ``global_target_cos`` is
+    ``MarginContext.global_target_cos()``. Collective: two small all-reduces."""
+    hardest_cos = hardest_negative(cos, target, group)  # [N]
+    neg = all_reduce_inplace(negative_angle_sums(cos, target, 1.0, max_columns), "sum", group)
+    return angle_stats(*global_target_cos, hardest_cos, neg, hist_size)
