@@ -1,6 +1,11 @@
 """PartialFC in one process: exactness against a plain softmax, gradcheck of the fused and
 generic kernels, sampling, initialisation, mixed precision, workspace safety, bad input.
 
+Every test of behaviour the two backends share runs on both, the plain core and cpu_fused
+(the ``backend`` fixture); the tests of the fast backend's internals (its workspace buffers,
+kernels, the logits kept in the gradient buffer) build ``"cpu_fused"`` by name and say so.
+There is no default backend here (``_backends.build``), so a new test names the one it runs.
+
 Multi-process tests (every head, W = 2, 3, 4) are in ``test_partialfc_dist.py``.
 """
 
@@ -9,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _backends import partial_fc
+from _backends import BACKENDS, build
 
 from partialfc import (
     PartialFC,
@@ -31,6 +36,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The Partial FC backend under test: each test that takes it runs on both."""
+    return request.param
 
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -142,13 +153,16 @@ def test_collectives_are_identities_without_group() -> None:
         ("combined", {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}),
     ],
 )
-@pytest.mark.parametrize(("fused", "low_memory"), [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    ("backend", "low_memory"),  # low_memory: cpu_fused's workspace, nothing to the plain core
+    [("plain", True), ("cpu_fused", True), ("cpu_fused", False)],
+)
 def test_single_process_matches_reference(
-    name: str, kwargs: dict, fused: bool, low_memory: bool
+    name: str, kwargs: dict, backend: str, low_memory: bool
 ) -> None:
     margin = build_margin(name, **kwargs)
     weight, x, labels = make_problem(11, [12], seed=1)
-    pfc = partial_fc(margin, D, 11, 1.0, rank=0, world_size=1, fused=fused, low_memory=low_memory)
+    pfc = build(backend, margin, D, 11, 1.0, rank=0, world_size=1, low_memory=low_memory)
     with torch.no_grad():
         pfc.weight.copy_(weight)
     e = x.clone().requires_grad_(True)
@@ -178,21 +192,21 @@ def test_distributed_cross_entropy_equals_torch_without_group() -> None:
 
 
 GRADCHECK_HEADS = [
-    ("arcface", {"s": 8.0}, True),
-    ("cosface", {"s": 8.0}, True),
-    ("combined", {"s": 8.0, "m1": 1.35, "m2": 0.1, "m3": 0.05}, True),
-    ("magface", {"s": 8.0, "l_a": 0.5, "u_a": 3.0}, True),
-    ("adaface", {"s": 8.0}, True),
-    ("arcface", {"s": 8.0}, False),
-    ("sphereface", {"s": 4.0}, False),
-    ("curricularface", {"s": 8.0}, False),
-    ("subcenter_arcface", {"s": 8.0, "k": 2}, False),
+    ("arcface", {"s": 8.0}),
+    ("cosface", {"s": 8.0}),
+    ("combined", {"s": 8.0, "m1": 1.35, "m2": 0.1, "m3": 0.05}),
+    ("magface", {"s": 8.0, "l_a": 0.5, "u_a": 3.0}),
+    ("adaface", {"s": 8.0}),
+    ("sphereface", {"s": 4.0}),
+    ("curricularface", {"s": 8.0}),
+    ("subcenter_arcface", {"s": 8.0, "k": 2}),
 ]
 
 
-@pytest.mark.parametrize(("name", "kwargs", "fused"), GRADCHECK_HEADS)
-def test_partialfc_gradcheck_float64(name: str, kwargs: dict, fused: bool) -> None:
-    """Fused and generic kernels against finite differences, wrt embeddings and class centres,
+@pytest.mark.parametrize(("name", "kwargs"), GRADCHECK_HEADS)
+def test_partialfc_gradcheck_float64(name: str, kwargs: dict, backend: str) -> None:
+    """Both backends against finite differences (cpu_fused takes its fused kernels for the
+    first five heads, the plain core's path for the rest), wrt embeddings and class centres,
     with target angles near 0 and near pi (theta + m > pi) in the batch."""
     head = build_margin(name, **kwargs)
     k = head.num_subcenters
@@ -204,9 +218,8 @@ def test_partialfc_gradcheck_float64(name: str, kwargs: dict, fused: bool) -> No
     x[0] = 1.7 * centre[0] + 1e-3 * x[0]  # theta ~ 0
     x[1] = -2.3 * centre[1] + 1e-3 * x[1]  # theta ~ pi
     x[2] = -1.1 * centre[2] + 0.2 * x[2]  # theta + 0.5 > pi
-    pfc = partial_fc(
-        head, D, num_classes, 1.0, 0, 1, fused=fused, low_memory=False, update="dense"
-    ).double()
+    pfc = build(backend, head, D, num_classes, 1.0, 0, 1, low_memory=False, update="dense")
+    pfc = pfc.double()
     pfc.eval()  # stateful heads must not move between the gradcheck evaluations
     with torch.no_grad():
         pfc.weight.copy_(weight.double())
@@ -222,8 +235,10 @@ def test_partialfc_gradcheck_float64(name: str, kwargs: dict, fused: bool) -> No
 
 
 def test_low_memory_backward_is_guarded() -> None:
+    """cpu_fused only: its low_memory workspace (reused buffers a second backward or forward
+    would overwrite); the plain core keeps no such buffers."""
     weight, x, labels = make_problem(9, [6 + D], seed=3)
-    pfc = partial_fc(build_margin("arcface"), D, 9, 1.0, 0, 1, low_memory=True)
+    pfc = build("cpu_fused", build_margin("arcface"), D, 9, 1.0, 0, 1, low_memory=True)
     e = x.clone().requires_grad_(True)
     loss, _ = pfc(e, labels)
     loss.backward(retain_graph=True)
@@ -238,7 +253,7 @@ def test_low_memory_backward_is_guarded() -> None:
     # the same graph fails loudly instead of reading the gradient as rows or logits.
     for rate, rows in ((0.5, len(labels)), (1.0, 6)):
         e.grad = None
-        one_pass = partial_fc(build_margin("arcface"), D, 9, rate, 0, 1, low_memory=True)
+        one_pass = build("cpu_fused", build_margin("arcface"), D, 9, rate, 0, 1, low_memory=True)
         loss, _ = one_pass(e[:rows], labels[:rows])
         loss.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -257,11 +272,11 @@ def test_low_memory_backward_is_guarded() -> None:
     assert pfc.workspace is not None and pfc.workspace.nbytes() > 0
 
 
-def test_variable_batch_size_and_stats() -> None:
+def test_variable_batch_size_and_stats(backend: str) -> None:
     """The last batch of an epoch is smaller; every step matches the reference."""
     margin = build_margin("arcface")
     weight, x, labels = make_problem(13, [10], seed=8)
-    pfc = partial_fc(margin, D, 13, 1.0, 0, 1, hist_size=4)
+    pfc = build(backend, margin, D, 13, 1.0, 0, 1, hist_size=4)
     with torch.no_grad():
         pfc.weight.copy_(weight)
     for n in (10, 3, 10):
@@ -284,38 +299,40 @@ def test_variable_batch_size_and_stats() -> None:
     assert int(pfc.num_steps) == 3  # evaluation does not advance the step
 
 
-def test_init_identical_for_every_world_size() -> None:
+def test_init_identical_for_every_world_size(backend: str) -> None:
     num_classes = 3000  # spans several INIT_BLOCK_ROWS blocks
-    full = partial_fc(build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=7).weight.detach()
+    full = build(backend, build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=7).weight
+    full = full.detach()
     assert full.shape == (num_classes, D)
     assert abs(full.std().item() - 0.01) < 5e-4
     torch.testing.assert_close(full, init_class_centers(0, num_classes, D, seed=7, std=0.01))
     for world in (2, 3, 8):
         shards = [
-            partial_fc(build_margin("arcface"), D, num_classes, 1.0, r, world, seed=7).weight
+            build(backend, build_margin("arcface"), D, num_classes, 1.0, r, world, seed=7).weight
             for r in range(world)
         ]
         assert torch.equal(torch.cat([s.detach() for s in shards]), full)
-    other = partial_fc(build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=8).weight
+    other = build(backend, build_margin("arcface"), D, num_classes, 1.0, 0, 1, seed=8).weight
     assert not torch.equal(other.detach(), full)
     # Sub-centres: row class * K + k, the same matrix for every world size too.
-    sub = partial_fc(build_margin("subcenter_arcface", k=3), D, 1001, 1.0, 0, 1, seed=7).weight
+    head = build_margin("subcenter_arcface", k=3)
+    sub = build(backend, head, D, 1001, 1.0, 0, 1, seed=7).weight
     assert sub.shape == (3003, D)
     shards = [
-        partial_fc(build_margin("subcenter_arcface", k=3), D, 1001, 1.0, r, 3, seed=7).weight
+        build(backend, build_margin("subcenter_arcface", k=3), D, 1001, 1.0, r, 3, seed=7).weight
         for r in range(3)
     ]
     assert torch.equal(torch.cat([s.detach() for s in shards]), sub.detach())
 
 
-def test_sampling_single_process() -> None:
+def test_sampling_single_process(backend: str) -> None:
     num_classes, rate = 60, 0.25
     margin = build_margin("arcface")
     weight, x, labels = make_problem(num_classes, [10], seed=4)
     positives = labels.unique()
 
     def run(seed: int, steps: int) -> list[torch.Tensor]:
-        pfc = partial_fc(margin, D, num_classes, rate, rank=0, world_size=1, seed=seed)
+        pfc = build(backend, margin, D, num_classes, rate, rank=0, world_size=1, seed=seed)
         with torch.no_grad():
             pfc.weight.copy_(weight)
         sampled = []
@@ -347,35 +364,31 @@ def test_sampling_single_process() -> None:
     assert not torch.equal(first[0], other[0])
 
 
-def test_sampling_keeps_all_positives_when_they_exceed_the_rate() -> None:
+def test_sampling_keeps_all_positives_when_they_exceed_the_rate(backend: str) -> None:
     weight, x, labels = make_problem(20, [16], seed=5)
     labels = torch.arange(16)  # 16 positives > round(0.1 * 20) = 2
-    pfc = partial_fc(build_margin("cosface"), D, 20, 0.1, rank=0, world_size=1)
+    pfc = build(backend, build_margin("cosface"), D, 20, 0.1, rank=0, world_size=1)
     _, stats = pfc(x, labels)
     assert stats.num_sampled == 16
     assert torch.equal(pfc.last_sampled_global, torch.arange(16))
 
 
-@pytest.mark.parametrize(
-    ("name", "fused"), [("arcface", True), ("arcface", False), ("circleloss", False)]
-)
-def test_autocast_bf16_logits_low_precision_softmax_fp32(name: str, fused: bool) -> None:
+@pytest.mark.parametrize("name", ["arcface", "circleloss"])
+def test_autocast_bf16_logits_low_precision_softmax_fp32(name: str, backend: str) -> None:
     weight, x, labels = make_problem(13, [9], seed=6)
 
-    def build(compute_dtype: torch.dtype | None) -> PartialFC:
-        pfc = partial_fc(
-            build_margin(name), D, 13, 1.0, 0, 1, compute_dtype=compute_dtype, fused=fused
-        )
+    def make(compute_dtype: torch.dtype | None) -> PartialFC:
+        pfc = build(backend, build_margin(name), D, 13, 1.0, 0, 1, compute_dtype=compute_dtype)
         with torch.no_grad():
             pfc.weight.copy_(weight)
         return pfc
 
-    fp32, _ = build(None)(x, labels)
+    fp32, _ = make(None)(x, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         e = x.clone().requires_grad_(True)
-        auto, _ = build(None)(e.bfloat16(), labels)  # a bf16 backbone output
+        auto, _ = make(None)(e.bfloat16(), labels)  # a bf16 backbone output
     auto.backward()
-    explicit, _ = build(torch.bfloat16)(x.bfloat16(), labels)
+    explicit, _ = make(torch.bfloat16)(x.bfloat16(), labels)
     assert auto.dtype == torch.float32
     assert torch.isfinite(auto) and torch.isfinite(e.grad).all()
     torch.testing.assert_close(auto, explicit, rtol=1e-6, atol=1e-6)  # autocast dtype was used
@@ -384,10 +397,9 @@ def test_autocast_bf16_logits_low_precision_softmax_fp32(name: str, fused: bool)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs a CUDA device")
-@pytest.mark.parametrize("fused", [True, False])
-def test_autocast_fp16_cuda(fused: bool) -> None:
+def test_autocast_fp16_cuda(backend: str) -> None:
     weight, x, labels = make_problem(13, [9], seed=6)
-    pfc = partial_fc(build_margin("arcface"), D, 13, 0.5, 0, 1, device="cuda", fused=fused)
+    pfc = build(backend, build_margin("arcface"), D, 13, 0.5, 0, 1, device="cuda")
     with torch.no_grad():
         pfc.weight.copy_(weight.cuda())
     fp32, _ = pfc(x.cuda(), labels.cuda())
@@ -400,19 +412,19 @@ def test_autocast_fp16_cuda(fused: bool) -> None:
     assert abs(loss.item() - fp32.item()) < 0.05 * abs(fp32.item())
 
 
-def test_partialfc_rejects_bad_input() -> None:
+def test_partialfc_rejects_bad_input(backend: str) -> None:
     margin = build_margin("arcface")
     with pytest.raises(ValueError, match="sample_rate"):
-        partial_fc(margin, D, 10, 0.0, 0, 1)
+        build(backend, margin, D, 10, 0.0, 0, 1)
     with pytest.raises(ValueError, match="sample_rate"):
-        partial_fc(margin, D, 10, 1.5, 0, 1)
+        build(backend, margin, D, 10, 1.5, 0, 1)
     with pytest.raises(ValueError, match="num_classes"):
-        partial_fc(margin, D, 2, 1.0, 0, 3)
+        build(backend, margin, D, 2, 1.0, 0, 3)
     with pytest.raises(ValueError, match="rank"):
-        partial_fc(margin, D, 10, 1.0, 3, 3)
+        build(backend, margin, D, 10, 1.0, 3, 3)
     with pytest.raises(ValueError, match="embedding_size"):
-        partial_fc(margin, 0, 10, 1.0, 0, 1)
-    pfc = partial_fc(margin, D, 10, 1.0, 0, 1)
+        build(backend, margin, 0, 10, 1.0, 0, 1)
+    pfc = build(backend, margin, D, 10, 1.0, 0, 1)
     x = torch.randn(4, D)
     with pytest.raises(ValueError, match=r"labels.*got 10"):
         pfc(x, torch.tensor([0, 1, 10, 2]))
@@ -424,15 +436,15 @@ def test_partialfc_rejects_bad_input() -> None:
         pfc(x, torch.tensor([0.0, 1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="embeddings"):
         pfc(torch.randn(4, D + 1), torch.tensor([0, 1, 2, 3]))
-    sharded = partial_fc(margin, D, 10, 1.0, 0, 2)
+    sharded = build(backend, margin, D, 10, 1.0, 0, 2)
     with pytest.raises(RuntimeError, match="process group"):
         sharded(x, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="update"):
-        partial_fc(margin, D, 10, 1.0, 0, 1, update="lazy")
+        build(backend, margin, D, 10, 1.0, 0, 1, update="lazy")
     with pytest.raises(ValueError, match="MarginHead"):
-        partial_fc(torch.nn.Identity(), D, 10, 1.0, 0, 1)
+        build(backend, torch.nn.Identity(), D, 10, 1.0, 0, 1)
     with pytest.raises(ValueError, match="stats_columns"):
-        partial_fc(margin, D, 10, 1.0, 0, 1, stats_columns=0)
+        build(backend, margin, D, 10, 1.0, 0, 1, stats_columns=0)
 
 
 @pytest.mark.parametrize(
@@ -452,13 +464,16 @@ def test_largest_sorted_is_the_sorted_top_k(n: int, k: int, num_pos: int) -> Non
 
 @pytest.mark.parametrize("update", ["sampled", "dense"])
 @pytest.mark.parametrize("rate", [1.0, 0.5])
-def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str, rate: float) -> None:
-    """The centres' gradient lives in a workspace buffer reused across steps (at rate < 1 the
-    gathered rows' buffer): accumulating two backwards must sum them, and a cleared gradient
-    the caller still holds must stay intact. (Accumulation itself may update ``.grad`` in
-    place: torch's own semantics.)"""
+def test_reused_gradient_buffer_never_overwrites_a_held_gradient(
+    update: str, rate: float, backend: str
+) -> None:
+    """Accumulating two backwards sums them, and a cleared gradient the caller still holds
+    stays intact, on both backends. cpu_fused keeps the centres' gradient in a workspace
+    buffer reused across steps (at rate < 1 the gathered rows' buffer): the checks of that
+    reuse are its alone. (Accumulation itself may update ``.grad`` in place: torch's own
+    semantics.)"""
     torch.manual_seed(0)
-    pfc = partial_fc(build_margin("arcface"), 16, 40, rate, 0, 1, update=update)
+    pfc = build(backend, build_margin("arcface"), 16, 40, rate, 0, 1, update=update)
     x1, x2 = torch.randn(6, 16), torch.randn(6, 16)
     y1, y2 = torch.randint(0, 40, (6,)), torch.randint(0, 40, (6,))
     draws = {}  # the same sampled rows every time a batch comes back
@@ -484,6 +499,8 @@ def test_reused_gradient_buffer_never_overwrites_a_held_gradient(update: str, ra
     backward(x1, y1, 1)
     assert torch.equal(kept.to_dense(), kept_before)
     torch.testing.assert_close(pfc.weight.grad.to_dense(), g1, rtol=1e-5, atol=1e-6)
+    if backend == "plain":
+        return  # no workspace
     # With nothing holding the last gradient, the next step reuses the same buffer: the
     # gathered rows' (rate < 1) or the gradient's, which at rate 1 (N <= 3D/4) also holds the
     # logits (no separate logits buffer).
@@ -503,22 +520,22 @@ def test_logits_in_the_gradient_buffer_match_the_generic_path(batch: int) -> Non
     centres' gradient buffer, which the backward fills block by block (here two blocks and a
     copied rest at N = 16, more at N = 40; N = 56 > 48 takes the separate logits buffer):
     loss and gradients equal the generic autograd path (1e-5) and are as close to a float64
-    run of it, and the gradient is that buffer."""
+    run of it, and the gradient is that buffer. cpu_fused's internals, with the plain core
+    (float32 and float64) as the reference."""
     d, classes = 64, 3000
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, d, generator=gen)
     labels = torch.randint(0, classes, (batch,), generator=gen)
     results = []
-    for fused, dtype in ((True, torch.float32), (False, torch.float32), (False, torch.float64)):
+    runs = (("cpu_fused", torch.float32), ("plain", torch.float32), ("plain", torch.float64))
+    for backend, dtype in runs:
         torch.manual_seed(0)
-        pfc = partial_fc(
-            build_margin("arcface"), d, classes, 1.0, 0, 1, fused=fused, low_memory=fused
-        ).to(dtype)
+        pfc = build(backend, build_margin("arcface"), d, classes, 1.0, 0, 1).to(dtype)
         e = x.clone().to(dtype).requires_grad_(True)
         loss, _ = pfc(e, labels)
         loss.backward()
         results.append((loss.detach(), e.grad, pfc.weight.grad))
-        if fused:
+        if backend == "cpu_fused":
             assert pfc.workspace is not None
             buffers = pfc.workspace._buffers
             in_grad = 4 * batch <= 3 * d
@@ -586,14 +603,15 @@ def test_normalize_rows_matches_autograd_of_the_plain_expression() -> None:
 
 def test_fused_forward_without_grad_skips_the_backward_product(monkeypatch) -> None:
     """Under no_grad the fused softmax computes no E @ B for a backward that cannot come
-    (custom Functions see needs_input_grad even then); with grad it does, once."""
+    (custom Functions see needs_input_grad even then); with grad it does, once. cpu_fused
+    only: its kernel is what is counted."""
     from partialfc.fast import softmax
 
     calls = []
     real = softmax._exps_times_rows
     monkeypatch.setattr(softmax, "_exps_times_rows", lambda *a: calls.append(1) or real(*a))
     weight, x, labels = make_problem(9, [6], seed=5)
-    pfc = partial_fc(build_margin("arcface"), D, 9, 1.0, 0, 1)
+    pfc = build("cpu_fused", build_margin("arcface"), D, 9, 1.0, 0, 1)
     with torch.no_grad():
         no_grad_loss, _ = pfc(x.clone().requires_grad_(True), labels)
     assert calls == []
@@ -608,9 +626,11 @@ def test_a_held_gradient_keeps_its_buffer_and_the_logits_take_a_fresh_one() -> N
     """Gradient accumulation at rate 1 with the logits in the gradient buffer: the held
     gradient's buffer is never overwritten by the next forward's logits (a fresh gradient
     buffer takes them, and this step's gradient), the accumulated gradient is the sum, and no
-    separate logits buffer is ever made (the one left by a no_grad forward is released)."""
+    separate logits buffer is ever made (the one left by a no_grad forward is released).
+    cpu_fused only: the buffers are its workspace's (the plain core's accumulation is checked
+    by test_reused_gradient_buffer_never_overwrites_a_held_gradient)."""
     torch.manual_seed(0)
-    pfc = partial_fc(build_margin("arcface"), 32, 500, 1.0, 0, 1)
+    pfc = build("cpu_fused", build_margin("arcface"), 32, 500, 1.0, 0, 1)
     e = torch.randn(8, 32, requires_grad=True)
     labels = torch.randint(0, 500, (8,))
     assert pfc.workspace is not None
@@ -636,9 +656,9 @@ def test_backends_agree_under_low_precision_products() -> None:
     sees the same angles; the non-target logits differ only by the products' rounding."""
     weight, x, labels = make_problem(13, [8], seed=4)
     runs = []
-    for fused in (True, False):
-        pfc = partial_fc(
-            build_margin("arcface"), D, 13, 1.0, 0, 1, compute_dtype=torch.bfloat16, fused=fused
+    for backend in ("cpu_fused", "plain"):
+        pfc = build(
+            backend, build_margin("arcface"), D, 13, 1.0, 0, 1, compute_dtype=torch.bfloat16
         )
         with torch.no_grad():
             pfc.weight.copy_(weight)
