@@ -147,8 +147,8 @@ class MarginHead(nn.Module):
         """``scale * cos`` with the target entries replaced by ``target_logits``."""
         cos = ctx.require("cos", type(self).__name__)
         new_t = self.target_logits(ctx, ctx.target_cos)  # [R]
-        # Out-of-place index_put keeps `cos` intact for autograd and for the caller.
-        return (cos * scale).index_put((ctx.rows, ctx.cols), new_t.to(cos.dtype))  # [N, S]
+        # In place on the fresh product (`cos` itself stays intact for the caller).
+        return (cos * scale).index_put_((ctx.rows, ctx.cols), new_t.to(cos.dtype))  # [N, S]
 
     def regularizer(self, ctx: MarginContext) -> torch.Tensor | None:
         """An extra loss term (global value, same on every rank), or None."""
@@ -266,4 +266,4 @@ class CombinedMargin(MarginHead):
             dirty[ctx.rows, ctx.cols] = False  # the target itself is never filtered
         filtered = cos.masked_fill(dirty, 0.0)  # [N, S]
         new_t = self.target_logits(ctx, ctx.target_cos)  # [R]
-        return (filtered * self.s).index_put((ctx.rows, ctx.cols), new_t.to(cos.dtype))
+        return (filtered * self.s).index_put_((ctx.rows, ctx.cols), new_t.to(cos.dtype))
