@@ -18,13 +18,14 @@ optimizer steps.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _backends import partial_fc
+from _backends import BACKENDS, build, partial_fc
 from _dist import run_distributed
 
 from partialfc import (
@@ -310,7 +311,8 @@ def check_heads(
 
 
 def check_stateful_same_for_w1(rank: int, world: int, group: object, single: object) -> None:
-    """Several optimizer steps of stateful heads: W = world equals W = 1 (singleton group)."""
+    """Several optimizer steps of stateful heads: W = world equals W = 1 (singleton group), on
+    both backends."""
     cases = [
         ("curricularface", {}),
         ("adaface", {}),
@@ -323,10 +325,10 @@ def check_stateful_same_for_w1(rank: int, world: int, group: object, single: obj
     lo = sum(batches[:rank])
     hi = lo + batches[rank]
     start, count = class_range(NUM_CLASSES, rank, world)
-    for name, kw in cases:
+    for (name, kw), backend in itertools.product(cases, BACKENDS):
         weight, _, _ = make_problem(1, sum(batches), seed=7)
-        sharded = partial_fc(build_margin(name, **kw), D, NUM_CLASSES, 1.0, rank, world, group)
-        whole = partial_fc(build_margin(name, **kw), D, NUM_CLASSES, 1.0, 0, 1, single)
+        sharded = build(backend, build_margin(name, **kw), D, NUM_CLASSES, 1.0, rank, world, group)
+        whole = build(backend, build_margin(name, **kw), D, NUM_CLASSES, 1.0, 0, 1, single)
         with torch.no_grad():
             sharded.weight.copy_(weight[start : start + count])
             whole.weight.copy_(weight)
@@ -341,7 +343,9 @@ def check_stateful_same_for_w1(rank: int, world: int, group: object, single: obj
                 loss.backward()
                 opt.step()
                 losses.append(loss.detach())
-            assert_close(losses[0], losses[1], f"{name} step {step}: loss W={world} vs W=1")
+            where = f"{name} ({backend}) step {step}"
+            assert_close(losses[0], losses[1], f"{where}: loss W={world} vs W=1")
+        name = f"{name} ({backend})"
         assert_close(sharded.weight.detach(), whole.weight.detach()[start : start + count], name)
         for bname, buf in sharded.margin.named_buffers():
             other = whole.margin.get_buffer(bname)
