@@ -280,6 +280,7 @@ class PartialFC(nn.Module):
                 loss, stats = classifier_loss(head, emb, norms, x_hat, world_labels, mm_dtype)
             else:
                 loss, stats = self._aux_only_loss(head, emb, norms, x_hat, world_labels)
+            stats.embedding_norm_mean = norms.detach().mean()
         if self.training and self.count_steps:
             with torch.no_grad():
                 self.num_steps.add_(1)

@@ -66,6 +66,8 @@ class StepStats:
     """None for a head without classifier (``none``)."""
     num_sampled: int
     """Sampled columns of this rank's shard (the one figure that differs between ranks)."""
+    embedding_norm_mean: torch.Tensor | None = None
+    """Mean L2 norm of the global batch's embeddings before normalisation (0-dim)."""
 
 
 def hardest_negative(cos: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None):

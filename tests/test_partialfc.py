@@ -287,6 +287,7 @@ def test_variable_batch_size_and_stats(backend: str) -> None:
         assert_close(loss.detach(), ref["loss"], f"loss with B={n}")
         assert_close(e.grad, ref["x_grad"], f"x grad with B={n}")
         check_stats(stats, ref, num_sampled=13)
+        assert_close(stats.embedding_norm_mean, x[:n].norm(dim=1).mean(), "embedding norm")
         q = torch.quantile(ref["target_deg"], torch.tensor([0.1, 0.5, 0.9]))
         for key, value in zip(("p10", "p50", "p90"), q, strict=True):
             got = getattr(stats.angles, f"target_angle_{key}_deg")

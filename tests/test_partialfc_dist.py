@@ -266,6 +266,10 @@ def check_heads(
                 loss, stats = pfc(e, my_labels)
                 loss.backward()
                 assert torch.equal(my_labels, labels[lo:hi]), f"{where}: labels modified"
+                # The mean embedding norm is the global batch's (every rank's rows).
+                assert_close(
+                    stats.embedding_norm_mean, x.norm(dim=1).mean(), f"{where}: embedding norm"
+                )
                 columns = None
                 if rate < 1 and head.uses_classifier:
                     columns = all_gather_no_grad(pfc.last_sampled_global, group)

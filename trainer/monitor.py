@@ -11,11 +11,13 @@ from trainer.config import WandbConfig
 
 
 def step_metrics(stats: StepStats | None) -> dict[str, float]:
-    """A Partial FC step's report as wandb metrics: ``train/loss_<term>``, ``angles/<name>``
-    and ``train/classes_sampled_rank0``."""
+    """A Partial FC step's report as wandb metrics: ``train/loss_<term>``, ``angles/<name>``,
+    ``train/embedding_norm_mean`` and ``train/classes_sampled_rank0``."""
     if stats is None:
         return {}
     out = {f"train/loss_{k}": float(v) for k, v in stats.losses.items()}
+    if stats.embedding_norm_mean is not None:
+        out["train/embedding_norm_mean"] = float(stats.embedding_norm_mean)
     if stats.angles is not None:
         out.update({f"angles/{k}": float(v) for k, v in stats.angles.scalars().items()})
     out["train/classes_sampled_rank0"] = stats.num_sampled
