@@ -34,27 +34,27 @@ remaining records come in a different (still seeded) order than in the uninterru
 
 Corrupt records: a record that DALI cannot read or decode, or whose label is wrong, raises
 :class:`~dataio.pack.PackError` naming the file and key (found from the error message, a
-head check of the shard, or by decoding the records of the failing batches). With
-``skip_corrupt`` it is logged, counted (:attr:`DaliLoader.num_skipped`) and left out: the
-epoch goes on from a pipeline over the records not yet seen. If a rank runs short of
-records for its fixed number of batches, the reader repeats some (``num_padded``).
+head check of the shard, or by decoding the records of the failing batches; see
+:mod:`dataio.dali_faults`). With ``skip_corrupt`` it is logged, counted
+(:attr:`DaliLoader.num_skipped`) and left out: the epoch goes on from a pipeline over the
+records not yet seen. If a rank runs short of records for its fixed number of batches, the
+reader repeats some (``num_padded``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from dataio.checks import check_int
+from common.checks import check_int
+from dataio.dali_faults import blame_records, check_batch
 from dataio.dali_pipeline import Part, build_pipeline, dali_reason, import_dali
 from dataio.dali_plan import EpochPlan
-from dataio.decode import decode_record
 from dataio.loader_config import LoaderConfig
 from dataio.loading import (
     batch_layout,
@@ -66,8 +66,6 @@ from dataio.loading import (
 from dataio.pack import FacePack, PackError
 
 logger = logging.getLogger(__name__)
-
-_SOURCE_OFFSET = re.compile(r" at index (\d+)")
 
 
 class DaliLoader:
@@ -282,7 +280,7 @@ class DaliLoader:
             try:
                 images, labels, source = pipe.run()
                 pos = self._plan.positions_of(source)
-                self._check_batch(pos, labels, images.shape())
+                check_batch(self.pack, pos, labels, images.shape(), self.pixels)
             except (RuntimeError, PackError) as err:
                 self._pipe = pipe = None
                 found = self._find_bad(err, part, seen, shard, bad)
@@ -306,31 +304,6 @@ class DaliLoader:
                 yield x, y
         self.close()
 
-    def _check_batch(self, pos: np.ndarray, labels: Any, shapes: list[tuple[int, ...]]) -> None:
-        """Raise PackError (key named) for a wrong label or image size in a DALI batch."""
-        got = np.asarray(labels.as_array(), dtype=np.float64).reshape(-1)  # [B]
-        want = self.pack.labels[pos]
-        wrong = np.flatnonzero(got != want)
-        h, w = self.pack.image_size
-        dims = [tuple(int(d) for d in shape) for shape in shapes]  # B x (3, H, W) or (H, W, 3)
-        if self.pixels == "uint8":
-            dims = [(d[2], d[0], d[1]) for d in dims]  # as (3, H, W)
-        odd = [j for j, d in enumerate(dims) if d != (3, h, w)]
-        if wrong.size:
-            j = int(wrong[0])
-            key = int(self.pack.image_keys[pos[j]])
-            raise PackError(
-                f"{self.pack.rec_path}: key {key}: record label {got[j]} disagrees with the "
-                f"pack's label {int(want[j])}"
-            )
-        if odd:
-            j = odd[0]
-            key = int(self.pack.image_keys[pos[j]])
-            raise PackError(
-                f"{self.pack.rec_path}: key {key}: image is {dims[j][1]}x{dims[j][2]} but the "
-                f"pack's property says {h}x{w}"
-            )
-
     def _to_torch(self, images: Any, n: int) -> torch.Tensor:
         """The first ``n`` samples of a DALI batch as a torch tensor on ``self.device``."""
         if self.device.type == "cpu":
@@ -347,32 +320,15 @@ class DaliLoader:
     def _find_bad(
         self, err: Exception, part: Part, seen: np.ndarray, shard: np.ndarray, bad: set[int]
     ) -> set[int]:
-        """Positions of the records behind a failed batch; raise if not ``skip_corrupt``.
-
-        Tried in order: the key named by our own check, the offset in DALI's message, a
-        head check of the shard's unseen records, decoding the records of the next batches.
-        """
-        reasons: dict[int, str] = {}
-        message = str(err)
-        if isinstance(err, PackError):
-            m = re.search(r": key (\d+): ", message)
-            if m is not None:
-                reasons[int(m.group(1))] = message
-        if not reasons:
-            m = _SOURCE_OFFSET.search(message)
-            key = None if m is None else self._plan.key_at_offset(int(m.group(1)))
-            if key is not None:
-                reasons[key] = f"{self.pack.rec_path}: key {key}: {dali_reason(message)}"
+        """Positions of the records behind a failed batch (found by
+        :func:`dataio.dali_faults.blame_records`); raise if not ``skip_corrupt``."""
         unseen = shard[~seen]
         unseen = unseen[[p not in bad for p in unseen.tolist()]]
-        if not reasons and unseen.size:
-            reasons.update(self.pack.check_records(unseen))
-        if not reasons and unseen.size:
-            reasons.update(self._decode_check(part, seen, shard))
+        reasons = blame_records(err, self.pack, self._plan, unseen, lambda: self._upcoming(part))
         if not reasons:
             raise PackError(
                 f"{self.pack.rec_path}: DALI failed on rank {self.rank}'s shard and no record "
-                f"could be blamed: {dali_reason(message)}"
+                f"could be blamed: {dali_reason(str(err))}"
             ) from err
         if not self.skip_corrupt:
             raise PackError(next(iter(reasons.values()))) from err
@@ -381,21 +337,11 @@ class DaliLoader:
             logger.warning("skipping corrupt record: %s", reason)
         return {key_to_pos[k] for k in reasons}
 
-    def _decode_check(self, part: Part, seen: np.ndarray, shard: np.ndarray) -> dict[int, str]:
-        """Decode, in Python, the records DALI was about to return and report failures."""
+    def _upcoming(self, part: Part) -> np.ndarray:
+        """Positions of the records ``part``'s pipeline was about to return (a replay)."""
         taken = self._yielded - part.start_batch
         ahead = taken + self.config.prefetch + 1
-        try:
-            upcoming = self._replay(part, ahead)[taken * self.batch_size :]
-        except RuntimeError:
-            return {}
-        reasons: dict[int, str] = {}
-        for p in np.unique(upcoming).tolist():
-            try:
-                decode_record(self.pack, p)
-            except PackError as e:
-                reasons[int(self.pack.image_keys[p])] = str(e)
-        return reasons
+        return self._replay(part, ahead)[taken * self.batch_size :]
 
 
 @register_loader("dali")
