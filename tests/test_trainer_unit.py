@@ -12,7 +12,8 @@ import torch
 from dataio.loading import to_model_input
 from trainer.config import load_config
 from trainer.context import DistContext
-from trainer.loop import Trainer, TrainingError
+from trainer.loop import Trainer
+from trainer.step import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 

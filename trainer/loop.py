@@ -9,7 +9,6 @@ One step on every rank::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -24,7 +23,6 @@ import torch.distributed as dist
 
 from backbones import create_backbone
 from dataio.loaders import LoaderConfig, build_loader
-from dataio.loading import to_model_input
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline
 from partialfc import StepStats, build_margin, build_partial_fc, resolve_backend
@@ -44,10 +42,7 @@ from trainer.monitor import (
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plan import pack_facts
 from trainer.resume import Checkpointing
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite)."""
+from trainer.step import Stepping
 
 
 class StopFlag:
@@ -74,9 +69,9 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer(Checkpointing):
+class Trainer(Checkpointing, Stepping):
     """Builds every part from the config on this rank and runs the job (checkpoints and
-    resume: ``trainer.resume.Checkpointing``)."""
+    resume: ``trainer.resume.Checkpointing``; one optimizer step: ``trainer.step.Stepping``)."""
 
     def __init__(self, config: Config, ctx: DistContext, stop: StopFlag | None = None) -> None:
         self.config = config
@@ -238,25 +233,6 @@ class Trainer(Checkpointing):
             "classifier_backend": self.backend,
         }
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        precision = self.config.train.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.ctx.device.type, dtype=dtype)
-
-    def _batches(self):
-        """Micro-batches from the current position on, across epochs, with epoch bookkeeping."""
-        while True:
-            if not self._loader_positioned:
-                self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-            self._loader_positioned = False
-            for batch in self.loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.batch_in_epoch = 0
-
     def _train_steps(self, wandb_run: WandbRun, progress: Progress) -> dict[str, Any]:
         cfg, ctx = self.config, self.ctx
         tcfg = cfg.train
@@ -273,21 +249,7 @@ class Trainer(Checkpointing):
             self.step += 1
             final = self.step == self.total_steps
             steps_since_log += 1
-            if not finite:
-                self.nonfinite_total += 1
-                self.nonfinite_streak += 1
-                progress.write(
-                    f"[step {self.step}] non-finite loss: step skipped "
-                    f"({self.nonfinite_streak} in a row, {self.nonfinite_total} in all)"
-                )
-                if self.nonfinite_streak >= tcfg.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"loss was non-finite for {self.nonfinite_streak} consecutive steps "
-                        f"(train.max_nonfinite_steps) at step {self.step}: lower optimizer.lr, "
-                        "check the margin settings or the data"
-                    )
-            else:
-                self.nonfinite_streak = 0
+            self._count_nonfinite(finite, progress)
             if self.step % tcfg.log_every == 0 or final:
                 last = self._log(loss, stats, meter, global_batch, steps_since_log)
                 if tcfg.histogram_every and self.step % tcfg.histogram_every == 0:
@@ -324,60 +286,6 @@ class Trainer(Checkpointing):
             "final_loss": last.get("train/loss"),
             "nonfinite_steps": self.nonfinite_total,
         }
-
-    def _one_step(self, batches) -> tuple[torch.Tensor, StepStats | None, bool]:
-        """One optimizer step over ``accum`` micro-batches. Returns (loss, the last
-        micro-batch's Partial FC stats, finite); ``self.grad_norm`` is the step's gradient
-        norm where the engine computed one.
-
-        The loss is the global-batch mean on every rank (distributed CE), so every rank takes
-        the same branch when it is non-finite and skips the step: no rank is left waiting in a
-        gradient all-reduce.
-        """
-        ctx, engine = self.ctx, self.engine
-        engine.zero_grad()
-        self.opt_fc.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=ctx.device)
-        stats: StepStats | None = None
-        self.grad_norm = None
-        for micro in range(self.accum):
-            images, labels = next(batches)
-            images = to_model_input(images, ctx.device)  # float32 [B, 3, H, W]
-            labels = labels.to(ctx.device, non_blocking=True)
-            last_micro = micro == self.accum - 1
-            with engine.micro_context(last_micro):
-                with self._autocast():
-                    embeddings = engine(images)  # [B, D]
-                    loss, stats = self.partial_fc(embeddings, labels)
-                if not torch.isfinite(loss):
-                    if micro > 0 and engine.name == "deepspeed":
-                        # DeepSpeed already counted the earlier micro-batches towards its
-                        # accumulation boundary and holds their gradients; dropping them
-                        # would leave every later step out of step with the classifier's.
-                        raise TrainingError(
-                            f"non-finite loss on micro-batch {micro + 1} of "
-                            f"{self.accum} at step {self.step + 1}: under DeepSpeed only a "
-                            "step whose first micro-batch fails can be skipped; resume from "
-                            "the last checkpoint (--resume auto), or lower optimizer.lr"
-                        )
-                    # Drop what earlier micro-batches accumulated, and the rest of this step.
-                    for _ in range(self.accum - 1 - micro):
-                        next(batches)
-                    engine.zero_grad()
-                    self.opt_fc.zero_grad(set_to_none=True)
-                    return loss.detach(), stats, False
-                engine.backward(loss / self.accum, last_micro)
-            total += loss.detach() / self.accum
-        max_norm = self.config.partialfc.clip_grad_norm
-        self.grad_norm = engine.step(
-            self.opt_fc,
-            self.partial_fc.parameters(),
-            None if max_norm is None else lambda: self.partial_fc.clip_grad_norm_(max_norm),
-        )
-        self.partial_fc.num_steps.add_(1)  # what step-annealed heads (SphereFace) read
-        self.sched_backbone.step()
-        self.sched_fc.step()
-        return total, stats, True
 
     def _stop_requested(self) -> bool:
         """True on every rank if any rank received a stop signal (one tiny all-reduce)."""
