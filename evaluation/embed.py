@@ -324,26 +324,35 @@ def check_image_size(
 
 
 def embed_to_npy(
-    model_path: str | os.PathLike[str],
+    model: str | os.PathLike[str] | Embedder,
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     batch_size: int = 128,
     flip: bool = False,
     progress: bool = True,
     providers: list[str] | None = None,
+    input_size: tuple[int, int] | None = None,
+    name: str | None = None,
 ) -> EmbedResult:
-    """``facetrain embed MODEL.onnx IMAGES_OR_PACK --out emb.npy``: normalised embeddings.
+    """``facetrain embed MODEL IMAGES_OR_PACK --out emb.npy``: normalised embeddings.
 
-    Runs the ONNX model with onnxruntime over every crop of ``source`` (see
-    :func:`open_image_source`) in batches of ``batch_size``, L2-normalises, and writes
-    ``out`` (``.npy``) plus ``out`` with suffix ``.tsv``: one ``row<TAB>name<TAB>label`` line
-    per embedding (label -1 where the source has none).
+    ``model`` is an ONNX file, run with onnxruntime, or an :data:`Embedder` (e.g.
+    :func:`torch_embedder` of a checkpoint's backbone) that takes ``input_size`` (H, W)
+    images (None: any) and is called ``name`` in messages. It runs over every crop of
+    ``source`` (see :func:`open_image_source`) in batches of ``batch_size``; the embeddings
+    are L2-normalised and written to ``out`` (``.npy``), with ``out`` with suffix ``.tsv``
+    beside: one ``row<TAB>name<TAB>label`` line per embedding (label -1 where the source has
+    none).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    embedder, hw = onnx_embedder(model_path, providers)
+    if callable(model):
+        embedder, hw = model, input_size
+    else:
+        embedder, hw = onnx_embedder(model, providers)
+        name = name or str(model)
     src = open_image_source(source)
-    check_image_size(src, source, hw, model_path)
+    check_image_size(src, source, hw, name or "the model")
     emb = embed_images(
         embedder, src.batches(batch_size), flip=flip, progress=progress, total=len(src)
     )

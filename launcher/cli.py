@@ -105,11 +105,25 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
 
 
+def _add_architecture(p: argparse.ArgumentParser) -> None:
+    """--backbone / --embedding-size: the network of a state_dict file (e.g. arcface_torch's)."""
+    p.add_argument(
+        "--backbone",
+        default=None,
+        metavar="NAME",
+        help="MODEL is a state_dict file (torch.save(backbone.state_dict())) of this backbone",
+    )
+    p.add_argument(
+        "--embedding-size", type=int, default=None, help="of the state_dict's backbone (512)"
+    )
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="verification (.bin), IJB-B/C and identification of a checkpoint or ONNX"
     )
-    p.add_argument("model", help="checkpoint (step-N folder or run folder) or .onnx file")
+    p.add_argument("model", help="checkpoint (step-N or run folder), .onnx or state_dict file")
+    _add_architecture(p)
     p.add_argument("--bin", nargs="+", default=[], help="insightface .bin verification sets")
     p.add_argument("--ijb", default=None, metavar="ROOT", help="IJB-B/C release folder")
     p.add_argument("--ijb-name", default="IJBC", help="IJBB or IJBC (file prefix in ROOT/meta)")
@@ -124,8 +138,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="L2-normalised embeddings of images with an ONNX model")
-    p.add_argument("model", help=".onnx file")
+    p = sub.add_parser("embed", help="L2-normalised embeddings of images with a model")
+    p.add_argument("model", help="checkpoint (step-N or run folder), .onnx or state_dict file")
+    _add_architecture(p)
     p.add_argument("images", help="image folder, list file, pack folder or .bin set")
     p.add_argument("--out", required=True, help="output .npy (a .tsv index is written beside)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -134,7 +149,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint's backbone to ONNX (parity-checked)")
-    p.add_argument("checkpoint", help="step-N folder or run folder")
+    p.add_argument("checkpoint", help="step-N folder, run folder or state_dict file")
+    _add_architecture(p)
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--tolerance", type=float, default=1e-4)

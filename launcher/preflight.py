@@ -1,10 +1,11 @@
 """Checks of a run's files before any process starts.
 
 The config's validation (trainer.config) covers keys, types and registered names; what it
-cannot see is on disk: the verification sets of ``data.val`` and the checkpoint of
-``--resume``. Each check reads what the trainer will read and fails with a
-:class:`PreflightError` naming the key and the path, which ``facetrain`` prints as one line
-(exit status 2) -- instead of a traceback from every rank after torchrun has started.
+cannot see is on disk: the verification sets of ``data.val``, the checkpoint of
+``--resume`` and the weights of ``model.init_from``. Each check reads what the trainer will
+read and fails with a :class:`PreflightError` naming the key and the path, which
+``facetrain`` prints as one line (exit status 2) -- instead of a traceback from every rank
+after torchrun has started.
 """
 
 from __future__ import annotations
@@ -70,10 +71,30 @@ def check_job_shape(nodes: int, gpus_per_node: int) -> None:
         raise PreflightError(f"--gpus-per-node must be >= 0 (0: CPU), got {gpus_per_node}")
 
 
+def check_init_from(config: Config) -> None:
+    """``model.init_from``: the checkpoint or state_dict file exists and fits the configured
+    backbone (keys and shapes, read on the CPU), and with ``model.init_classifier`` it is a
+    checkpoint of the pack's number of classes (see trainer.init_from)."""
+    if config.model.init_from is None:
+        return
+    from backbones.weights import WeightsError
+    from trainer.checkpoint import CheckpointError
+    from trainer.init_from import check_init_from as check_source
+    from trainer.plan import pack_facts
+
+    facts = pack_facts(config)
+    try:
+        check_source(config, facts.image_size, facts.num_classes)
+    except (CheckpointError, WeightsError) as exc:
+        raise PreflightError(f"model.init_from: {exc}") from exc
+
+
 def check_run_inputs(config: Config) -> None:
-    """The files of ``data.val`` and ``run.resume`` (``--resume``) that a run will read."""
+    """The files of ``data.val``, ``run.resume`` (``--resume``) and ``model.init_from`` that
+    a run will read."""
     for path in config.data.val:
         check_verification_bin(path, "data.val")
     resume = config.run.resume
     if resume is not None and resume != "auto":
         check_checkpoint(resume, "run.resume (--resume)")
+    check_init_from(config)

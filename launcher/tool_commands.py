@@ -83,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.probes and min(args.ranks) < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
     check_eval_bins(args.bin)
-    embedder, input_size = make_embedder(args.model)
+    embedder, input_size = make_embedder(args.model, args.backbone, args.embedding_size)
     for key, value in eval_settings(args.model).items():  # the checkpoint's eval settings
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -121,8 +121,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from evaluation.embed import embed_to_npy
+    from launcher.tools import make_embedder
 
-    res = embed_to_npy(args.model, args.images, args.out, args.batch_size, flip=args.flip)
+    embedder, input_size = make_embedder(args.model, args.backbone, args.embedding_size)
+    res = embed_to_npy(
+        embedder,
+        args.images,
+        args.out,
+        args.batch_size,
+        flip=args.flip,
+        input_size=input_size,
+        name=args.model,
+    )
     print(f"embed: {res.num_images} x {res.dim} -> {res.path} (index {res.index_path})")
     return 0
 
@@ -138,6 +148,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         simplify=args.simplify,
         fp16=args.fp16,
         fp16_tolerance=args.fp16_tolerance,
+        backbone=args.backbone,
+        embedding_size=args.embedding_size,
     )
     kind = " fp16" if res.fp16 else ""
     kind += " simplified" if res.simplified else ""

@@ -1,7 +1,9 @@
 """Evaluation and export of trained models from the command line.
 
-A model is either a checkpoint (a ``step-N`` folder or a run folder, whose ``latest`` is
-used) or an ``.onnx`` file; :func:`make_embedder` turns either into an
+A model is a checkpoint (a ``step-N`` folder or a run folder, whose ``latest`` is used), an
+``.onnx`` file, or a weights file holding a backbone state_dict (arcface_torch's
+``torch.save(backbone.state_dict(), path)``), whose architecture is named with ``--backbone``
+and ``--embedding-size`` (a 112x112 input); :func:`make_embedder` turns any of them into an
 :data:`evaluation.embed.Embedder` for the runners of :mod:`evaluation.runner`.
 """
 
@@ -13,13 +15,52 @@ import yaml
 from torch import nn
 
 from backbones import create_backbone
+from backbones.weights import WeightsError, load_weights
 from evaluation.embed import Embedder, onnx_embedder, torch_embedder
 from evaluation.onnx_export import ExportResult, export_onnx
 from trainer import checkpoint as ckpt
 
+WEIGHTS_INPUT_SIZE = (112, 112)
+"""The input (H, W) of a model read from a state_dict file: arcface_torch's face crops."""
+DEFAULT_EMBEDDING_SIZE = 512
+"""``--embedding-size`` of a state_dict file when not given: arcface_torch's."""
 
-def load_backbone(checkpoint: str | Path) -> tuple[nn.Module, tuple[int, int]]:
-    """Rebuild the backbone of a checkpoint (step-N folder or run folder) on the CPU."""
+
+def is_weights_file(model_path: str | Path) -> bool:
+    """A state_dict file: a file that is neither ``.onnx`` nor a run's ``latest`` pointer."""
+    path = Path(model_path)
+    return path.is_file() and path.suffix != ".onnx" and path.name != "latest"
+
+
+def check_architecture(
+    model_path: str | Path, backbone: str | None, embedding_size: int | None = None
+) -> None:
+    """``--backbone`` is given for a state_dict file, and ``--backbone`` /
+    ``--embedding-size`` only for one (a checkpoint names its own network, an ONNX file is
+    one)."""
+    if is_weights_file(model_path) and backbone is None:
+        raise WeightsError(
+            f"{model_path}: a weights file (state_dict) does not say which network it holds; "
+            "name it with --backbone NAME (and --embedding-size N if not 512)"
+        )
+    if not is_weights_file(model_path) and (backbone, embedding_size) != (None, None):
+        raise WeightsError(
+            f"--backbone / --embedding-size are for a state_dict file; {model_path} is a "
+            "checkpoint or ONNX model, which fixes its own network"
+        )
+
+
+def load_backbone(
+    checkpoint: str | Path, backbone: str | None = None, embedding_size: int | None = None
+) -> tuple[nn.Module, tuple[int, int]]:
+    """Rebuild the backbone of a checkpoint (step-N folder or run folder) on the CPU, or
+    ``backbone`` (``embedding_size``, default 512) from a state_dict file."""
+    check_architecture(checkpoint, backbone, embedding_size)
+    if backbone is not None:
+        size = embedding_size or DEFAULT_EMBEDDING_SIZE
+        model = create_backbone(backbone, embedding_size=size, input_size=WEIGHTS_INPUT_SIZE)
+        load_weights(model, checkpoint, f"--backbone {backbone} --embedding-size {size}")
+        return model.eval(), WEIGHTS_INPUT_SIZE
     step_dir = ckpt.resolve_checkpoint(checkpoint)
     meta = ckpt.read_meta(step_dir)
     kwargs = dict(meta["backbone_kwargs"])
@@ -36,7 +77,7 @@ def eval_settings(model_path: str | Path) -> dict[str, int]:
 
     keys = ("batch_size", "nfolds")
     saved: dict = {}
-    if Path(model_path).suffix != ".onnx":
+    if Path(model_path).suffix != ".onnx" and not is_weights_file(model_path):
         config = yaml.safe_load(ckpt.read_meta(ckpt.resolve_checkpoint(model_path))["config"])
         saved = {k: v for k, v in config.get("eval", {}).items() if k in keys}  # only these:
         # a checkpoint of another version may hold eval keys this one does not know
@@ -44,12 +85,16 @@ def eval_settings(model_path: str | Path) -> dict[str, int]:
     return {k: getattr(settings, k) for k in keys}
 
 
-def make_embedder(model_path: str | Path) -> tuple[Embedder, tuple[int, int] | None]:
-    """(embedder, input (H, W) or None if the model does not fix it) of a checkpoint or .onnx."""
+def make_embedder(
+    model_path: str | Path, backbone: str | None = None, embedding_size: int | None = None
+) -> tuple[Embedder, tuple[int, int] | None]:
+    """(embedder, input (H, W) or None if the model does not fix it) of a checkpoint, an
+    .onnx file or a state_dict file of ``backbone``."""
     path = Path(model_path)
     if path.suffix == ".onnx":
+        check_architecture(path, backbone, embedding_size)
         return onnx_embedder(path)
-    model, input_size = load_backbone(path)
+    model, input_size = load_backbone(path, backbone, embedding_size)
     return torch_embedder(model), input_size
 
 
@@ -61,9 +106,12 @@ def export_checkpoint(
     simplify: bool = False,
     fp16: bool = False,
     fp16_tolerance: float = 1e-2,
+    backbone: str | None = None,
+    embedding_size: int | None = None,
 ) -> ExportResult:
-    """ONNX export of a checkpoint's backbone, checked against PyTorch with onnxruntime."""
-    model, input_size = load_backbone(checkpoint)
+    """ONNX export of a checkpoint's backbone (or of a state_dict file of ``backbone``),
+    checked against PyTorch with onnxruntime."""
+    model, input_size = load_backbone(checkpoint, backbone, embedding_size)
     return export_onnx(
         model,
         out,

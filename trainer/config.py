@@ -79,6 +79,16 @@ class ModelConfig(_Section):
     """Dimension of the face embedding."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments of the backbone builder (e.g. dropout, widths)."""
+    init_from: str | None = None
+    """Fine-tuning: start the backbone from these weights -- a facetrain checkpoint (step-N
+    folder, run folder or its ``latest``) or a weights file holding a backbone state_dict
+    (arcface_torch's ``torch.save(backbone.state_dict(), path)``, the files users download).
+    Keys and shapes must fit backbone / embedding_size / kwargs. Optimizers, schedule, step
+    and data start afresh. Ignored when the run resumes (run.resume): the checkpoint wins."""
+    init_classifier: bool = False
+    """Also take the class centres of the init_from checkpoint (same identities: its number
+    of classes must be the pack's), re-sharded onto this world size; false: a fresh classifier
+    for the pack's identities."""
 
     @field_validator("backbone")
     @classmethod
@@ -91,6 +101,12 @@ class ModelConfig(_Section):
             hint = did_you_mean(name, known)
             raise ValueError(f"unknown backbone {name!r}{hint}; known: {', '.join(known)}")
         return name
+
+    @model_validator(mode="after")
+    def _classifier_needs_source(self) -> ModelConfig:
+        if self.init_classifier and self.init_from is None:
+            raise ValueError("model.init_classifier: needs model.init_from (a checkpoint)")
+        return self
 
 
 def _flow(value: dict[str, Any]) -> str:

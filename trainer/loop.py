@@ -31,6 +31,7 @@ from trainer.config import Config, ConfigError
 from trainer.context import DistContext
 from trainer.engine import build_engine
 from trainer.evaluate import evaluate_sets, load_eval_sets
+from trainer.init_from import apply_init_from
 from trainer.monitor import (
     Progress,
     Throughput,
@@ -152,6 +153,7 @@ class Trainer(Checkpointing, Stepping):
             build_scheduler(opt, self.total_steps, config.schedule, self.warmup_steps, milestones)
             for opt in (self.opt_backbone, self.opt_fc)
         )
+        apply_init_from(config, ctx, self.backbone, self.partial_fc)  # before the engine wraps
         # DDP or DeepSpeed around the backbone; it also steps the classifier (loss scaling).
         self.engine = build_engine(self.backbone, self.opt_backbone, ctx, config)
         self.backbone = self.engine.module

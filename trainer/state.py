@@ -81,6 +81,15 @@ def classifier_payload(
     }
 
 
+def _rows_per_class(
+    current: torch.Tensor, count: int, first: torch.Tensor, saved: int
+) -> int | None:
+    """k when ``current`` (``count`` classes) and the first saved shard's copy (``saved``
+    classes) both hold k rows per class; None for a tensor replicated on every rank."""
+    k = _row_multiple(current, count)
+    return k if k is not None and _row_multiple(first, saved) == k else None
+
+
 def _reshard_tensor(
     name: str,
     current: torch.Tensor,
@@ -90,9 +99,9 @@ def _reshard_tensor(
     count: int,
 ) -> torch.Tensor:
     """Assemble ``current``'s rows for classes [start, start+count) from the saved shards."""
-    k = _row_multiple(current, count)
     first = get(shards[0])
-    if k is None or _row_multiple(first, shards[0]["num_local"]) != k:
+    k = _rows_per_class(current, count, first, shards[0]["num_local"])
+    if k is None:
         # Replicated tensor: identical on every rank, take it from the first file.
         if first.shape != current.shape:
             raise CheckpointError(
@@ -123,6 +132,44 @@ def _reshard_tensor(
     return out
 
 
+def _saved_shards(
+    step_dir: Path, saved_world_size: int, class_start: int, num_local: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every saved shard, and those overlapping classes [class_start, class_start+num_local)."""
+    shards = [load_torch(step_dir / f"classifier-rank{r}.pt") for r in range(saved_world_size)]
+    needed = [
+        s
+        for s in shards
+        if s["class_start"] < class_start + num_local
+        and class_start < s["class_start"] + s["num_local"]
+    ] or shards[:1]
+    return shards, needed
+
+
+def load_class_rows(
+    step_dir: Path, saved_world_size: int, module: nn.Module, class_start: int, num_local: int
+) -> list[str]:
+    """Only the per-class tensors (the class centres, an auxiliary loss's per-class centres)
+    of this rank's classes, re-sharded from any saved world size; the optimizer state, the
+    step count and a head's running statistics stay as they are (``model.init_classifier``).
+    Returns the names of the tensors taken."""
+    shards, needed = _saved_shards(step_dir, saved_world_size, class_start, num_local)
+    state = module.state_dict()
+    taken = []
+    for name, tensor in state.items():
+        saved = shards[0]["module"].get(name)
+        if saved is None:
+            raise CheckpointError(f"{step_dir}: classifier tensor {name} is not in the checkpoint")
+        if _rows_per_class(tensor, num_local, saved, shards[0]["num_local"]) is None:
+            continue
+        state[name] = _reshard_tensor(
+            name, tensor, needed, lambda s, n=name: s["module"][n], class_start, num_local
+        )
+        taken.append(name)
+    module.load_state_dict(state, strict=True)
+    return taken
+
+
 def load_classifier(
     step_dir: Path,
     saved_world_size: int,
@@ -132,14 +179,7 @@ def load_classifier(
     num_local: int,
 ) -> None:
     """Load this rank's classifier rows and optimizer state from any saved world size."""
-    shards = [load_torch(step_dir / f"classifier-rank{r}.pt") for r in range(saved_world_size)]
-    needed = [
-        s
-        for s in shards
-        if s["class_start"] < class_start + num_local
-        and class_start < s["class_start"] + s["num_local"]
-    ] or shards[:1]
-
+    shards, needed = _saved_shards(step_dir, saved_world_size, class_start, num_local)
     current = module.state_dict()
     new_state = {}
     for name, tensor in current.items():
