@@ -32,6 +32,7 @@ from evaluation.kfold import (
     VerificationResult,
     kfold_verification_from_distances,
 )
+from evaluation.roc import RocCurve, roc_curve
 
 __all__ = [
     "cosine_pixel_baseline",
@@ -39,6 +40,7 @@ __all__ = [
     "kfold_verification",
     "l2_normalize",
     "pair_distances",
+    "pair_roc",
 ]
 
 
@@ -149,6 +151,12 @@ def pair_distances(embeddings: np.ndarray, normalize: bool = True) -> np.ndarray
     emb = l2_normalize(emb) if normalize else emb.astype(np.float64)
     diff = emb[0::2] - emb[1::2]  # [N, D]
     return np.sum(np.square(diff), axis=1)  # [N]
+
+
+def pair_roc(embeddings: np.ndarray, issame: np.ndarray) -> RocCurve:
+    """ROC of the pairs (rows 2i, 2i+1) of ``embeddings`` [2N, D] scored by their cosine:
+    ``1 - d / 2`` for the squared L2 distance ``d`` between the normalised rows."""
+    return roc_curve(1.0 - pair_distances(embeddings) / 2.0, issame)
 
 
 def kfold_verification(

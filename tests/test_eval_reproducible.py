@@ -84,12 +84,18 @@ def test_training_figures_equal_eval_of_the_checkpoint(
         ours = _eval(step_dir, dataset / "val.bin", out, capsys)
         line = f"accuracy {100 * ours['accuracy_mean']:.2f}% +- {100 * ours['accuracy_std']:.2f}"
         assert printed[step] == line, (step, printed[step], ours["printed"])
-    # The final figures bit for bit (the last `ours` is step 4's).
+    # The final figures bit for bit (the last `ours` is step 4's), ROC AUC and TAR@FAR too.
+    tar = {row["far_target"]: row["tar"] for row in ours["tar_at_far"]}
+    # The best accuracy of the run's evaluations (steps 0, 2 and 4) comes with the figures.
+    assert summary.pop("best_accuracy", summary["accuracy"]) >= summary["accuracy"]
     assert summary == {
         "accuracy": ours["accuracy_mean"],
         "accuracy_std": ours["accuracy_std"],
         "best_threshold": ours["best_threshold"],
         "val_at_far_1e-3": ours["val_mean"],
+        "roc_auc": ours["auc"],
+        "tar_at_far_1e-4": tar[1e-4],
+        "tar_at_far_1e-3": tar[1e-3],
     }
 
 

@@ -13,12 +13,16 @@ import torch.distributed as dist
 from torch import nn
 
 from dataio.verification_bin import VerificationSet, load_bin
-from evaluation.verification import extract_embeddings, kfold_verification
+from evaluation.roc import tar_at_far
+from evaluation.verification import extract_embeddings, kfold_verification, pair_roc
 from partialfc import all_gather_no_grad
 from trainer.config import Config
 from trainer.context import DistContext
 
-__all__ = ["EvalSet", "evaluate_sets", "load_eval_sets"]
+__all__ = ["TAR_FARS", "EvalSet", "evaluate_sets", "load_eval_sets", "track_best"]
+
+TAR_FARS = {"1e-4": 1e-4, "1e-3": 1e-3}
+"""The FARs at which the in-training evaluation reads the TAR (``tar_at_far_<key>``)."""
 
 
 @dataclasses.dataclass
@@ -57,8 +61,11 @@ def evaluate_sets(
     can hit the collective timeout of the others).
 
     ``collective_forward``: every forward is a collective (ZeRO-3), so every rank must run
-    as many. Returns ``{set: {accuracy, accuracy_std, best_threshold, val_at_far_1e-3}}`` on
-    rank 0, ``{}`` elsewhere.
+    as many. Returns ``{set: {accuracy, accuracy_std, best_threshold, val_at_far_1e-3,
+    roc_auc, tar_at_far_1e-4, tar_at_far_1e-3}}`` on rank 0, ``{}`` elsewhere: the k-fold
+    figures, then the area under the pairs' ROC and the TAR at each of :data:`TAR_FARS`
+    (``evaluation.roc.tar_at_far``'s conservative reading; at zero false accepts where the
+    set has too few negative pairs), as ``facetrain eval`` reports them.
     """
     world, rank = ctx.world_size, ctx.rank
     distributed = ctx.distributed and dist.is_initialized()
@@ -87,11 +94,24 @@ def evaluate_sets(
             emb_t = all_gather_no_grad(emb_t, sizes=sizes)
         if not ctx.is_main:
             continue
-        d = kfold_verification(emb_t.cpu().numpy(), s.issame, nfolds=config.eval.nfolds).as_dict()
+        emb_np = emb_t.cpu().numpy()
+        d = kfold_verification(emb_np, s.issame, nfolds=config.eval.nfolds).as_dict()
+        curve = pair_roc(emb_np, s.issame)
+        tars = tar_at_far(curve, list(TAR_FARS.values()))
         results[s.name] = {
             "accuracy": d["accuracy_mean"],
             "accuracy_std": d["accuracy_std"],
             "best_threshold": d["best_threshold"],
             "val_at_far_1e-3": d["val_mean"],
+            "roc_auc": curve.auc(),
+            **{f"tar_at_far_{key}": row.tar for key, row in zip(TAR_FARS, tars, strict=True)},
         }
     return results
+
+
+def track_best(best: dict[str, float], results: dict[str, dict[str, float]]) -> None:
+    """Add ``best_accuracy`` to each set's ``results``: the highest accuracy of this and every
+    earlier evaluation, which ``best`` (set name -> accuracy) carries, and is updated."""
+    for name, res in results.items():
+        best[name] = max(best.get(name, res["accuracy"]), res["accuracy"])
+        res["best_accuracy"] = best[name]
