@@ -105,18 +105,24 @@ BACKENDS = ("plain", "cpu_fused")
 fast CPU backend (``partialfc.fast``), the same numbers."""
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``"auto"`` -> ``cpu_fused`` on a CPU where the fused kernels build, else ``plain``;
-    a named backend is returned as it is (``cpu_fused`` without the kernels runs torch ops)."""
+def resolve_backend(
+    backend: str, device: torch.device | str, storage_dtype: torch.dtype = torch.float32
+) -> str:
+    """``"auto"`` -> ``cpu_fused`` on a CPU where the fused kernels build and the class
+    centres are float32, else ``plain``; a named backend is returned as it is (``cpu_fused``
+    without the kernels runs torch ops)."""
     if backend == "auto":
         from partialfc.fast import cpu_kernels
 
         on_cpu = torch.device(device).type == "cpu"
-        return "cpu_fused" if on_cpu and cpu_kernels.available() else "plain"
+        fp32 = storage_dtype == torch.float32
+        return "cpu_fused" if on_cpu and fp32 and cpu_kernels.available() else "plain"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "cpu_fused" and torch.device(device).type != "cpu":
         raise ValueError(f"backend cpu_fused runs on the CPU, not {device}; use plain (or auto)")
+    if backend == "cpu_fused" and storage_dtype != torch.float32:
+        raise ValueError(f"backend cpu_fused keeps float32 class centres, not {storage_dtype}")
     return backend
 
 

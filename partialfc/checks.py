@@ -9,6 +9,7 @@ import torch.distributed as dist
 from common.checks import check_int, check_number
 from partialfc.collectives import ProcessGroup, get_rank, get_world_size
 from partialfc.margins import MarginHead
+from partialfc.rounding import ROUNDINGS, STORAGE_DTYPES
 
 __all__ = ["UPDATE_MODES", "check_arguments", "check_batch", "check_group"]
 
@@ -28,6 +29,8 @@ def check_arguments(
     update: str,
     stats_columns: object,
     hist_size: object,
+    storage_dtype: object = torch.float32,
+    rounding: object = "stochastic",
 ) -> None:
     """``PartialFC``'s constructor arguments (the shard itself is checked by
     ``class_range``)."""
@@ -53,6 +56,12 @@ def check_arguments(
         raise ValueError(f"update must be one of {UPDATE_MODES}, got {update!r}")
     check_int("stats_columns", stats_columns, minimum=1)
     check_int("hist_size", hist_size, minimum=1)
+    if storage_dtype not in STORAGE_DTYPES.values():
+        raise ValueError(
+            f"storage_dtype must be one of {tuple(STORAGE_DTYPES.values())}, got {storage_dtype}"
+        )
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
 def check_batch(

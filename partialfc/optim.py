@@ -19,6 +19,10 @@ read momentum, gradient and weight, write momentum and weight) and the rows its 
 already gathered.
 It is a regular ``torch.optim.Optimizer``: LR schedulers, ``state_dict`` and GradScaler
 work unchanged.
+
+A parameter stored in bf16 / fp16 (``PartialFC(storage_dtype=...)``) keeps its optimizer
+state in the same dtype; each update reads the rows it touches into float32, computes there
+and writes weights and state back rounded (``partialfc.rounding``: nearest or stochastic).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any
 import torch
 
 from partialfc.collectives import all_reduce_inplace
+from partialfc.rounding import Rounding, round_into
+from partialfc.sampling import mixed_seed
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "ShardOptimizer", "clip_grad_norm_"]
 
@@ -75,6 +81,11 @@ class ShardOptimizer(torch.optim.Optimizer):
             its head's rule-based state updates there, e.g. center loss's centres).
         after_zero_grad: optional callable run by ``zero_grad`` (PartialFC drops those
             updates with the gradients: a step that is not taken moves nothing).
+        rounding: how float32 results are written into a bf16 / fp16 parameter and its
+            state: ``"nearest"`` or ``"stochastic"`` (see ``partialfc.rounding``).
+        rounding_seed: seed of the stochastic rounding's draws; step t of a run draws from
+            ``mixed_seed("round", rounding_seed, t)`` (t is kept in the param group, so a
+            resumed run draws what the uninterrupted run would have).
 
     State per parameter: ``momentum_buffer`` (SGD, momentum > 0) or ``exp_avg``,
     ``exp_avg_sq`` and ``step`` (AdamW; ``step`` is per row, float32 ``[rows]``).
@@ -94,6 +105,8 @@ class ShardOptimizer(torch.optim.Optimizer):
         sgd_rows: SgdRows | None = None,
         after_step: Callable[[], None] | None = None,
         after_zero_grad: Callable[[], None] | None = None,
+        rounding: Rounding = "stochastic",
+        rounding_seed: int = 0,
     ) -> None:
         if name not in ("sgd", "adamw"):
             raise ValueError(f"name must be 'sgd' or 'adamw', got {name!r}")
@@ -109,6 +122,8 @@ class ShardOptimizer(torch.optim.Optimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -123,6 +138,9 @@ class ShardOptimizer(torch.optim.Optimizer):
         self.sgd_rows = sgd_rows
         self.after_step = after_step
         self.after_zero_grad = after_zero_grad
+        self.rounding = rounding
+        self.rounding_seed = int(rounding_seed)
+        self._generator: torch.Generator | None = None  # this step's draws (stochastic)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -157,9 +175,14 @@ class ShardOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            self._generator = None
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if _narrow(p) and self.rounding == "stochastic" and self._generator is None:
+                    t = group["rounding_step"] = group.get("rounding_step", 0) + 1
+                    seed = mixed_seed("round", self.rounding_seed, t)
+                    self._generator = torch.Generator(p.device).manual_seed(seed)
                 grad = p.grad
                 if grad.is_sparse:
                     index, values = _rows_of(grad)  # [S], [S, ...]
@@ -197,34 +220,52 @@ class ShardOptimizer(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         buf = state.get("momentum_buffer")
         data = p.data
-        if index is not None and self.sgd_rows is not None:
+        narrow = _narrow(p)
+        if index is not None and self.sgd_rows is not None and not narrow:
             if self.sgd_rows(data, buf, index, values, lr, mu, wd):
                 return
         cached = self._cached_rows(p, index) if index is not None and wd else None
         for sl in self._chunks(values):
-            g = values[sl]
+            g = values[sl].float() if narrow else values[sl]
             idx = None if index is None else index[sl]
             w = None
-            if wd:
-                if idx is None:
-                    w = data[sl]
-                else:
-                    w = cached[sl] if cached is not None else data.index_select(0, idx)
+            if wd or narrow:
+                w = cached[sl] if cached is not None else self._load(data, idx, sl)
             if mu > 0:
                 # buf = mu * buf + g + wd * w, in place on the (gathered) momentum rows.
-                m = buf[sl] if idx is None else buf.index_select(0, idx)
+                m = self._load(buf, idx, sl)
                 torch.add(g, m, alpha=mu, out=m)  # one pass: m = g + mu * m
-                if w is not None:
+                if wd:
                     m.add_(w, alpha=wd)
-                if idx is not None:
-                    buf.index_copy_(0, idx, m)
+                self._store(buf, idx, sl, m)
                 upd = m
             else:
-                upd = g if w is None else g.add(w, alpha=wd)
-            if idx is None:
+                upd = g if not wd else g.add(w, alpha=wd)
+            if narrow:
+                self._store(data, idx, sl, w.add_(upd, alpha=-lr))
+            elif idx is None:
                 data[sl].add_(upd, alpha=-lr)
             else:
                 data.index_add_(0, idx, upd, alpha=-lr)
+
+    def _load(self, t: torch.Tensor, idx: torch.Tensor | None, sl: slice) -> torch.Tensor:
+        """Rows ``sl`` of the chunk (``idx``: the gathered rows) to compute on: a view of
+        ``t`` for dense float32 rows, else a copy (float32 for a narrow ``t``)."""
+        rows = t[sl] if idx is None else t.index_select(0, idx)
+        return rows.float() if _narrow(t) else rows
+
+    def _store(
+        self, t: torch.Tensor, idx: torch.Tensor | None, sl: slice, value: torch.Tensor
+    ) -> None:
+        """Write a chunk computed by ``_load``'s rows back into ``t`` (rounded if narrow)."""
+        if _narrow(t):
+            value = round_into(value, t.dtype, self.rounding, self._generator)
+        elif idx is None:
+            return  # computed in place on the view
+        if idx is None:
+            t[sl].copy_(value)
+        else:
+            t.index_copy_(0, idx, value)
 
     def _adamw(
         self, p: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor, group: dict
@@ -239,20 +280,18 @@ class ShardOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros(rows, dtype=torch.float32, device=p.device)
         m_all, v_all, steps = state["exp_avg"], state["exp_avg_sq"], state["step"]
         data = p.data
-        scalar = p.dim() == 0
-        cached = self._cached_rows(p, index) if index is not None else None
+        if p.dim() == 0:  # a scalar parameter (a head's): one "row"
+            data, m_all, v_all, values = (t.view(1) for t in (data, m_all, v_all, values))
+        narrow = _narrow(p)
+        cached = self._cached_rows(p, index) if index is not None and not narrow else None
         for sl in self._chunks(values):
-            g = values if scalar else values[sl]
+            g = values[sl].float() if narrow else values[sl]
             idx = None if index is None else index[sl]
+            w = cached[sl] if cached is not None else self._load(data, idx, sl)
+            m, v = self._load(m_all, idx, sl), self._load(v_all, idx, sl)
             if idx is None:
-                w = data if scalar else data[sl]
-                m = m_all if scalar else m_all[sl]
-                v = v_all if scalar else v_all[sl]
                 t = steps[sl].add_(1.0)
             else:
-                w = cached[sl] if cached is not None else data.index_select(0, idx)
-                m = m_all.index_select(0, idx)
-                v = v_all.index_select(0, idx)
                 t = steps.index_select(0, idx).add_(1.0)
                 steps.index_copy_(0, idx, t)
             w.mul_(1.0 - lr * wd)
@@ -261,14 +300,17 @@ class ShardOptimizer(torch.optim.Optimizer):
             t64 = t.double()
             bc1 = 1.0 - torch.pow(beta1, t64)  # [rows]
             bc2_sqrt = (1.0 - torch.pow(beta2, t64)).sqrt()
-            shape = (-1,) + (1,) * (g.dim() - 1) if not scalar else ()
+            shape = (-1,) + (1,) * (g.dim() - 1)
             step_size = (lr / bc1).to(w.dtype).view(shape)
             denom = (v.sqrt() / bc2_sqrt.to(w.dtype).view(shape)).add_(eps)
             w.sub_(m.div(denom).mul_(step_size))
-            if idx is not None:
-                m_all.index_copy_(0, idx, m)
-                v_all.index_copy_(0, idx, v)
-                data.index_copy_(0, idx, w)
+            for target, value in ((m_all, m), (v_all, v), (data, w)):
+                self._store(target, idx, sl, value)
+
+
+def _narrow(t: torch.Tensor) -> bool:
+    """A 16-bit float tensor: updated through float32 and rounded back."""
+    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()

@@ -36,8 +36,9 @@ from partialfc.collectives import (
 from partialfc.context import MarginContext, ShardSpec
 from partialfc.margins import MarginHead
 from partialfc.ops import NORM_EPS, distributed_cross_entropy, gather_rows, normalized_cosine
-from partialfc.optim import DEFAULT_CHUNK_ELEMENTS, ShardOptimizer, clip_grad_norm_
+from partialfc.optim import ShardOptimizer, clip_grad_norm_
 from partialfc.partition import class_range
+from partialfc.rounding import Rounding
 from partialfc.sampling import init_class_centers, mixed_seed, sample_columns
 from partialfc.stats import StepStats, cosine_angle_stats
 
@@ -76,6 +77,12 @@ class PartialFC(nn.Module):
             BENCHMARKS.md: the dense update costs a pass over the shard and its state every
             step); "dense" is the constructor's default only because any optimizer takes it.
             At sample_rate 1 the two are the same update.
+        storage_dtype: dtype of the shard and its optimizer state: float32, or bfloat16 /
+            float16 to hold twice the classes in the same memory. The step computes on the
+            sampled rows in float32 (their gradient arrives rounded to the storage dtype) and
+            ``build_optimizer``'s optimizer writes them back rounded (``rounding``).
+        rounding: ``"stochastic"`` or ``"nearest"`` (``partialfc.rounding``), for 16-bit
+            storage.
         stats_columns: columns per rank used to estimate the mean negative angle.
         hist_size: at most this many target angles in ``stats.angles.target_angles_deg``.
 
@@ -108,12 +115,14 @@ class PartialFC(nn.Module):
         update: str = "dense",
         stats_columns: int = 64,
         hist_size: int = 1024,
+        storage_dtype: torch.dtype = torch.float32,
+        rounding: Rounding = "stochastic",
     ) -> None:
         super().__init__()
         start, count = class_range(num_classes, rank, world_size)
         check_arguments(
             margin, embedding_size, num_classes, sample_rate, world_size, seed, init_std,
-            compute_dtype, update, stats_columns, hist_size,
+            compute_dtype, update, stats_columns, hist_size, storage_dtype, rounding,
         )  # fmt: skip
         if get_world_size(group) > 1 or world_size > 1:
             check_group(group, rank, world_size)
@@ -132,6 +141,8 @@ class PartialFC(nn.Module):
         self.update = update
         self.stats_columns = stats_columns
         self.hist_size = hist_size
+        self.storage_dtype = storage_dtype
+        self.rounding = rounding
         self.num_subcenters = int(margin.num_subcenters)
         k = self.num_subcenters
         if margin.uses_classifier:
@@ -140,7 +151,8 @@ class PartialFC(nn.Module):
             )
         else:
             init = torch.empty(0, embedding_size)
-        self.weight = nn.Parameter(init.to(device) if device is not None else init)  # [C_r*K, D]
+        init = init.to(device=device, dtype=storage_dtype)  # rounded to nearest
+        self.weight = nn.Parameter(init)  # [C_r*K, D]
         spec = ShardSpec(
             num_classes=num_classes,
             class_start=start,
@@ -166,40 +178,28 @@ class PartialFC(nn.Module):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"class_start={self.class_start}, num_local={self.num_local}, "
             f"sample_rate={self.sample_rate}, rank={self.rank}, world_size={self.world_size}, "
-            f"update={self.update}"
+            f"update={self.update}, storage_dtype={self.storage_dtype}"
         )
 
     # ------------------------------------------------------------------------- optimizer
-    def build_optimizer(
-        self,
-        name: str = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ) -> ShardOptimizer:
-        """The classifier's optimizer (SGD momentum or AdamW) over ``self.parameters()``.
+    def build_optimizer(self, name: str = "sgd", **hyper: Any) -> ShardOptimizer:
+        """The classifier's optimizer (SGD momentum or AdamW) over ``self.parameters()``;
+        ``hyper``: ``ShardOptimizer``'s lr, momentum, weight_decay, betas, eps, chunk_elements.
 
         Required with ``update="sampled"`` (row-sparse gradients); with ``"dense"`` it gives
         the same updates as ``torch.optim.SGD`` / ``AdamW`` without their shard-sized
-        temporaries. Its ``step`` also applies the head's
-        rule-based state updates (center loss's centres) and its ``zero_grad`` drops them;
-        with another optimizer, call ``self.margin.apply_updates()`` after each step.
+        temporaries. Its ``step`` also applies the head's rule-based state updates (center
+        loss's centres) and its ``zero_grad`` drops them; with another optimizer, call
+        ``self.margin.apply_updates()`` after each step.
         """
-        params = [p for p in self.parameters() if p.requires_grad]
         return ShardOptimizer(
-            params,
+            [p for p in self.parameters() if p.requires_grad],
             name=name,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            chunk_elements=chunk_elements,
+            **{"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, **hyper},
             after_step=self.margin.apply_updates,
             after_zero_grad=self.margin.discard_updates,
+            rounding=self.rounding,
+            rounding_seed=mixed_seed("round", self.seed, self.rank),
             **self._optimizer_hooks(),
         )
 
@@ -290,13 +290,29 @@ class PartialFC(nn.Module):
         """The unit rows of ``emb`` [N, D] and their norms [N], both differentiable."""
         return F.normalize(emb, dim=1, eps=NORM_EPS), torch.linalg.vector_norm(emb, dim=1)
 
-    def _context(self, **kw: Any) -> MarginContext:
+    def _context(
+        self,
+        target: torch.Tensor,
+        world_labels: torch.Tensor,
+        emb: torch.Tensor,
+        norms: torch.Tensor,
+        x_hat: torch.Tensor,
+    ) -> MarginContext:
+        """The head's context for per-row target columns ``target`` [N] (-1: none here)."""
+        rows = torch.nonzero(target >= 0).squeeze(1)  # [R]
         return MarginContext(
+            target=target,
+            rows=rows,
+            cols=target[rows],  # [R]
+            target_cos=emb.new_zeros(0),
+            labels=world_labels,
+            feature_norms=norms,
+            embeddings=emb,
+            normalized=x_hat,
             step=self.num_steps.detach().clone(),
             training=self.training,
             group=self.group,
             gather_rows=self._gather,
-            **kw,
         )
 
     def _aux_only_loss(
@@ -307,21 +323,10 @@ class PartialFC(nn.Module):
         x_hat: torch.Tensor,
         world_labels: torch.Tensor,
     ) -> tuple[torch.Tensor, StepStats]:
-        empty = torch.zeros(0, dtype=torch.long, device=emb.device)
-        ctx = self._context(
-            target=torch.full_like(world_labels, -1),
-            rows=empty,
-            cols=empty,
-            target_cos=emb.new_zeros(0),
-            labels=world_labels,
-            feature_norms=norms,
-            embeddings=emb,
-            normalized=x_hat,
-        )
-        total = emb.new_zeros(())
+        ctx = self._context(torch.full_like(world_labels, -1), world_labels, emb, norms, x_hat)
         stats = StepStats(losses={}, angles=None, num_sampled=0)
-        total = self._add_extra_terms(head, ctx, total, stats)
-        self.last_sampled_global = empty
+        total = self._add_extra_terms(head, ctx, emb.new_zeros(()), stats)
+        self.last_sampled_global = ctx.rows  # empty
         return total, stats
 
     def _sample_step(
@@ -342,18 +347,7 @@ class PartialFC(nn.Module):
             if index is None
             else index + start
         )
-        rows = torch.nonzero(target >= 0).squeeze(1)  # [R]
-        ctx = self._context(
-            target=target,
-            rows=rows,
-            cols=target[rows],  # [R]
-            target_cos=emb.new_zeros(0),
-            labels=world_labels,
-            feature_norms=norms,
-            embeddings=emb,
-            normalized=x_hat,
-        )
-        return index, ctx
+        return index, self._context(target, world_labels, emb, norms, x_hat)
 
     def _classifier_loss(
         self,

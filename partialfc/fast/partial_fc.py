@@ -54,6 +54,11 @@ class FusedPartialFC(PartialFC):
 
     def __init__(self, *args: Any, low_memory: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.storage_dtype != torch.float32:
+            raise ValueError(
+                f"the cpu_fused backend keeps float32 class centres; storage_dtype "
+                f"{self.storage_dtype} runs on the plain backend"
+            )
         self.low_memory = bool(low_memory)
         self.workspace: Workspace | None = Workspace() if self.low_memory else None
         # Largest per-rank batch so far, the same on every rank: lets the batch's all-gather
