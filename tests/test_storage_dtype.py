@@ -3,6 +3,8 @@ optimizer's float32 update written back, training and resuming across dtypes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from partialfc import PartialFC, ShardOptimizer, build_margin, resolve_backend
 from partialfc.rounding import round_into, storage_dtype
 
 NARROW = [torch.bfloat16, torch.float16]
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 
 
 @pytest.mark.parametrize("dtype", NARROW)
@@ -49,9 +52,7 @@ def test_nearest_update_is_the_float32_update_rounded(name: str, dtype: torch.dt
     index = torch.tensor([3, 7, 20, 41])
     values = torch.randn(4, 8, generator=gen)
     hp = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4} if name == "sgd" else {"lr": 0.01}
-    opts = [
-        ShardOptimizer([p], name=name, rounding="nearest", **hp) for p in (narrow, wide)
-    ]
+    opts = [ShardOptimizer([p], name=name, rounding="nearest", **hp) for p in (narrow, wide)]
     for _ in range(2):
         for p, opt in zip((narrow, wide), opts, strict=True):
             grad_values = values.to(dtype).to(p.dtype)  # the same (rounded) gradient
@@ -125,3 +126,37 @@ def test_fast_backend_refuses_narrow_storage_and_auto_picks_plain() -> None:
         PartialFC(build_margin("arcface"), 8, 10, 1.0, 0, 1, storage_dtype=torch.int8)
     with pytest.raises(ValueError, match="rounding must be one of"):
         PartialFC(build_margin("arcface"), 8, 10, 1.0, 0, 1, rounding="up")
+
+
+def test_checkpoints_keep_the_stored_dtype_and_resume_into_another(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """From the CLI: bf16 centres at W=2 are checkpointed as bf16 (weights and momentum);
+    resumed at W=1 into fp32 they are the same values (re-sharded, widened exactly); a
+    float32 checkpoint resumed into bf16 storage is rounded to nearest."""
+    from test_resume import _state, _train
+
+    common = ("partialfc.sample_rate=1.0", "train.max_steps=3", "partialfc.backend=auto")
+    narrow = ("dist.nproc=2", "partialfc.storage_dtype=bf16")
+    _train(tiny_dataset, tmp_path, "narrow", *narrow, *common)
+    saved = _state(tmp_path / "narrow" / "step-3", 2)
+    assert saved["fc.weight"].dtype == saved["fc.momentum_buffer"].dtype == torch.bfloat16
+    ckpt = str(tmp_path / "narrow" / "step-3")
+    _train(tiny_dataset, tmp_path, "wide", "dist.nproc=1", *common, "--resume", ckpt)
+    wide = _state(tmp_path / "wide" / "step-3", 1)
+    assert wide["fc.weight"].dtype == torch.float32
+    for key in ("fc.weight", "fc.momentum_buffer"):
+        assert torch.equal(wide[key], saved[key].float()), key
+    # And back: the float32 checkpoint into bf16 storage, rounded to nearest.
+    wide_ckpt = str(tmp_path / "wide" / "step-3")
+    extra = ("partialfc.storage_dtype=bf16", "--resume", wide_ckpt)
+    _train(tiny_dataset, tmp_path, "again", "dist.nproc=1", *common, *extra)
+    again = _state(tmp_path / "again" / "step-3", 1)
+    assert torch.equal(again["fc.weight"], wide["fc.weight"].to(torch.bfloat16))
+
+
+def test_cpu_fused_with_narrow_storage_is_a_config_error() -> None:
+    from trainer.config import load_config
+
+    with pytest.raises(Exception, match="cpu_fused keeps float32"):
+        load_config(DEMO, ["partialfc.backend=cpu_fused", "partialfc.storage_dtype=fp16"])

@@ -140,6 +140,17 @@ class PartialFCConfig(_Section):
     fast CPU backend (fused C++ kernels built with g++ on first use, reused buffers,
     collectives overlapped with the products; torch ops if the build fails); "auto":
     cpu_fused on a CPU where the kernels build, plain otherwise."""
+    storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the class centres and their optimizer state: "bf16" / "fp16" hold twice the
+    identities in the same memory (each step computes on the sampled rows in float32 and
+    writes them back rounded, see rounding); 16-bit storage runs on the plain backend.
+    bf16 keeps float32's range; fp16 has 3 more bits but underflows below ~6e-8 (AdamW's
+    second moments can). Checkpoints keep the stored dtype; resuming into another dtype
+    casts (rounded to nearest)."""
+    rounding: Literal["stochastic", "nearest"] = "stochastic"
+    """How float32 results are written into 16-bit centres and state: "stochastic" (unbiased:
+    an update smaller than the storage's resolution still moves a centre on average) or
+    "nearest". Ignored with storage_dtype fp32."""
 
     @model_validator(mode="before")
     @classmethod
@@ -328,6 +339,11 @@ class Config(_Section):
             raise ValueError("train.precision: fp16 needs CUDA; use bf16 on the CPU")
         if self.partialfc.backend == "cpu_fused" and self.dist.device == "cuda":
             raise ValueError("partialfc.backend: cpu_fused runs on the CPU; use plain or auto")
+        if self.partialfc.backend == "cpu_fused" and self.partialfc.storage_dtype != "fp32":
+            raise ValueError(
+                f"partialfc.backend: cpu_fused keeps float32 class centres; storage_dtype "
+                f"{self.partialfc.storage_dtype} needs plain (or auto)"
+            )
         return self
 
     @property

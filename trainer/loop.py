@@ -26,6 +26,7 @@ from dataio.loaders import LoaderConfig, build_loader
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline
 from partialfc import StepStats, build_margin, build_partial_fc, resolve_backend
+from partialfc.rounding import storage_dtype
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError
 from trainer.context import DistContext
@@ -92,7 +93,8 @@ class Trainer(Checkpointing, Stepping):
         self.backbone = create_backbone(mcfg.backbone, **self.backbone_kwargs).to(ctx.device)
 
         pcfg = config.partialfc
-        self.backend = resolve_backend(pcfg.backend, ctx.device)
+        storage = storage_dtype(pcfg.storage_dtype)
+        self.backend = resolve_backend(pcfg.backend, ctx.device, storage)
         margin = build_margin(pcfg.margin)
         self.partial_fc = build_partial_fc(
             self.backend,
@@ -106,6 +108,8 @@ class Trainer(Checkpointing, Stepping):
             init_std=pcfg.init_std,
             device=ctx.device,
             update=pcfg.update,
+            storage_dtype=storage,
+            rounding=pcfg.rounding,
         )
         self.partial_fc.count_steps = False  # _one_step counts optimizer steps instead
         self.grad_norm: torch.Tensor | None = None  # of the last step, where computed
