@@ -46,6 +46,8 @@ import partialfc_bench as pb  # noqa: E402  (the sibling bench's measuring helpe
 
 REPO = pb.REPO
 IMPLS = ("plain", "fast", "arcface_torch")
+STORAGE = {"plain_bf16": "bf16", "plain_fp16": "fp16"}
+"""Further implementations ``--impls`` may name: the plain core with 16-bit class centres."""
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +61,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="turns of every implementation")
     p.add_argument("--pairs", type=int, default=2, help="timed (step, products) pairs a turn")
     p.add_argument("--threads", type=int, default=0, help="per rank; 0: cores // world")
+    p.add_argument(
+        "--impls", nargs="+", default=list(IMPLS), choices=[*IMPLS, *STORAGE],
+        help="what to measure (plain_bf16 / plain_fp16: the plain core, 16-bit centres)",
+    )  # fmt: skip
+    p.add_argument("--memory-only", action="store_true", help="peak memory, no timings")
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "partialfc_compare.json"))
     return p.parse_args(argv)
 
@@ -90,16 +97,30 @@ class _Impl:
             self.opt = torch.optim.SGD(
                 self.module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
             )
-            self.grad_rows = self.module.num_local  # its gradient is the dense shard
         else:
-            backend = "plain" if name == "plain" else "cpu_fused"
+            from partialfc.rounding import storage_dtype
+
+            backend = "cpu_fused" if name == "fast" else "plain"
             self.module = build_partial_fc(
-                backend, build_margin("arcface"), d, c, rate, rank, world, update="sampled"
-            )
+                backend, build_margin("arcface"), d, c, rate, rank, world, update="sampled",
+                storage_dtype=storage_dtype(STORAGE.get(name, "fp32")),
+            )  # fmt: skip
             self.opt = self.module.build_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
-            s_r = self.module.num_local if rate >= 1 else round(rate * self.module.num_local)
-            self.grad_rows = s_r
         self.num_local = self.module.num_local
+
+    def state_bytes(self) -> int:
+        """What any implementation must hold, from this one's tensors after a step: the
+        shard's weights, their optimizer state and the gradient rows (the dense shard's
+        gradient for arcface_torch, the sampled rows' for ours)."""
+        import torch
+
+        weight = self.module.weight
+        state = self.opt.state[weight]
+        total = weight.nbytes + sum(t.nbytes for t in state.values() if torch.is_tensor(t))
+        grad = weight.grad
+        if grad is not None:
+            total += grad._values().nbytes if grad.is_sparse else grad.nbytes
+        return total
 
     def step(self, emb: Any, labels: Any) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -158,19 +179,18 @@ def _memory(cfg: dict[str, Any], rank: int, emb: Any, labels: Any) -> dict[str, 
     for _ in range(2):
         impl.step(emb, labels)
     peak = pb._proc_status("VmHWM")
-    state = pb._state_bytes(impl.num_local, cfg["dim"], "sgd", impl.grad_rows)
-    return {"peak_bytes": peak - base, "state_bytes": state}
+    return {"peak_bytes": peak - base, "state_bytes": impl.state_bytes(), "rows": impl.num_local}
 
 
 def _timings(cfg: dict[str, Any], rank: int, emb: Any, labels: Any, barrier: Any) -> dict:
     """Rounds of (build, warm-up step, timed step/products pairs) per implementation."""
     import torch
 
-    steps: dict[str, list[float]] = {name: [] for name in IMPLS}
-    ratios: dict[str, list[float]] = {name: [] for name in IMPLS}
+    steps: dict[str, list[float]] = {name: [] for name in cfg["impls"]}
+    ratios: dict[str, list[float]] = {name: [] for name in cfg["impls"]}
     s_r = None
     for _ in range(cfg["rounds"]):
-        for name in IMPLS:
+        for name in cfg["impls"]:
             impl = _Impl(name, cfg, rank)
             impl.step(emb, labels)  # warm-up
             if s_r is None:  # the plain core's sampled rows (positives included)
@@ -212,32 +232,41 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = {
         "anchor_dir": str(Path(args.anchor_dir).resolve()), "dim": args.dim,
         "batch": args.batch, "world": args.world, "rounds": args.rounds, "pairs": args.pairs,
-        "threads": threads,
+        "threads": threads, "impls": args.impls,
     }  # fmt: skip
     rows = []
     for classes in args.classes:
         for rate in args.rates:
             cfg = {**base, "classes": classes, "rate": rate, "mode": "time"}
-            print(f"C={classes} rate={rate}: timing ...", flush=True)
-            ranks = _spawn(cfg)
+            ranks = None
+            if not args.memory_only:
+                print(f"C={classes} rate={rate}: timing ...", flush=True)
+                ranks = _spawn(cfg)
             row: dict[str, Any] = {"classes": classes, "rate": rate, "impls": {}}
-            # Every rank times the same collective-bounded steps: rank 0's figures.
-            anchor_step = pb._median(ranks[0]["steps"]["arcface_torch"])
-            for name in IMPLS:
+            for name in args.impls:
                 print(f"C={classes} rate={rate}: memory of {name} ...", flush=True)
                 mem = _spawn({**cfg, "mode": "memory", "impl": name})
                 peak = max(r["peak_bytes"] for r in mem)
                 state = max(r["state_bytes"] for r in mem)
-                step = pb._median(ranks[0]["steps"][name])
                 row["impls"][name] = {
-                    "step_s": step,
-                    "step_s_all": ranks[0]["steps"][name],
-                    "x_gemm": pb._median(ranks[0]["ratios"][name]),
-                    "x_arcface_torch": step / anchor_step,
                     "peak_bytes": peak,
+                    "peak_bytes_all_ranks": sum(r["peak_bytes"] for r in mem),
                     "state_bytes": state,
+                    "state_bytes_per_identity": state / max(r["rows"] for r in mem),
                     "x_state": peak / state,
                 }
+            if ranks is not None:  # every rank times the same steps: rank 0's figures
+                anchor = "arcface_torch" if "arcface_torch" in args.impls else args.impls[0]
+                anchor_step = pb._median(ranks[0]["steps"][anchor])
+                for name, entry in row["impls"].items():
+                    step = pb._median(ranks[0]["steps"][name])
+                    entry.update(
+                        step_s=step,
+                        step_s_all=ranks[0]["steps"][name],
+                        x_gemm=pb._median(ranks[0]["ratios"][name]),
+                        x_anchor=step / anchor_step,
+                    )
+                row["anchor"] = anchor
             rows.append(row)
     return rows
 
@@ -245,18 +274,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"\nPartial FC vs arcface_torch PartialFC_V2, W={args.world}, D={args.dim}, "
-        f"B={args.batch}/rank, CPU (gloo); medians of {args.rounds} x {args.pairs} pairs"
+        f"B={args.batch}/rank, CPU (gloo); medians of {args.rounds} x {args.pairs} pairs; "
+        "x anchor: step / the anchor's (arcface_torch where measured)"
     )
     print(
-        f"{'C':>9} {'rate':>5} {'impl':>14} {'step ms':>9} {'x GEMM':>7} {'x a_t':>6} "
-        f"{'peak GiB':>9} {'x state':>8}"
+        f"{'C':>9} {'rate':>5} {'impl':>14} {'step ms':>9} {'x GEMM':>7} {'x anchor':>8} "
+        f"{'peak GiB':>9} {'x state':>8} {'B/identity':>10}"
     )
     for row in rows:
         for name, r in row["impls"].items():
+            timed = "step_s" in r
+            step = f"{1000 * r['step_s']:>9,.0f}" if timed else f"{'-':>9}"
+            ratios = f"{r['x_gemm']:>7.2f} {r['x_anchor']:>8.2f}" if timed else f"{'-':>7} {'-':>8}"
             print(
-                f"{row['classes']:>9} {row['rate']:>5} {name:>14} {1000 * r['step_s']:>9,.0f} "
-                f"{r['x_gemm']:>7.2f} {r['x_arcface_torch']:>6.2f} "
-                f"{r['peak_bytes'] / pb.GIB:>9.2f} {r['x_state']:>8.2f}"
+                f"{row['classes']:>9} {row['rate']:>5} {name:>14} {step} {ratios} "
+                f"{r['peak_bytes'] / pb.GIB:>9.2f} {r['x_state']:>8.2f} "
+                f"{r['state_bytes_per_identity']:>10,.0f}"
             )
 
 
