@@ -1,25 +1,24 @@
-"""Figures as PNG: ROC curves, pair-angle histograms, target angles over training.
+"""Figures of an evaluation as PNG: ROC curves and pair-angle histograms.
 
-* :func:`plot_roc_curves`: TAR against log FAR for one or more sets, TAR@FAR marks.
+* :func:`plot_roc_curves`: TAR against log FAR for one or more sets, TAR@FAR marks; the title
+  names the model (and its training step) and each set's number of pairs.
 * :func:`plot_pair_angle_histograms`: angles between the two embeddings of positive and of
   negative pairs (ArcFace paper, Fig. 7): the gap between the two humps is what a threshold
-  separates.
-* :func:`plot_target_angle_history`: how the angle between embeddings and their class centre
-  shrinks during training, from the statistics the trainer logs to wandb (mean +- std, the
-  percentiles and the hardest negative angle when logged, and a heat map when a sample of
-  target angles is logged per step).
+  separates, and the verification's decision threshold is marked as an angle.
 
-The 2-D toy figure of each margin loss lives in :mod:`evaluation.toy_plots`; the figure and
-PNG helpers both use (Agg canvas, no pyplot, so plotting changes no global state) in
-:mod:`evaluation.figures`. ``python -m evaluation.plots toy --out DIR`` regenerates the toy
-figures, ``python -m evaluation.plots history RUN --out FILE`` draws a run's angle history.
+Each has a ``*_figure`` twin that returns the matplotlib figure instead of writing it. A run's
+curves against the step (loss, lr, accuracy, angle statistics) are
+:mod:`evaluation.run_plots`; the 2-D toy figure of each margin loss lives in
+:mod:`evaluation.toy_plots`; the figure and PNG helpers all use (Agg canvas, no pyplot, so
+plotting changes no global state) in :mod:`evaluation.figures`. ``python -m evaluation.plots
+toy --out DIR`` regenerates the toy figures, ``python -m evaluation.plots history RUN --out
+DIR`` draws a run's curves.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,36 +27,37 @@ import numpy as np
 
 from evaluation.figures import new_figure, save_png
 from evaluation.roc import DEFAULT_FARS, RocCurve, tar_at_far
+from evaluation.run_plots import plot_run, set_label
 from evaluation.toy_plots import make_toy_plots
 from evaluation.verification import l2_normalize
 
 __all__ = [
-    "load_history",
+    "pair_angle_figure",
     "pair_angles",
     "plot_pair_angle_histograms",
     "plot_roc_curves",
-    "plot_target_angle_history",
+    "roc_figure",
+    "threshold_angle",
 ]
 
 
 # ------------------------------------------------------------------------------ ROC
 
 
-def plot_roc_curves(
-    curves: Mapping[str, RocCurve],
-    path: str | os.PathLike[str],
-    fars: Sequence[float] = DEFAULT_FARS,
-    title: str = "ROC",
-) -> Path:
-    """TAR vs FAR (log axis) of every curve, with its TAR@FAR points marked."""
+def roc_figure(
+    curves: Mapping[str, RocCurve], fars: Sequence[float] = DEFAULT_FARS, model: str | None = None
+) -> Any:
+    """TAR vs FAR (log axis) of every curve, with its TAR@FAR points marked. The title names
+    ``model`` (what was evaluated, e.g. "r50, step 1200 (run ms1mv3)") and each curve's pairs."""
     if not curves:
         raise ValueError("curves is empty: nothing to plot")
-    fig = new_figure()
+    fig = new_figure(6.0, 4.8)
     ax = fig.add_subplot(1, 1, 1)
     lowest = 1.0
     for name, curve in curves.items():
         keep = curve.fpr > 0  # log axis: FAR 0 cannot be drawn
-        ax.plot(curve.fpr[keep], curve.tpr[keep], label=f"{name} (AUC {curve.auc():.4f})")
+        label = f"{set_label(name)} (AUC {curve.auc():.4f})"
+        ax.plot(curve.fpr[keep], curve.tpr[keep], label=label)
         if keep.any():
             lowest = min(lowest, float(curve.fpr[keep].min()))
         rows = [r for r in tar_at_far(curve, fars) if r.resolvable]
@@ -67,10 +67,24 @@ def plot_roc_curves(
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate (FAR)")
     ax.set_ylabel("true accept rate (TAR)")
-    ax.set_title(title)
+    pairs = ", ".join(
+        f"{set_label(name)}: {c.num_positives + c.num_negatives} pairs"
+        for name, c in curves.items()
+    )
+    ax.set_title(f"ROC of {model or 'the model'}\n{pairs}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return save_png(fig, path)
+    return fig
+
+
+def plot_roc_curves(
+    curves: Mapping[str, RocCurve],
+    path: str | os.PathLike[str],
+    fars: Sequence[float] = DEFAULT_FARS,
+    model: str | None = None,
+) -> Path:
+    """:func:`roc_figure` written as PNG to ``path``."""
+    return save_png(roc_figure(curves, fars, model), path)
 
 
 # ------------------------------------------------------------------------------ pair angles
@@ -87,14 +101,23 @@ def pair_angles(embeddings: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray,
     return deg[same], deg[~same]
 
 
-def plot_pair_angle_histograms(
+def threshold_angle(threshold: float) -> float:
+    """The angle in degrees at which a squared L2 distance ``threshold`` between unit vectors
+    decides: ``d = 2 - 2 cos``, so ``arccos(1 - d / 2)``."""
+    return float(np.degrees(np.arccos(np.clip(1.0 - threshold / 2.0, -1.0, 1.0))))
+
+
+def pair_angle_figure(
     embeddings: np.ndarray,
     issame: np.ndarray,
-    path: str | os.PathLike[str],
     bins: int = 90,
     title: str = "pair angles",
-) -> Path:
-    """Histograms of positive- and negative-pair angles (0-180 degrees) on shared bins."""
+    threshold: float | None = None,
+) -> Any:
+    """Histograms of positive- and negative-pair angles (0-180 degrees) on shared bins, and
+    the decision threshold as an angle: ``threshold`` is the k-fold protocol's squared-distance
+    threshold (``VerificationResult.best_threshold``, the mean over folds of the threshold
+    with the best accuracy on the other folds); pairs below the angle are called "same"."""
     pos, neg = pair_angles(embeddings, issame)
     fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
@@ -103,124 +126,32 @@ def plot_pair_angle_histograms(
         if len(values):
             label = f"{name} pairs (n={len(values)}, mean {values.mean():.1f} deg)"
             ax.hist(values, bins=edges, alpha=0.6, color=colour, label=label)
+    if threshold is not None:
+        angle = threshold_angle(threshold)
+        label = f"decision threshold {angle:.1f} deg (10-fold best-accuracy threshold, mean)"
+        ax.axvline(angle, color="black", linestyle="--", linewidth=1.5, label=label)
     ax.set_xlim(0, 180)
     ax.set_xlabel("angle between the pair's embeddings (degrees)")
     ax.set_ylabel("pairs")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return save_png(fig, path)
+    return fig
 
 
-# ------------------------------------------------------------------------------ training angles
-
-
-def load_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Logged rows of a run: a wandb run folder or ``run-*.wandb`` file, or a JSON-lines file."""
-    import json
-
-    from evaluation.wandb_offline import find_run_log, read_history
-
-    p = Path(path)
-    if p.is_dir():
-        return read_history(find_run_log(p))
-    if p.suffix == ".wandb":
-        return read_history(p)
-    rows = []
-    for lineno, line in enumerate(p.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not a JSON object ({e})") from e
-    return rows
-
-
-def _series(rows: Sequence[Mapping[str, Any]], suffix: str) -> tuple[np.ndarray, np.ndarray]:
-    steps, values = [], []
-    for i, row in enumerate(rows):
-        for key, value in row.items():
-            if key.endswith(suffix) and isinstance(value, int | float):
-                steps.append(row.get("_step", i))
-                values.append(float(value))
-                break
-    return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
-
-
-def _as_weighted_samples(value: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """Logged angles as (values, weights): a plain list of angles, or a wandb histogram dict
-    (``{"_type": "histogram", "bins": [B+1 edges], "values": [B counts]}``, bin centres)."""
-    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
-        v = np.asarray(value, dtype=np.float64)
-        return v, np.ones_like(v)
-    if isinstance(value, dict) and value.get("_type") == "histogram":
-        bins = np.asarray(value.get("bins", []), dtype=np.float64)
-        counts = np.asarray(value.get("values", []), dtype=np.float64)
-        if len(bins) == len(counts) + 1 and len(counts):
-            return (bins[:-1] + bins[1:]) / 2, counts
-    return None
-
-
-def plot_target_angle_history(
-    rows: Sequence[Mapping[str, Any]],
+def plot_pair_angle_histograms(
+    embeddings: np.ndarray,
+    issame: np.ndarray,
     path: str | os.PathLike[str],
-    title: str = "target angle during training",
+    bins: int = 90,
+    title: str = "pair angles",
+    threshold: float | None = None,
 ) -> Path:
-    """Target-angle statistics against the step, from logged rows (``_step`` + angle keys).
-
-    Keys are matched by suffix, so any prefix (``angles/``) works: ``target_angle_mean_deg``
-    (required) with ``target_angle_std_deg`` (a +-1 std band), ``target_angle_pNN_deg``
-    percentiles, ``hardest_negative_angle_mean_deg``, and a key containing ``target_angle``
-    and ``sample`` or ``hist`` whose value is a list of angles or a wandb histogram (a
-    per-step heat map of the distribution).
-    """
-    steps, mean = _series(rows, "target_angle_mean_deg")
-    if len(steps) == 0:
-        raise ValueError("no row has a '*target_angle_mean_deg' value: nothing to plot")
-    samples = [
-        (row.get("_step", i), hist)
-        for i, row in enumerate(rows)
-        for key, value in row.items()
-        if "target_angle" in key and ("sample" in key or "hist" in key)
-        for hist in [_as_weighted_samples(value)]
-        if hist is not None
-    ]
-    fig = new_figure(7.0, 4.5)
-    ax = fig.add_subplot(1, 1, 1)
-    if samples:
-        edges = np.linspace(0.0, 180.0, 91)
-        grid = np.stack([np.histogram(v, bins=edges, weights=w)[0] for _, (v, w) in samples])
-        xs = np.asarray([s for s, _ in samples], dtype=float)
-        x_edges = np.r_[xs, xs[-1] + (xs[-1] - xs[-2] if len(xs) > 1 else 1.0)]
-        ax.pcolormesh(x_edges, edges, grid.T, cmap="Greys", shading="flat", alpha=0.6)
-    ax.plot(steps, mean, color="tab:blue", label="target angle (mean)")
-    std_steps, std = _series(rows, "target_angle_std_deg")
-    if len(std) == len(mean):
-        ax.fill_between(steps, mean - std, mean + std, color="tab:blue", alpha=0.2, label="+-1 std")
-    percentile_keys = sorted(
-        {
-            m.group(0)
-            for row in rows
-            for k in row
-            for m in [re.search(r"target_angle_p\d+_deg$", k)]
-            if m
-        }
-    )
-    for key in percentile_keys:
-        p_steps, p_values = _series(rows, key)
-        ax.plot(p_steps, p_values, linestyle=":", linewidth=1, label=key.replace("_deg", ""))
-    neg_steps, neg = _series(rows, "hardest_negative_angle_mean_deg")
-    if len(neg):
-        ax.plot(neg_steps, neg, color="tab:red", label="hardest negative angle (mean)")
-    ax.set_ylim(0, 180)
-    ax.set_xlabel("step")
-    ax.set_ylabel("degrees")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return save_png(fig, path)
+    """:func:`pair_angle_figure` written as PNG to ``path``."""
+    return save_png(pair_angle_figure(embeddings, issame, bins, title, threshold), path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m evaluation.plots toy --out DIR`` / ``history RUN --out FILE``."""
+    """``python -m evaluation.plots toy --out DIR`` / ``history RUN --out DIR``."""
     parser = argparse.ArgumentParser(description="facetrain figures")
     sub = parser.add_subparsers(dest="what", required=True)
     toy = sub.add_parser("toy", help="2-D decision-boundary figure per margin head")
@@ -229,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     toy.add_argument("--steps", type=int, default=300)
     toy.add_argument("--classes", type=int, default=8)
     toy.add_argument("--seed", type=int, default=0)
-    hist = sub.add_parser("history", help="target angle over training from a wandb run")
-    hist.add_argument("run", help="wandb run folder, run-*.wandb file or JSON-lines file")
-    hist.add_argument("--out", required=True, help="output PNG")
+    hist = sub.add_parser("history", help="a run's loss, lr, accuracy and angles by step")
+    hist.add_argument("run", help="run folder, run-*.wandb file or JSON-lines file")
+    hist.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     if args.what == "toy":
         res = make_toy_plots(
@@ -242,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, reason in res.skipped.items():
             print(f"{name:<16} skipped: {reason}")
         return 0 if res.files else 1
-    path = plot_target_angle_history(load_history(args.run), args.out)
-    print(f"target angle history -> {path}")
+    for name, path in plot_run(args.run, args.out).items():
+        print(f"{name:<16} -> {path}")
     return 0
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from evaluation.embed import Embedder, embed_images, open_image_source
 from evaluation.identification import evaluate_identification
 from evaluation.ijb import evaluate_ijb
-from evaluation.roc import DEFAULT_FARS, roc_curve, tar_at_far, tar_reading_notes
-from evaluation.verification import kfold_verification, pair_distances
+from evaluation.roc import DEFAULT_FARS, tar_at_far, tar_reading_notes
+from evaluation.verification import kfold_verification, pair_roc
 
 __all__ = [
     "format_identification_table",
@@ -42,14 +42,17 @@ def run_verification(
     fars: Sequence[float] = DEFAULT_FARS,
     plots_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    model: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """k-fold verification of every ``.bin`` set, plus ROC AUC and TAR@FAR of its pairs.
 
     Returns ``{set name: VerificationResult.as_dict() + {"auc", "tar_at_far"}}``. With
     ``plots_dir``, writes ``roc.png`` (all sets) and ``angles_<set>.png`` (positive/negative
-    pair-angle histograms) there and lists them under ``"plots"`` of each set.
+    pair-angle histograms with the decision threshold) there and lists them under ``"plots"``
+    of each set; their titles name ``model`` (what was evaluated, and its step) and the pairs.
     """
     from evaluation.plots import plot_pair_angle_histograms, plot_roc_curves
+    from evaluation.run_plots import set_label
 
     results: dict[str, dict[str, Any]] = {}
     curves = {}
@@ -67,17 +70,20 @@ def run_verification(
             desc=name,
         )
         res = kfold_verification(emb, src.issame, nfolds=nfolds).as_dict()
-        # squared L2 between unit vectors d = 2 - 2 cos, so the cosine is 1 - d / 2
-        curve = roc_curve(1.0 - pair_distances(emb) / 2.0, src.issame)
+        curve = pair_roc(emb, src.issame)
         res["auc"] = curve.auc()
         res["tar_at_far"] = [r.as_dict() for r in tar_at_far(curve, fars)]
         if plots_dir is not None:
             path = Path(plots_dir) / f"angles_{name}.png"
-            res["plots"] = [str(plot_pair_angle_histograms(emb, src.issame, path, title=name))]
+            title = f"{set_label(name)}: {len(src.issame)} pairs, {model or 'the model'}"
+            path = plot_pair_angle_histograms(
+                emb, src.issame, path, title=title, threshold=res["best_threshold"]
+            )
+            res["plots"] = [str(path)]
         curves[name] = curve
         results[name] = res
     if plots_dir is not None and curves:
-        roc_path = str(plot_roc_curves(curves, Path(plots_dir) / "roc.png", fars))
+        roc_path = str(plot_roc_curves(curves, Path(plots_dir) / "roc.png", fars, model))
         for res in results.values():
             res["plots"].append(roc_path)
     return results
@@ -94,8 +100,10 @@ def run_ijb(
     fars: Sequence[float] = DEFAULT_FARS,
     plots_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """IJB-B/C 1:1 template verification (see :mod:`evaluation.ijb`); optional ROC plot."""
+    """IJB-B/C 1:1 template verification (see :mod:`evaluation.ijb`); optional ROC plot (its
+    title names ``model`` and the template pairs)."""
     result = evaluate_ijb(
         embedder,
         root,
@@ -110,7 +118,8 @@ def run_ijb(
     if plots_dir is not None:
         from evaluation.plots import plot_roc_curves
 
-        path = plot_roc_curves({name: result.roc}, Path(plots_dir) / f"roc_{name.lower()}.png")
+        path = Path(plots_dir) / f"roc_{name.lower()}.png"
+        path = plot_roc_curves({name: result.roc}, path, model=model)
         out["plots"] = [str(path)]
     return out
 

@@ -10,6 +10,7 @@ padding. Each joined record is a serialized ``wandb_internal_pb2.Record`` protob
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,8 +91,40 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
 
 
 def find_run_log(run_dir: str | Path) -> Path:
-    """The newest ``run-*.wandb`` file under a run folder."""
-    logs = sorted(Path(run_dir).rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    """The newest ``run-*.wandb`` file under a run folder (see :func:`find_run_logs`)."""
+    return find_run_logs(run_dir)[-1]
+
+
+def _started(log: Path) -> tuple[str, float]:
+    """Sort key of a run log: its folder's start time (``offline-run-YYYYMMDD_HHMMSS-<id>``),
+    then the file's modification time."""
+    match = re.search(r"\d{8}_\d{6}", log.parent.name)
+    return (match.group(0) if match else "", log.stat().st_mtime)
+
+
+def find_run_logs(run_dir: str | Path) -> list[Path]:
+    """The ``run-<id>.wandb`` files of the newest wandb run under a run folder, oldest first:
+    a resumed training job continues its wandb run (same id) in a new folder."""
+    logs = sorted(Path(run_dir).rglob("run-*.wandb"), key=_started)
     if not logs:
-        raise WandbLogError(f"{run_dir}: no wandb run log (run-*.wandb) found")
-    return logs[-1]
+        raise WandbLogError(
+            f"{run_dir}: no wandb run log (run-*.wandb) found (a run with wandb.mode: disabled "
+            "logs none)"
+        )
+    return [log for log in logs if log.name == logs[-1].name]
+
+
+def read_run_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The logged rows of the newest wandb run under a run folder, its resumed parts joined.
+
+    A part that resumed from a checkpoint logs again the steps after that checkpoint: the
+    earlier parts' rows from the later part's first step on are dropped (they were redone).
+    """
+    rows: list[dict[str, Any]] = []
+    for log in find_run_logs(run_dir):
+        part = read_history(log)
+        steps = [row["_step"] for row in part if "_step" in row]
+        if steps:
+            rows = [row for row in rows if row.get("_step", -1) < min(steps)]
+        rows.extend(part)
+    return rows

@@ -103,6 +103,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pack_dir", help="folder with train.rec, train.idx, property")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode threads")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p.add_argument("--grid", default=None, metavar="PNG", help="save a sheet of sample images")
+    p.add_argument("--grid-rows", type=int, default=8, help="identities on the sheet (rows)")
+    p.add_argument("--grid-cols", type=int, default=8, help="images of each identity")
+    p.add_argument("--seed", type=int, default=0, help="which identities and images are drawn")
 
 
 def _add_architecture(p: argparse.ArgumentParser) -> None:
@@ -160,14 +164,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_plots(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plots", help="2-D toy figures of every margin head; a run's angle history")
-    p.add_argument("--out", default="docs/figures", help="output folder")
-    p.add_argument("--heads", nargs="*", default=None, help="default: softmax + every head")
+    p = sub.add_parser("plots", help="a run's curves (--run), or 2-D toy figures of the heads")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="run folder (output/NAME): loss, lr, eval accuracy and angles against the step",
+    )
+    p.add_argument("--out", default=None, help="output folder (RUN/plots, or docs/figures)")
+    p.add_argument("--heads", nargs="*", default=None, help="toy figures of these heads")
     p.add_argument("--steps", type=int, default=300, help="toy training steps per head")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--run", default=None, help="also plot the target angle history of this wandb run folder"
-    )
 
 
 def _add_heads(sub: argparse._SubParsersAction) -> None:

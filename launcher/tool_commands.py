@@ -59,6 +59,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dataio.inspect_pack import format_report, inspect_pack
     from evaluation.runner import write_json
 
+    if args.grid:  # first: drawing a few images is quick, checking every record is not
+        from dataio.inspect_grid import write_grid
+
+        grid = write_grid(args.pack_dir, args.grid, args.grid_rows, args.grid_cols, args.seed)
+        print(f"grid: {grid.rows} identities x {grid.cols} images -> {grid.path}")
     report = inspect_pack(args.pack_dir, workers=args.workers)
     print(format_report(report))
     if args.json:
@@ -71,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation import runner
     from evaluation.embed import check_image_size, open_image_source
     from launcher.preflight import check_eval_bins
-    from launcher.tools import eval_settings, make_embedder
+    from launcher.tools import describe_model, eval_settings, make_embedder
 
     if not (args.bin or args.ijb or args.probes):
         raise UsageError("nothing to evaluate; give --bin, --ijb or --probes/--distractors")
@@ -90,10 +95,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in [*args.bin, *([args.probes, args.distractors] if args.probes else [])]:
         check_image_size(open_image_source(path), path, input_size, args.model)
     common = {"batch_size": args.batch_size, "flip": not args.no_flip}
+    model = describe_model(args.model, args.backbone) if args.plots else None
     results: dict[str, object] = {}
     if args.bin:
         ver = runner.run_verification(
-            embedder, args.bin, nfolds=args.nfolds, plots_dir=args.plots, **common
+            embedder, args.bin, nfolds=args.nfolds, plots_dir=args.plots, model=model, **common
         )
         print(runner.format_verification_table(ver))
         results["verification"] = ver
@@ -104,6 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.ijb_name,
             input_size=input_size or (112, 112),
             plots_dir=args.plots,
+            model=model,
             **common,
         )
         print(runner.format_ijb_table(ijb))
@@ -163,17 +170,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from evaluation.plots import load_history, plot_target_angle_history
+    """``--run``: the run's curves (toy figures too when ``--heads`` is given); else the toy
+    figures of every head."""
+    if args.run:
+        from evaluation.run_plots import plot_run
+
+        for name, path in plot_run(args.run, args.out or Path(args.run) / "plots").items():
+            print(f"{name:<16} -> {path}")
+        if args.heads is None:
+            return 0
     from evaluation.toy_plots import make_toy_plots
 
-    res = make_toy_plots(args.out, args.heads, steps=args.steps, seed=args.seed)
+    res = make_toy_plots(args.out or "docs/figures", args.heads, steps=args.steps, seed=args.seed)
     for name, path in res.files.items():
         print(f"{name:<16} toy test accuracy {100 * res.accuracy[name]:5.1f}%  -> {path}")
     for name, reason in res.skipped.items():
         print(f"{name:<16} skipped: {reason}")
-    if args.run:
-        path = plot_target_angle_history(load_history(args.run), Path(args.out) / "angles.png")
-        print(f"target angle history -> {path}")
     return 0 if res.files else 1
 
 

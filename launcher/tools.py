@@ -85,6 +85,19 @@ def eval_settings(model_path: str | Path) -> dict[str, int]:
     return {k: getattr(settings, k) for k in keys}
 
 
+def describe_model(model_path: str | Path, backbone: str | None = None) -> str:
+    """What is evaluated, for figure titles: a checkpoint's backbone, training step and run
+    ("r50, step 1200 (run ms1mv3_r50)"), or the file's name (``backbone``'s state_dict or an
+    ONNX model, whose training step is not recorded)."""
+    path = Path(model_path)
+    if path.suffix == ".onnx" or is_weights_file(path):
+        kind = f"{backbone} state_dict" if backbone else "ONNX"
+        return f"{path.name} ({kind}, training step not recorded)"
+    step_dir = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_meta(step_dir)
+    return f"{meta['backbone']}, step {meta['step']} (run {step_dir.parent.name})"
+
+
 def make_embedder(
     model_path: str | Path, backbone: str | None = None, embedding_size: int | None = None
 ) -> tuple[Embedder, tuple[int, int] | None]:

@@ -14,13 +14,21 @@ from torch import nn
 
 import partialfc
 from evaluation.plots import (
-    load_history,
+    pair_angle_figure,
     pair_angles,
     plot_pair_angle_histograms,
     plot_roc_curves,
-    plot_target_angle_history,
+    roc_figure,
+    threshold_angle,
 )
 from evaluation.roc import roc_curve
+from evaluation.run_plots import (
+    load_history,
+    metric_label,
+    plot_run,
+    plot_target_angle_history,
+    run_figures,
+)
 from evaluation.toy_plots import _toy_data as toy_data
 from evaluation.toy_plots import make_toy_plots, train_toy_head
 
@@ -41,10 +49,16 @@ def test_roc_plot(tmp_path: Path) -> None:
     labels = np.r_[np.ones(500, bool), np.zeros(5000, bool)]
     good = roc_curve(np.r_[rng.normal(2, 1, 500), rng.normal(0, 1, 5000)], labels)
     bad = roc_curve(np.r_[rng.normal(0.5, 1, 500), rng.normal(0, 1, 5000)], labels)
-    path = plot_roc_curves({"good": good, "bad": bad}, tmp_path / "sub" / "roc.png")
-    assert_real_png(path, (600, 450))
+    path = plot_roc_curves({"good": good, "lfw": bad}, tmp_path / "sub" / "roc.png")
+    assert_real_png(path, (600, 480))
     with pytest.raises(ValueError, match="empty"):
         plot_roc_curves({}, tmp_path / "x.png")
+    # The title names the model and its step, and each set's number of pairs.
+    fig = roc_figure({"good": good, "lfw": bad}, model="r50, step 1200 (run ms1mv3)")
+    title = fig.axes[0].get_title()
+    assert title == "ROC of r50, step 1200 (run ms1mv3)\ngood: 5500 pairs, LFW: 5500 pairs"
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == [f"good (AUC {good.auc():.4f})", f"LFW (AUC {bad.auc():.4f})"]
 
 
 def test_pair_angles_hand_computed_and_histogram(tmp_path: Path) -> None:
@@ -65,6 +79,24 @@ def test_pair_angles_hand_computed_and_histogram(tmp_path: Path) -> None:
     pos, neg = pair_angles(emb, same)
     assert pos.mean() < 40 < 80 < neg.mean()
     assert_real_png(plot_pair_angle_histograms(emb, same, tmp_path / "a.png"), (600, 450))
+
+
+def test_pair_angle_histogram_marks_the_decision_threshold() -> None:
+    """The k-fold squared-distance threshold is drawn as the angle it decides at."""
+    assert threshold_angle(2.0) == pytest.approx(90.0)  # d = 2 - 2 cos: cos 0
+    assert threshold_angle(1.0) == pytest.approx(60.0)  # cos 0.5
+    assert threshold_angle(4.5) == pytest.approx(180.0)  # beyond the range: clipped
+    rng = np.random.default_rng(1)
+    emb, same = rng.normal(size=(40, 8)), np.arange(20) < 10
+    fig = pair_angle_figure(emb, same, title="LFW: 20 pairs, r50", threshold=1.0)
+    ax = fig.axes[0]
+    marks = [line for line in ax.get_lines() if line.get_label().startswith("decision threshold")]
+    assert len(marks) == 1 and np.allclose(marks[0].get_xdata(), 60.0)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "decision threshold 60.0 deg (10-fold best-accuracy threshold, mean)" in legend
+    assert ax.get_title() == "LFW: 20 pairs, r50"
+    unmarked = pair_angle_figure(emb, same)
+    assert not [x for x in unmarked.axes[0].get_lines() if "threshold" in x.get_label()]
 
 
 def history_rows(steps: int = 30, with_samples: bool = False) -> list[dict]:
@@ -117,6 +149,66 @@ def test_target_angle_history(tmp_path: Path) -> None:
     log.write_text('{"_step": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"historyTrue\.jsonl:2"):
         load_history(log)
+
+
+def legend_texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def test_run_figures_have_readable_legends(tmp_path: Path) -> None:
+    """Loss, lr, eval per set and the angle statistics against the step, each curve named in
+    words (no logged key in a legend); a subject nothing was logged for is left out."""
+    rows = history_rows()
+    for i, row in enumerate(rows):
+        if "train/loss" in row:
+            row.update({"train/loss_ce": 9.0, "train/loss_aux_center": 1.0, "train/lr": 0.1})
+            row["train/embedding_norm_mean"] = 20.0 + i
+    for step, acc in ((0, 0.5), (100, 0.8), (200, 0.7)):
+        for name in ("lfw", "agedb_30"):
+            prefix = f"eval/{name}/"
+            rows.append({"_step": step, prefix + "accuracy": acc, prefix + "best_accuracy": 0.8,
+                         prefix + "roc_auc": 0.9, prefix + "tar_at_far_1e-4": 0.3,
+                         prefix + "tar_at_far_1e-3": 0.4})  # fmt: skip
+    figures = run_figures(rows)
+    assert sorted(figures) == ["angles", "embedding_norm", "eval", "loss", "lr"]
+    texts = {name: legend_texts(fig) for name, fig in figures.items()}
+    assert texts["loss"] == [
+        "loss (total)",
+        "margin softmax cross-entropy",
+        "auxiliary loss: center",
+    ]
+    assert texts["lr"] == ["learning rate (backbone)"]
+    assert texts["embedding_norm"] == ["embedding norm (mean, before normalisation)"]
+    assert texts["eval"] == [
+        "val accuracy", "LFW accuracy", "LFW best accuracy so far", "AgeDB-30 accuracy",
+        "AgeDB-30 best accuracy so far", "LFW ROC AUC", "LFW TAR @ FAR 1e-4",
+        "LFW TAR @ FAR 1e-3", "AgeDB-30 ROC AUC", "AgeDB-30 TAR @ FAR 1e-4",
+        "AgeDB-30 TAR @ FAR 1e-3",
+    ]  # fmt: skip
+    assert texts["angles"] == [
+        "target angle (mean)", "target angle +-1 std", "target angle (10th percentile)",
+        "target angle (90th percentile)", "hardest negative angle (mean)",
+    ]  # fmt: skip
+    for text in (t for ts in texts.values() for t in ts):
+        assert "/" not in text and "_" not in text, text  # no raw key
+    # The eval curves are drawn at the logged steps with the logged values.
+    eval_ax = figures["eval"].axes[0]
+    lfw = next(line for line in eval_ax.get_lines() if line.get_label() == "LFW accuracy")
+    assert list(lfw.get_xdata()) == [0, 100, 200] and list(lfw.get_ydata()) == [0.5, 0.8, 0.7]
+    assert metric_label("angles/target_angle_p50_deg") == "target angle (median)"
+    assert metric_label("eval/my_set/val_at_far_1e-3") == "my_set VAL @ FAR 1e-3"
+    assert metric_label("train/some_new_key") == "some new key"
+
+    log = tmp_path / "h.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    paths = plot_run(log, tmp_path / "out")
+    assert sorted(paths) == sorted(figures)
+    for path in paths.values():
+        assert path.parent == tmp_path / "out"
+        assert_real_png(path, Image.open(path).size)
+    log.write_text(json.dumps({"_step": 1, "data/skipped_records": 2}))
+    with pytest.raises(ValueError, match="no loss, lr, eval or angle"):
+        plot_run(log, tmp_path / "none")
 
 
 def test_toy_training_learns_the_digits() -> None:
