@@ -4,9 +4,10 @@ DALI's mxnet reader takes every ``.idx`` entry for a sample: the header record (
 identity records of an insightface pack come out as empty images with vector labels, which
 the decoder rejects. DALI only needs the offsets of the records it should read (it sorts them
 and reads each record up to the next listed offset), so the DALI loader reads through an index
-of image records only, written into a cache folder next to the pack (``.facetrain_cache/``, or
-a folder under the system temp dir when the pack's folder is read-only) and named by a hash of
-its content. Headerless packs with no bad records use their own ``train.idx``.
+of image records only, named by a hash of its content and written into a cache folder: the one
+the caller names (the trainer's is ``RUN/cache``, or ``data.cache_dir``), else the user's
+``~/.cache/facetrain``. Never into the pack's folder: datasets on clusters are often read-only
+or shared. Headerless packs with no bad records use their own ``train.idx``.
 """
 
 from __future__ import annotations
@@ -20,27 +21,30 @@ import numpy as np
 from dataio.layout import PackError
 from dataio.pack import FacePack
 
-CACHE_DIR_NAME = ".facetrain_cache"
-"""Folder created inside the pack folder for derived files (image-only DALI index)."""
+USER_CACHE = os.path.join("~", ".cache", "facetrain")
+"""The cache folder of a loader given none (``~`` is the user's home)."""
 
 
 def resolve_cache_dir(
     pack_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
 ) -> str:
-    """The folder for files derived from a pack: ``cache_dir``, else ``PACK/.facetrain_cache``
-    if it can be written, else ``<system temp>/facetrain_cache/<hash of the pack path>``."""
+    """The folder for files derived from a pack: ``cache_dir`` (created), else
+    ``~/.cache/facetrain/<hash of the pack path>``, else the same under the system temp dir
+    when that cannot be written. Never a folder inside the pack."""
     if cache_dir is not None:
         path = os.fspath(cache_dir)
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise PackError(
+                f"{path}: cannot create the cache folder of DALI's index: {exc}"
+            ) from exc
         return path
     pack = os.path.realpath(os.fspath(pack_dir))
+    name = hashlib.sha1(pack.encode()).hexdigest()[:16]
     candidates = [
-        os.path.join(pack, CACHE_DIR_NAME),
-        os.path.join(
-            tempfile.gettempdir(),
-            "facetrain_cache",
-            hashlib.sha1(pack.encode()).hexdigest()[:16],
-        ),
+        os.path.join(os.path.expanduser(USER_CACHE), name),
+        os.path.join(tempfile.gettempdir(), "facetrain_cache", name),
     ]
     for path in candidates:
         try:
@@ -67,9 +71,9 @@ def image_index_path(
 ) -> str:
     """An index of the image records at ``positions`` of ``pack`` that DALI can read.
 
-    The file lives in the pack's cache folder (see :func:`resolve_cache_dir`), named by a
-    hash of its content, so every rank and every later run reuses it and a changed pack never
-    meets a stale index. A headerless pack read whole uses its own ``train.idx``.
+    The file lives in the cache folder (see :func:`resolve_cache_dir`), named by a hash of
+    its content, so every rank and every later run with the same folder reuses it and a
+    changed pack never meets a stale index. A headerless pack read whole uses its own ``train.idx``.
     """
     pos = np.sort(np.asarray(positions, dtype=np.int64))
     if pos.size == 0:

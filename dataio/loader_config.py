@@ -73,8 +73,8 @@ class DaliOptions:
     initial_fill: int = 32768
     """DALI's shuffle buffer in records (arcface_torch uses 32768; capped at the shard size)."""
     cache_dir: str | os.PathLike[str] | None = None
-    """Where the image-only index goes; None: ``PACK/.facetrain_cache`` or a temp folder (see
-    :func:`dataio.dali_index.resolve_cache_dir`)."""
+    """Where the image-only index goes (the trainer: ``RUN/cache`` or ``data.cache_dir``); None:
+    ``~/.cache/facetrain`` (see :func:`dataio.dali_index.resolve_cache_dir`), never the pack's."""
 
     def __post_init__(self) -> None:
         check_int("initial_fill", self.initial_fill, minimum=1)

@@ -13,21 +13,9 @@ This module holds the argument parsers and the dispatch (:func:`main`, the conso
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-
-from launcher import env as launch_env
-from launcher.tool_commands import (
-    cmd_embed,
-    cmd_eval,
-    cmd_export,
-    cmd_heads,
-    cmd_inspect,
-    cmd_pack,
-    cmd_plots,
-    cmd_synth,
-)
-from launcher.train_commands import cmd_submit, cmd_train
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -156,7 +144,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="step-N folder, run folder or state_dict file")
     _add_architecture(p)
     p.add_argument("--out", required=True, help="output .onnx path")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=18, help="17 for runtimes that stop there")
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--simplify", action="store_true", help="run onnxsim on the graph")
     p.add_argument("--fp16", action="store_true", help="float16 weights, float32 input/output")
@@ -217,21 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The module of each command's ``cmd_NAME``, imported only when that command runs: building
+# the parsers imports no torch, so ``facetrain --help`` and ``facetrain CMD --help`` are quick.
+_TRAIN, _TOOLS = "launcher.train_commands", "launcher.tool_commands"
 _COMMANDS = {
-    "train": cmd_train,
-    "submit": cmd_submit,
-    "synth": cmd_synth,
-    "pack": cmd_pack,
-    "inspect": cmd_inspect,
-    "eval": cmd_eval,
-    "embed": cmd_embed,
-    "export": cmd_export,
-    "plots": cmd_plots,
-    "heads": cmd_heads,
+    "train": _TRAIN,
+    "submit": _TRAIN,
+    "synth": _TOOLS,
+    "pack": _TOOLS,
+    "inspect": _TOOLS,
+    "eval": _TOOLS,
+    "embed": _TOOLS,
+    "export": _TOOLS,
+    "plots": _TOOLS,
+    "heads": _TOOLS,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = getattr(importlib.import_module(_COMMANDS[args.command]), f"cmd_{args.command}")
+
     from evaluation.onnx_export import OnnxParityError
     from launcher.submit import SubmitError
     from trainer.checkpoint import CheckpointError
@@ -247,9 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         SubmitError,
         FileNotFoundError,
     )
-    args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        return command(args)
     except user_errors as exc:
         print(f"facetrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -261,6 +254,8 @@ def entry() -> None:
     ``launcher.worker.exit_process``: no interpreter or process group teardown. In-process
     callers of ``main`` are never ended."""
     code = main()
+    from launcher import env as launch_env
+
     if launch_env.has_process_group():
         from launcher.worker import exit_process
 

@@ -88,7 +88,10 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     print(f"facetrain: starting {nproc} processes under torchrun{where}", flush=True)
     # A session of its own: a signal sent to this process's group (srun and slurmstepd signal
     # whole groups) must not kill the agent; the workers get it from `forward` instead.
-    agent = subprocess.Popen(cmd, start_new_session=True)
+    env = dict(os.environ)
+    if nproc > 1:  # what torchrun would set, less its banner about it on every start
+        env.setdefault("OMP_NUM_THREADS", "1")
+    agent = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def forward(signum: int, _frame: object) -> None:
         for pid in _workers(agent.pid):

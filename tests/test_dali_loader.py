@@ -4,6 +4,7 @@ loader, resume, corrupt records, and the loader dispatcher."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -84,28 +85,35 @@ def test_header_pack_read_without_repacking_and_agrees_with_torch(header_pack, t
     assert [offsets[k] for k in keys] == pack.image_offsets.tolist()
 
 
-def test_headerless_vector_labels_and_default_cache_folder(tmp_path):
+def test_headerless_vector_labels_and_default_cache_folder(tmp_path, monkeypatch):
     jpegs = []
     import simplejpeg
     from _packs import smooth_image
 
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    pack_dir = tmp_path / "pack"
+    pack_dir.mkdir()
     rng = np.random.default_rng(0)
-    with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+    with RecordWriter(pack_dir / "train.rec", pack_dir / "train.idx") as w:
         for key in range(6):
             jpeg = simplejpeg.encode_jpeg(smooth_image(rng, 8, 8), quality=95)
             jpegs.append(jpeg)
             label = [float(key % 3), 0.25] if key % 2 else float(key % 3)  # mixed label forms
             w.write(key, pack_record(IRHeader(0, label, key, 0), jpeg))
-    (tmp_path / "property").write_text("3,8,8")
+    (pack_dir / "property").write_text("3,8,8")
     loader = dali_loader(
-        tmp_path, 0, 1, batch_size=3, seed=0, workers=1, flip=False, with_keys=True
+        pack_dir, 0, 1, batch_size=3, seed=0, workers=1, flip=False, with_keys=True
     )
     batches = run_epoch(loader, 0)
     got = {int(k): int(y) for _, ys, ks in batches for y, k in zip(ys, ks, strict=True)}
     assert got == {k: k % 3 for k in range(6)}
     # headerless and clean: DALI reads the pack's own index, no cache file is written
-    assert not (tmp_path / ".facetrain_cache").exists()
-    assert resolve_cache_dir(tmp_path) == str(tmp_path.resolve() / ".facetrain_cache")
+    assert not (tmp_path / "home").exists()
+    # without a cache_dir, derived files go to the user's cache folder, never into the pack
+    folder = resolve_cache_dir(pack_dir)
+    assert folder.startswith(str(tmp_path / "home" / ".cache" / "facetrain"))
+    assert os.listdir(folder) == []
+    assert sorted(os.listdir(pack_dir)) == ["property", "train.idx", "train.rec"]
 
 
 def test_resume_mid_epoch_continues_with_unseen_records(header_pack, tmp_path):

@@ -76,6 +76,10 @@ def test_two_process_run_prints_summary(trained_run: dict) -> None:
     assert "starting 2 processes under torchrun" in out
     assert "facetrain summary" in out
     assert "raw-pixel cosine baseline" in out and "before training" in out
+    # no torch / onnx noise on the console: torchrun's OMP_NUM_THREADS banner, the exporter's
+    # warnings (opset 18 needs no down-conversion)
+    err = trained_run["stderr"]
+    assert "OMP_NUM_THREADS" not in err and "Warning" not in err and "torchvision" not in err, err
 
 
 def test_summary_json(trained_run: dict) -> None:

@@ -39,14 +39,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Expor
     return model, result, before
 
 
-def test_export_writes_a_verified_opset_17_file(exported) -> None:
+def test_export_writes_a_verified_opset_18_file(exported) -> None:
     _, result, _ = exported
     assert result.path.name == "nano.onnx" and result.path.is_file()
     assert 0.0 <= result.max_abs_diff < 1e-4
-    assert result.opset == 17
+    assert result.opset == 18  # the exporter's own opset: no down-conversion by default
     assert result.trace_batch != result.check_batch == 4
     proto = onnx.load(str(result.path))
-    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [18]
     # only the final file remains: no temporary, no external-data side file
     assert sorted(p.name for p in result.path.parent.iterdir()) == ["nano.onnx"]
 
@@ -121,8 +121,8 @@ def test_failed_export_keeps_an_existing_file_untouched(tmp_path: Path) -> None:
 
 def test_legacy_exporter_also_passes_parity(tmp_path: Path) -> None:
     model = _nano().eval()
-    result = export_onnx(model, tmp_path / "legacy.onnx", dynamo=False, batch_for_check=2)
-    assert result.max_abs_diff < 1e-4 and result.opset == 17
+    result = export_onnx(model, tmp_path / "legacy.onnx", opset=17, dynamo=False, batch_for_check=2)
+    assert result.max_abs_diff < 1e-4 and result.opset == 17  # as asked
     assert result.trace_batch == 3  # never traced at the check batch size
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).uniform(-1, 1, size=(5, 3, 112, 112)).astype(np.float32)

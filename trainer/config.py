@@ -70,6 +70,9 @@ class DataConfig(_Section):
     """Optional: the number of classes you expect. Read from the pack; if set, must agree."""
     num_images: int | None = Field(None, ge=1)
     """Optional: the number of images you expect. Read from the pack; if set, must agree."""
+    cache_dir: str | None = None
+    """Folder of the DALI loader's index of the pack (~20 bytes per image; runs may share one);
+    null: the run's ``cache/``. Never the pack's folder, which may be read-only."""
 
 
 class ModelConfig(_Section):
@@ -305,7 +308,8 @@ class WandbConfig(_Section):
 class ExportConfig(_Section):
     onnx: bool = True
     """Export the backbone to ONNX at the end of training and check onnxruntime parity."""
-    opset: int = Field(17, ge=17)
+    opset: int = Field(18, ge=17)
+    """18 is the exporter's own opset; 17 (e.g. for TensorRT 8.x) is converted down from it."""
     tolerance: float = Field(1e-4, gt=0.0)
     """Largest accepted |onnxruntime - torch| on a random batch."""
 
@@ -349,6 +353,10 @@ class Config(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.data.cache_dir) if self.data.cache_dir else self.run_dir / "cache"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from backbones import create_backbone
-from dataio.loaders import LoaderConfig, build_loader
+from dataio.loaders import DaliOptions, LoaderConfig, build_loader
 from evaluation.onnx_export import export_onnx
 from evaluation.verification import cosine_pixel_baseline
 from partialfc import StepStats, build_margin, build_partial_fc, resolve_backend
@@ -122,6 +122,7 @@ class Trainer(Checkpointing, Stepping):
             flip=config.data.flip,
             skip_corrupt=config.data.skip_corrupt,
             pixels="uint8",  # normalised on ctx.device by to_model_input
+            dali=DaliOptions(cache_dir=config.cache_dir),  # the index: never in the pack
         )
         self.loader = build_loader(
             config.data.loader,
