@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     from launcher.env import dist_context_from_env, init_process_group
     from trainer.config import load_config
     from trainer.loop import Trainer
-    from trainer.monitor import Progress, WandbRun
+    from trainer.monitor import WandbRun
 
     overrides = [
         *args.overrides,
@@ -89,9 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     if dist.is_initialized():
         dist.barrier()
     start = time.perf_counter()
-    trainer._train_steps(
-        WandbRun(config.wandb, trainer.run_dir, "bench", {}, False), Progress(1, 0, False)
-    )
+    trainer._train_steps(WandbRun(config.wandb, trainer.run_dir, "bench", {}, False))
     if dist.is_initialized():
         dist.barrier()
     e2e = time.perf_counter() - start

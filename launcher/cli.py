@@ -1,13 +1,13 @@
 """``facetrain``: the command-line entry point.
 
-Subcommands: train, submit, synth, pack, inspect, eval, embed, export, plots, heads. ``train``
-validates the config and the pack before any process starts; when it is not already running
-under a launcher (torchrun, the DeepSpeed launcher, srun) and more than one process is asked
-for, it starts torchrun itself.
+Subcommands: train, submit, synth, pack, inspect, eval, embed, export, plots, heads, runs.
+``train`` validates the config and the pack before any process starts; when it is not already
+running under a launcher (torchrun, the DeepSpeed launcher, srun) and more than one process is
+asked for, it starts torchrun itself.
 
 This module holds the argument parsers and the dispatch (:func:`main`, the console script
-:func:`entry`); the commands are :mod:`launcher.train_commands` (train, submit) and
-:mod:`launcher.tool_commands` (the data and model tools).
+:func:`entry`); the commands are :mod:`launcher.train_commands` (train, submit),
+:mod:`launcher.tool_commands` (the data and model tools) and :mod:`launcher.runs` (runs).
 """
 
 from __future__ import annotations
@@ -169,6 +169,11 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", nargs="?", default=None, help="a head: its fields, defaults, bounds")
 
 
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="the runs of an output folder: step, loss, accuracy, state")
+    p.add_argument("output_dir", nargs="?", default="output", help="run.output_dir (output)")
+
+
 def _add_submit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="render the sbatch script for a config and submit it")
     p.add_argument("config", help="YAML config file")
@@ -200,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_plots,
         _add_heads,
+        _add_runs,
     ):
         add(sub)
     return parser
@@ -219,6 +225,7 @@ _COMMANDS = {
     "export": _TOOLS,
     "plots": _TOOLS,
     "heads": _TOOLS,
+    "runs": "launcher.runs",
 }
 
 

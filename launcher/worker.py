@@ -17,6 +17,7 @@ from typing import Any
 from launcher import env as launch_env
 from trainer.config import Config, load_config
 from trainer.loop import StopFlag, Trainer
+from trainer.run_log import run_counts
 
 # What Slurm (--signal=B:USR1@T), torchrun's agent and `kill` send before stopping a job.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -32,10 +33,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"data      : {d.get('num_images')} images, {d.get('num_classes')} classes; "
         f"{world} ranks x batch {d.get('global_batch_size', 0) // world}"
     )
-    lines.append(
-        f"training  : {t.get('steps')} steps in {t.get('seconds')} s "
-        f"({t.get('samples_per_sec')} samples/s), final loss {t.get('final_loss')}"
-    )
+    if t:
+        loss = t.get("final_loss")
+        loss_text = "n/a" if loss is None else f"{loss:.4f}"
+        lines.append(f"training  : {run_counts(t)}, final loss {loss_text}")
+    if summary.get("resumed_from"):
+        lines.append(f"resumed   : from {summary['resumed_from']}")
     before = summary.get("eval_before", {})
     after = summary.get("eval_after", {})
     baseline = summary.get("pixel_baseline", {})

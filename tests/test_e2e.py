@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,29 @@ def test_embed_identification_inspect_and_plots_commands(
         str(run_dir), cwd=work,
     ).stdout  # fmt: skip
     assert (figs / "toy_arcface.png").is_file() and (figs / "angles.png").is_file(), out
+
+
+def test_run_folder_log_and_runs_command(trained_run: dict) -> None:
+    """The run folder's config.yaml and training.log, the console of a run whose stdout is
+    not a terminal (lines, no carriage returns), and `facetrain runs` on the output folder."""
+    import re
+
+    import yaml
+
+    work, run_dir = trained_run["work"], trained_run["run_dir"]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run"]["name"] == "e2e" and config["train"]["max_steps"] == 5
+    log = (run_dir / "training.log").read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in log)
+    steps = [line for line in log if "[step " in line]
+    assert [re.search(r"\[step (\d+)/5\]", line).group(1) for line in steps] == ["2", "4", "5"]
+    first = re.search(r"samples/s (\S+)  eta (\d+):(\d\d):(\d\d)  emb_norm (\S+)", steps[0])
+    assert 0 < float(first.group(1)) < math.inf and float(first.group(5)) > 0
+    assert [re.search(r"\[eval step (\d+)\] val: .* best ", line).group(1) for line in log if
+            "[eval step" in line] == ["0", "4", "5"]  # fmt: skip
+    assert "\r" not in trained_run["stdout"] + trained_run["stderr"]
+    assert all(line in trained_run["stdout"] for line in steps)  # the console has the lines
+    wandb_id = find_run_log(run_dir).stem.removeprefix("run-")
+    table = _facetrain("runs", str(work), cwd=work).stdout.splitlines()
+    row = next(line for line in table if line.startswith("e2e "))
+    assert re.search(rf"^e2e\s+5/5\s+[\d.]+\s+val [\d.]+%\s+{wandb_id}\s+finished$", row), table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,8 +127,9 @@ def test_reshard_onto_another_world_size(
         for r in range(new)
     ]
     assert sum(s["num_local"] for s in ranges) == 6
-    # And training continues from there on the new world size.
-    _train(
+    # And training continues from there on the new world size, and says so first; the
+    # summary counts this job's steps apart from the run's.
+    out = _train(
         tiny_dataset,
         tmp_path,
         "c",
@@ -138,6 +140,10 @@ def test_reshard_onto_another_world_size(
         "--resume",
         ckpt,
     )
+    said = [line for line in out.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:", line)]
+    resumed = f"resumed from {ckpt} (world size {old} -> {new}, classifier re-sharded)"
+    assert said[0].endswith(resumed), out
+    assert re.search(r"this run 2 steps \(3 -> 5\) in [\d.]+ s .*; in all 5 steps in", out)
     meta = json.loads((tmp_path / "c" / "step-5" / "meta.json").read_text())
     assert meta["world_size"] == new and meta["step"] == 5
     assert not torch.equal(_state(tmp_path / "c" / "step-5", new)["fc.weight"], saved["fc.weight"])

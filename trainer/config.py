@@ -272,7 +272,9 @@ class TrainConfig(_Section):
     threads_per_process: int = Field(1, ge=1)
     """torch intra-op threads per process on CPU."""
     progress: bool = True
-    """Console progress bar on rank 0."""
+    """Rank 0's console shows the step lines of training.log: as a progress bar on a terminal,
+    as plain lines (no carriage returns) elsewhere, e.g. in a Slurm log. false: only the other
+    lines (start, resume, evaluations, end). training.log always has every line."""
 
 
 class DistConfig(_Section):

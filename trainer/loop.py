@@ -9,11 +9,11 @@ One step on every rank::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +31,15 @@ from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError
 from trainer.context import DistContext
 from trainer.engine import build_engine
-from trainer.evaluate import evaluate_sets, load_eval_sets
+from trainer.evaluate import evaluate_sets, load_eval_sets, track_best
 from trainer.init_from import apply_init_from
-from trainer.monitor import (
-    Progress,
-    Throughput,
-    WandbRun,
-    angle_histogram,
-    flatten_metrics,
-    step_metrics,
-)
+from trainer.monitor import WandbRun, angle_histogram, flatten_metrics, step_metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plan import pack_facts
+from trainer.reporting import Reporting
 from trainer.resume import Checkpointing
+from trainer.run_log import Pace, RunLog
+from trainer.run_status import RunStatus
 from trainer.step import Stepping
 
 
@@ -71,9 +67,10 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer(Checkpointing, Stepping):
+class Trainer(Checkpointing, Stepping, Reporting):
     """Builds every part from the config on this rank and runs the job (checkpoints and
-    resume: ``trainer.resume.Checkpointing``; one optimizer step: ``trainer.step.Stepping``)."""
+    resume: ``trainer.resume.Checkpointing``; one optimizer step: ``trainer.step.Stepping``;
+    training.log, console, run.json: ``trainer.reporting.Reporting``)."""
 
     def __init__(self, config: Config, ctx: DistContext, stop: StopFlag | None = None) -> None:
         self.config = config
@@ -169,6 +166,11 @@ class Trainer(Checkpointing, Stepping):
         self.nonfinite_streak = 0
         self.wandb_id: str | None = None
         self.resumed_from: Path | None = None
+        self.resume_note = ""  # how it resumed: world sizes, re-sharding, skipped checkpoints
+        self.best_accuracy: dict[str, float] = {}  # per verification set, across jobs
+        self.pace = Pace()  # samples/s, ETA and training time (of earlier jobs too)
+        self.run_log = RunLog(self.run_dir, enabled=False, progress=False)  # fit() opens it
+        self.status = RunStatus(self.run_dir, enabled=False)
         self._loader_positioned = False  # True once a checkpoint's loader state was loaded
         self.eval_sets = load_eval_sets(config.data.val)
 
@@ -181,32 +183,34 @@ class Trainer(Checkpointing, Stepping):
         """
         cfg, ctx = self.config, self.ctx
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._maybe_resume()
-        wandb_run = WandbRun(
-            cfg.wandb,
-            self.run_dir,
-            cfg.run.name,
-            {**cfg.model_dump(mode="json"), "derived": self.derived()},
-            enabled=ctx.is_main,
-            run_id=self.wandb_id,
-        )
-        self.wandb_id = wandb_run.id
+        self._open_report()  # training.log, the console, run.json
         summary: dict[str, Any] = {"derived": self.derived()}
-        if self.resumed_from is not None:
-            summary["resumed_from"] = str(self.resumed_from)
-        progress = Progress(
-            self.total_steps, self.step, ctx.is_main and cfg.train.progress, echo=ctx.is_main
-        )
+        wandb_run: WandbRun | None = None
         try:
+            self._maybe_resume()
+            self._report_start()  # a resumed job says so first
+            if self.resumed_from is not None:
+                summary["resumed_from"] = str(self.resumed_from)
+            wandb_run = WandbRun(
+                cfg.wandb,
+                self.run_dir,
+                cfg.run.name,
+                {**cfg.model_dump(mode="json"), "derived": self.derived()},
+                enabled=ctx.is_main,
+                run_id=self.wandb_id,
+            )
+            self.wandb_id = wandb_run.id
+            self.status.update(wandb_id=self.wandb_id)
             if cfg.train.eval_at_start and self.resumed_from is None:
-                summary["eval_before"] = self.evaluate(wandb_run, progress)
-            summary["train"] = self._train_steps(wandb_run, progress)
-            progress.close()
+                summary["eval_before"] = self.evaluate(wandb_run)
+            summary["train"] = self._train_steps(wandb_run)
+            self.run_log.close_bar()
             summary["checkpoint"] = str(self.save_checkpoint())
             if self.stop.is_set() and self.step < self.total_steps:
                 summary["stopped"] = self.stop.reason or "stop requested"
+                self._report_end("stopped", summary, summary["stopped"])
                 return summary
-            summary["eval_after"] = self.evaluate(wandb_run, progress)
+            summary["eval_after"] = self.evaluate(wandb_run)
             if ctx.is_main:
                 if cfg.eval.pixel_baseline:
                     summary["pixel_baseline"] = {
@@ -220,9 +224,16 @@ class Trainer(Checkpointing, Stepping):
                 summary["wandb_run"] = wandb_run.path
                 wandb_run.summary(flatten_metrics("final", summary.get("eval_after", {})))
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._report_end("finished", summary)
+        except BaseException as exc:
+            state = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
+            with contextlib.suppress(Exception):  # the error itself is what the caller needs
+                self._report_end(state, summary, f"{type(exc).__name__}: {exc}")
+            raise
         finally:
-            progress.close()
-            wandb_run.finish()
+            self.run_log.close()
+            if wandb_run is not None:
+                wandb_run.finish()
         return summary
 
     def derived(self) -> dict[str, Any]:
@@ -240,42 +251,39 @@ class Trainer(Checkpointing, Stepping):
             "classifier_backend": self.backend,
         }
 
-    def _train_steps(self, wandb_run: WandbRun, progress: Progress) -> dict[str, Any]:
+    def _train_steps(self, wandb_run: WandbRun) -> dict[str, Any]:
         cfg, ctx = self.config, self.ctx
         tcfg = cfg.train
         global_batch = tcfg.batch_size * ctx.world_size * self.accum
-        meter = Throughput()
-        start_time = time.perf_counter()
         start_step = self.step
         last: dict[str, float] = {}
         steps_since_log = 0
         self.engine.model.train()
         batches = self._batches()
+        self.run_log.start_bar(self.total_steps, self.step)
+        self.pace.start(self.step)
         while self.step < self.total_steps:
+            self.pace.step_started()
             loss, stats, finite = self._one_step(batches)
+            self.pace.step_done()
             self.step += 1
             final = self.step == self.total_steps
             steps_since_log += 1
-            self._count_nonfinite(finite, progress)
+            self._count_nonfinite(finite, self.run_log)
             if self.step % tcfg.log_every == 0 or final:
-                last = self._log(loss, stats, meter, global_batch, steps_since_log)
+                rate, eta = self.pace.report(self.step, self.total_steps, global_batch)
+                last = self._log(loss, stats, rate)
                 if tcfg.histogram_every and self.step % tcfg.histogram_every == 0:
                     last = {**last, **angle_histogram(stats if self.ctx.is_main else None)}
                 wandb_run.log(last, step=self.step)
-                progress.update(
-                    steps_since_log,
-                    loss=f"{last['train/loss']:.3f}",
-                    lr=f"{last['train/lr']:.4f}",
-                    ips=f"{last['train/samples_per_sec']:.0f}",
-                    epoch=self.epoch,
-                )
+                self._report_step(last, eta, steps_since_log)
                 steps_since_log = 0
             if tcfg.eval_every and self.step % tcfg.eval_every == 0 and not final:
-                self.evaluate(wandb_run, progress)  # the final one runs after the checkpoint
+                self.evaluate(wandb_run)  # the final one runs after the checkpoint
             if tcfg.stop_at_step is not None and self.step >= tcfg.stop_at_step:
                 self.stop.set(f"train.stop_at_step={tcfg.stop_at_step} reached")
             if self._stop_requested():
-                progress.write(f"[step {self.step}] {self.stop.reason}: saving a checkpoint")
+                self.run_log.message(f"[step {self.step}] {self.stop.reason}: saving a checkpoint")
                 break
             if (
                 tcfg.checkpoint_every
@@ -283,12 +291,14 @@ class Trainer(Checkpointing, Stepping):
                 and self.step < self.total_steps
             ):
                 self.save_checkpoint()
-        elapsed = time.perf_counter() - start_time
+        elapsed = self.pace.seconds()
         done = self.step - start_step
         return {
             "steps": self.step,
+            "start_step": start_step,
             "steps_this_run": done,
             "seconds": round(elapsed, 2),
+            "seconds_total": round(self.pace.seconds_total(), 2),
             "samples_per_sec": round(done * global_batch / max(elapsed, 1e-9), 1),
             "final_loss": last.get("train/loss"),
             "nonfinite_steps": self.nonfinite_total,
@@ -304,18 +314,13 @@ class Trainer(Checkpointing, Stepping):
         return flag.item() > 0
 
     def _log(
-        self,
-        loss: torch.Tensor,
-        stats: StepStats | None,
-        meter: Throughput,
-        global_batch: int,
-        steps: int,
+        self, loss: torch.Tensor, stats: StepStats | None, samples_per_sec: float
     ) -> dict[str, float]:
         # The distributed CE already returns the global-batch mean on every rank.
         out = {
             "train/loss": float(loss),
             "train/lr": self.sched_backbone.get_last_lr()[0],
-            "train/samples_per_sec": meter.rate(steps * global_batch),
+            "train/samples_per_sec": samples_per_sec,
             "train/epoch": self.epoch,
             "train/nonfinite_steps": self.nonfinite_total,
         }
@@ -326,18 +331,17 @@ class Trainer(Checkpointing, Stepping):
         return {**out, **step_metrics(stats)}
 
     # ------------------------------------------------------------------- eval / save / export
-    def evaluate(self, wandb_run: WandbRun, progress: Progress) -> dict[str, dict[str, float]]:
+    def evaluate(self, wandb_run: WandbRun) -> dict[str, dict[str, float]]:
         """The figures ``facetrain eval`` gives for the checkpoint of this step (see
-        ``trainer.evaluate.evaluate_sets``), logged and printed by rank 0."""
+        ``trainer.evaluate.evaluate_sets``) and the best accuracy so far of each set, logged
+        and printed by rank 0."""
         results = evaluate_sets(
             self.eval_sets, self.backbone, self.config, self.ctx, self.engine.collective_forward
         )
+        track_best(self.best_accuracy, results)
         for name, res in results.items():
             wandb_run.log({f"eval/{name}/{k}": v for k, v in res.items()}, step=self.step)
-            progress.write(
-                f"[eval step {self.step}] {name}: accuracy "
-                f"{100 * res['accuracy']:.2f}% +- {100 * res['accuracy_std']:.2f}"
-            )
+        self._report_eval(results)
         return results
 
     def export(self, step_dir: Path) -> dict[str, Any]:

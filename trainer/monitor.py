@@ -1,8 +1,8 @@
-"""What the user sees: a console progress bar and wandb, both on rank 0 only."""
+"""What wandb sees, on rank 0 only: the step metrics and the run (the console and
+training.log: ``trainer.run_log``)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -100,51 +100,3 @@ class WandbRun:
         if self.run is not None:
             self.run.finish()
             self.run = None
-
-
-class Progress:
-    """Rank-0 console progress: a tqdm bar with loss, lr, samples/s and the ETA."""
-
-    def __init__(self, total_steps: int, start_step: int, enabled: bool, echo: bool = True) -> None:
-        """``enabled``: draw the bar; ``echo``: print messages (rank 0 only) when there is none."""
-        self.bar = None
-        self.echo = echo
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total_steps,
-                initial=start_step,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-                mininterval=1.0,
-            )
-
-    def update(self, steps: int, **postfix: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(steps)
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.echo:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Throughput:
-    """Samples per second over the interval since the last call."""
-
-    def __init__(self) -> None:
-        self._t = time.perf_counter()
-
-    def rate(self, samples: int) -> float:
-        now = time.perf_counter()
-        rate = samples / max(now - self._t, 1e-9)
-        self._t = now
-        return rate

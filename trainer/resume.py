@@ -17,6 +17,15 @@ from trainer.config import dump_config
 __all__ = ["Checkpointing"]
 
 
+def _resume_note(saved_world: int, world: int, saved_batch: int | None, batch: int) -> str:
+    """How a job continues a checkpoint, as its first line tells."""
+    if saved_world != world:
+        return f"world size {saved_world} -> {world}, classifier re-sharded"
+    if saved_batch != batch:
+        return f"world size {world}, batch size {saved_batch} -> {batch}"
+    return f"world size {world}, exact continuation"
+
+
 class Checkpointing:
     """Save, find and load checkpoints; mixed into ``trainer.loop.Trainer``, whose state
     (step, epoch, modules, optimizers, schedules, loader, wandb id) it reads and restores."""
@@ -63,6 +72,8 @@ class Checkpointing:
                 "batch_size": self.config.train.batch_size,
                 "nonfinite_steps": self.nonfinite_total,
                 "wandb_id": self.wandb_id,
+                "best_accuracy": self.best_accuracy,
+                "train_seconds": round(self.pace.seconds_total(), 3),
                 "backbone": self.config.model.backbone,
                 "backbone_kwargs": self.backbone_kwargs,
                 "derived": self.derived(),
@@ -85,7 +96,8 @@ class Checkpointing:
                 return
         else:
             candidates = [ckpt.resolve_checkpoint(spec)]
-        errors = []
+        errors: list[str] = []
+        skipped: list[str] = []  # what resumed_line tells
         for step_dir in candidates:
             try:
                 self.load_checkpoint(step_dir)
@@ -98,16 +110,11 @@ class Checkpointing:
             if self.ctx.distributed and dist.is_initialized():
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             if flag.item() > 0:
-                if errors and self.ctx.is_main:
-                    print(
-                        f"facetrain: resumed from {step_dir} after skipping: {errors}", flush=True
-                    )
+                if skipped:
+                    self.resume_note += "; cannot resume from " + ", ".join(skipped)
                 return
-            if self.ctx.is_main:
-                print(
-                    f"facetrain: cannot resume from {step_dir}; trying an older checkpoint",
-                    flush=True,
-                )
+            why = errors[-1] if ok == 0.0 else "another rank could not read its files"
+            skipped.append(f"{step_dir.name} ({why})")
         tried = [str(c) for c in candidates]
         reason = errors or "another rank could not read its files"
         raise ckpt.CheckpointError(f"no usable checkpoint among {tried}: {reason}")
@@ -140,6 +147,11 @@ class Checkpointing:
         self.epoch = int(meta["epoch"])
         self.nonfinite_total = int(meta.get("nonfinite_steps", 0))
         self.wandb_id = meta.get("wandb_id")
+        self.best_accuracy = dict(meta.get("best_accuracy") or {})
+        self.pace.seconds_before = float(meta.get("train_seconds", 0.0))
+        self.resume_note = _resume_note(
+            saved_world, self.ctx.world_size, meta.get("batch_size"), self.config.train.batch_size
+        )
         if same_world and meta.get("batch_size") == self.config.train.batch_size:
             # Exact: this rank's RNG streams and data position continue where they stopped.
             train_state.restore_rng(trainer_state["rng"])
@@ -164,3 +176,10 @@ class Checkpointing:
             pfc.sample_generator.manual_seed(seed)
             torch.manual_seed(seed)
         self.resumed_from = step_dir
+
+    def resumed_line(self) -> str:
+        """``resumed from step-N (world size 2 -> 1, classifier re-sharded)``: a resumed
+        job's first line (a checkpoint of another run is named by its path)."""
+        where = self.resumed_from
+        own = where is not None and where.parent.resolve() == self.run_dir.resolve()
+        return f"resumed from {where.name if own else where} ({self.resume_note})"

@@ -11,7 +11,7 @@ import torch
 
 from dataio.loading import to_model_input
 from partialfc import StepStats
-from trainer.monitor import Progress
+from trainer.run_log import RunLog
 
 __all__ = ["Stepping", "TrainingError"]
 
@@ -103,7 +103,7 @@ class Stepping:
         self.sched_fc.step()
         return total, stats, True
 
-    def _count_nonfinite(self, finite: bool, progress: Progress) -> None:
+    def _count_nonfinite(self, finite: bool, log: RunLog) -> None:
         """After step ``self.step``: count it if it was skipped (non-finite loss); raise
         TrainingError after ``train.max_nonfinite_steps`` in a row."""
         if finite:
@@ -111,7 +111,7 @@ class Stepping:
             return
         self.nonfinite_total += 1
         self.nonfinite_streak += 1
-        progress.write(
+        log.message(
             f"[step {self.step}] non-finite loss: step skipped "
             f"({self.nonfinite_streak} in a row, {self.nonfinite_total} in all)"
         )
