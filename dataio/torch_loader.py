@@ -26,6 +26,7 @@ count. The replacement is a repeat of that image in the epoch, which the count m
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -93,6 +94,15 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """A decoding worker ignores SIGTERM. Slurm (``scancel``, the time limit) sends it to
+    every process of a job, and the training process then finishes its step and saves a
+    checkpoint, drawing batches meanwhile; torch's own handler would end the worker and the
+    training process would fail on the lost worker instead. A worker still ends with the
+    training process (torch's watchdog), on its shutdown message, or by SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class PackLoader(DataLoader):
     """A DataLoader over one rank's shard that fetches whole batches in its workers.
 
@@ -127,6 +137,7 @@ class PackLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=_ignore_sigterm,
         )
         self.pack_dataset = dataset
         self.shard_sampler = sampler

@@ -183,8 +183,21 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time", dest="time_limit", help="time limit, e.g. 2-00:00:00")
     p.add_argument("--account")
     p.add_argument("--qos")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before the end")
+    p.add_argument("--cpus-per-task", type=int, help="default: ranks per node x (workers + 1)")
+    p.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=120,
+        help="USR1 (checkpoint, requeue) this long before the time limit; 0: none",
+    )
+    p.add_argument(
+        "--sbatch-arg",
+        dest="sbatch_args",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="any other sbatch option, e.g. --sbatch-arg=--exclusive --sbatch-arg=--mem=64G",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 

@@ -60,8 +60,12 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     """Start ``dist.nproc`` workers on this node under torchrun's elastic agent: standalone
     on one node, or one agent per node meeting at the ``--rdzv`` endpoint (c10d).
 
-    SIGTERM / SIGUSR1 sent to this process are passed on to the workers as SIGUSR1 (each
-    finishes its step, checkpoints and exits 0), not to the agent, which would kill them.
+    SIGTERM / SIGUSR1 sent to this process are passed on to the workers (each finishes its
+    step, checkpoints and exits 0), not to the agent, which would kill them.
+    The agent itself ignores both: Slurm (``scancel``, the time limit, a signal to a job
+    step) signals every process of the job, the agent included, and torchrun would answer
+    SIGTERM by killing the workers' process groups (their DataLoader workers too) 30 s later
+    at most, and die of SIGUSR1, while the workers save their checkpoint.
     """
     nproc = config.dist.nproc
     cmd = [sys.executable, "-m", "torch.distributed.run"]
@@ -78,6 +82,7 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     cmd += [
         f"--nproc-per-node={nproc}",
         f"--max-restarts={config.dist.max_restarts}",
+        "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",  # SIGTERM, SIGUSR1: ignored (below)
         "-m",
         "launcher.worker",
         args.config,
@@ -88,6 +93,9 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     print(f"facetrain: starting {nproc} processes under torchrun{where}", flush=True)
     # A session of its own: a signal sent to this process's group (srun and slurmstepd signal
     # whole groups) must not kill the agent; the workers get it from `forward` instead.
+    # The agent inherits SIG_IGN for the stop signals (it handles only those named above).
+    stops = (signal.SIGTERM, signal.SIGUSR1)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
     env = dict(os.environ)
     if nproc > 1:  # what torchrun would set, less its banner about it on every start
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -96,9 +104,10 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     def forward(signum: int, _frame: object) -> None:
         for pid in _workers(agent.pid):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
+                os.kill(pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    for sig in stops:
+        signal.signal(sig, forward)
     try:
         return agent.wait()
     finally:
@@ -119,19 +128,17 @@ def _workers(pid: int) -> list[int]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from launcher.preflight import check_job_shape, check_run_inputs
-    from launcher.submit import render_sbatch, submit
+    from launcher.submit import JobOptions, check_sbatch_args, render_sbatch, submit
     from trainer.config import load_config
     from trainer.plan import pack_facts, plan_run
 
     check_job_shape(args.nodes, args.gpus_per_node)
+    check_sbatch_args(args.sbatch_args)
     config = load_config(args.config, args.overrides)
     nproc = args.gpus_per_node or config.dist.nproc
     plan_run(config, nproc * args.nodes, pack_facts(config).as_dict())  # fail early
     check_run_inputs(config)
-    script = render_sbatch(
-        args.config,
-        args.overrides,
-        config,
+    job = JobOptions(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         partition=args.partition,
@@ -140,11 +147,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         qos=args.qos,
         cpus_per_task=args.cpus_per_task,
         signal_seconds=args.signal_seconds,
+        sbatch_args=args.sbatch_args,
     )
+    script = render_sbatch(args.config, args.overrides, config, job)
     if args.dry_run:
         print(script)
         return 0
-    job = submit(script, config.run_dir.resolve())
-    print(f"facetrain: submitted job {job}; log {config.run_dir.resolve()}/slurm-{job}.out")
-    print(job)
+    job_id = submit(script, config.run_dir.resolve())
+    print(f"facetrain: submitted job {job_id}; log {config.run_dir.resolve()}/slurm-{job_id}.out")
+    print(job_id)
     return 0

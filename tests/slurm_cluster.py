@@ -1,5 +1,9 @@
-"""A real one-node Slurm cluster on localhost for tests: munged, slurmctld and slurmd as root,
-with their own key, ports, spool and state under a temporary folder.
+"""A real Slurm cluster on localhost for tests: munged, slurmctld and one slurmd per node as
+root, with their own key, ports, spool and state under a temporary folder.
+
+Each node is a slurmd of its own on this machine (``slurmd -N nodeK``): node ``nodeK`` has its
+own port and its own spool, pid and log files (``%n`` in slurm.conf), all at 127.0.0.1, so a
+job of several nodes runs one task per "node" here as it would on a real cluster.
 
 Installs Debian's slurm-wlm and munge when they are missing (needs root and the package
 mirror). Callers skip with the reason returned by :func:`unavailable_reason`.
@@ -45,11 +49,17 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    """Start with :meth:`start`, stop with :meth:`stop`; ``env`` is for sbatch/squeue calls."""
+    """Start with :meth:`start`, stop with :meth:`stop`; ``env`` is for sbatch/squeue calls.
 
-    def __init__(self, root: Path, cpus: int = 2) -> None:
+    ``KillWait`` is Slurm's default (30 s): what a job gets between SIGTERM (``scancel``, the
+    time limit) and SIGKILL. Each node declares ``cpus`` CPUs whatever this machine has
+    (``config_overrides``), so jobs ask for as many CPUs as on a real node.
+    """
+
+    def __init__(self, root: Path, cpus: int = 8, nodes: int = 1) -> None:
         self.root = root
         self.cpus = cpus
+        self.nodes = [f"node{k + 1}" for k in range(nodes)]
         self.conf = root / "slurm.conf"
         self.munge_socket = root / "munge.socket"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -60,6 +70,10 @@ class SlurmCluster:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         r = self.root
+        node_lines = [
+            f"NodeName={name} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} State=UNKNOWN"
+            for name in self.nodes
+        ]
         self.conf.write_text(
             "\n".join(
                 [
@@ -68,15 +82,16 @@ class SlurmCluster:
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
                     "AuthType=auth/munge",
-                    f"AuthInfo=socket={self.munge_socket}",
+                    # A requeued job waits for the credential lifetime before it starts again
+                    # (120 s by default).
+                    f"AuthInfo=socket={self.munge_socket},cred_expire=30",
                     f"StateSaveLocation={r / 'state'}",
-                    f"SlurmdSpoolDir={r / 'spool'}",
+                    f"SlurmdSpoolDir={r / 'spool' / '%n'}",
                     f"SlurmctldPidFile={r / 'slurmctld.pid'}",
-                    f"SlurmdPidFile={r / 'slurmd.pid'}",
+                    f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
                     f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
-                    f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+                    f"SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "MpiDefault=none",
@@ -84,10 +99,12 @@ class SlurmCluster:
                     "SelectType=select/cons_tres",
                     "SelectTypeParameters=CR_CPU",
                     "ReturnToService=2",
+                    "SlurmdParameters=config_overrides",
                     "JobRequeue=1",
-                    "KillWait=120",
-                    f"NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-                    f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+                    "KillWait=30",
+                    *node_lines,
+                    f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES "
+                    "MaxTime=INFINITE State=UP",
                     "",
                 ]
             )
@@ -117,26 +134,37 @@ class SlurmCluster:
         self.processes.append(r / "munged.pid")
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env, timeout=30)
         self.processes.append(r / "slurmctld.pid")
-        subprocess.run(["slurmd", "-f", str(self.conf)], check=True, env=self.env, timeout=30)
-        self.processes.append(r / "slurmd.pid")
+        for name in self.nodes:
+            (r / "spool" / name).mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                ["slurmd", "-f", str(self.conf), "-N", name], check=True, env=self.env, timeout=30
+            )
+            self.processes.append(r / f"slurmd-{name}.pid")
         deadline = time.time() + 60
+        states: list[str] = []
         while time.time() < deadline:
-            out = subprocess.run(
-                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env
-            ).stdout.strip()
-            if out in ("idle", "mixed", "allocated"):
+            states = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env
+            ).stdout.split()
+            if len(states) == len(self.nodes) and all(
+                s in ("idle", "mixed", "allocated") for s in states
+            ):
                 return
             time.sleep(1)
-        raise RuntimeError(f"slurm node never became idle; logs in {self.root / 'log'}")
+        raise RuntimeError(f"slurm nodes not idle ({states}); logs in {self.root / 'log'}")
+
+    def job_info(self, job: int) -> dict[str, str]:
+        """``scontrol show job``'s KEY=VALUE fields (JobState, Restarts, NumNodes, ...)."""
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+        ).stdout
+        return dict(token.split("=", 1) for token in out.split() if "=" in token)
 
     def job_state(self, job: int) -> str:
-        out = subprocess.run(
-            ["scontrol", "show", "job", str(job)], capture_output=True, text=True, env=self.env
-        ).stdout
-        for token in out.split():
-            if token.startswith("JobState="):
-                return token.split("=", 1)[1]
-        return "UNKNOWN"
+        return self.job_info(job).get("JobState", "UNKNOWN")
 
     def wait(
         self, job: int, timeout_s: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 import pickle
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -195,6 +199,24 @@ def test_loader_is_identical_for_any_worker_count(tmp_path):
             assert torch.equal(ys, yp)
     # epochs differ (order and flips), so set_epoch reached the persistent workers
     assert not torch.equal(parallel[0][0][0], parallel[1][0][0])
+
+
+def test_loader_workers_outlive_sigterm(tmp_path):
+    """Slurm's scancel / time limit SIGTERM every process of a job; the training process
+    checkpoints on it and keeps drawing batches, so its decoding workers must not die."""
+    pack = make_pack(tmp_path / "p", n=24)
+    loader = torch_loader(pack, 0, 1, batch_size=4, seed=0, workers=2, flip=False)
+    loader.set_epoch(0)
+    others = set(multiprocessing.active_children())
+    batches = iter(loader)
+    next(batches)
+    workers = [p for p in multiprocessing.active_children() if p not in others]
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert all(w.is_alive() for w in workers)
+    assert len(list(batches)) == 5  # the rest of the epoch: 6 batches of 4
 
 
 def test_loader_ranks_split_the_data_with_equal_steps(tmp_path):

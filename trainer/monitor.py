@@ -89,14 +89,23 @@ class WandbRun:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self._call(lambda run: run.log(metrics, step=step))
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
-            for key, value in values.items():
-                self.run.summary[key] = value
+            self._call(lambda run: run.summary.update(values))
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            self._call(lambda run: run.finish())
+            self.run = None
+
+    def _call(self, action: Any) -> None:
+        """``action(run)``; if the wandb service is gone, wandb logging ends with one line
+        and training goes on. Slurm's ``scancel`` and time limit send SIGTERM to every
+        process of a job, wandb's service too: the trainer must still reach its checkpoint."""
+        try:
+            action(self.run)
+        except OSError as exc:  # ConnectionResetError, BrokenPipeError: the service died
+            print(f"facetrain: wandb logging stops here (its service is gone: {exc})", flush=True)
             self.run = None
