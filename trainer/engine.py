@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer import ds_universal
 from trainer.config import Config
 from trainer.context import DistContext
 
@@ -172,8 +173,9 @@ class DDPEngine:
     def save_extra(self, folder: Path) -> None:
         """Nothing beyond the per-rank trainer file for DDP."""
 
-    def load_extra(self, folder: Path, same_world: bool) -> None:
+    def load_extra(self, folder: Path, same_world: bool) -> str:
         """Nothing beyond the per-rank trainer file for DDP."""
+        return ""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -271,19 +273,35 @@ class DeepSpeedEngine:
 
     def save_extra(self, folder: Path) -> None:
         """Collective: every rank writes its ZeRO partition under ``folder/deepspeed``."""
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag=ds_universal.TAG)
 
-    def load_extra(self, folder: Path, same_world: bool) -> None:
-        """Restore DeepSpeed's optimizer partitions when the world size is unchanged.
+    def load_extra(self, folder: Path, same_world: bool) -> str:
+        """Restore DeepSpeed's fp32 master weights and optimizer state (collective); returns
+        what the resume line adds about them ("" when nothing needs saying).
 
-        ZeRO partitions do not map onto another world size; then only the weights (loaded
-        from backbone.pt by :meth:`load_weights`) stand and the backbone optimizer starts
-        afresh.
+        On the saved world size (or without ZeRO, whose optimizer state is whole on every
+        rank) the saved files load as they are. ZeRO 1-3 partitions are cut for the saved
+        number of ranks: on another world size they are gathered once into DeepSpeed's
+        universal layout (``trainer.ds_universal``) and every rank takes its new partition.
+        A checkpoint that cannot be converted keeps the weights from backbone.pt, and the
+        backbone optimizer starts afresh, which the resume line says.
         """
-        if same_world and (folder / "deepspeed").is_dir():
+        ds_dir = folder / "deepspeed"
+        if not ds_dir.is_dir():
+            return ""  # a DDP checkpoint: the weights from backbone.pt
+        if same_world or self.zero_stage == 0:
             self.engine.load_checkpoint(
-                str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=False
+                str(ds_dir), tag=ds_universal.TAG, load_lr_scheduler_states=False
             )
+            return ""
+        try:
+            universal = ds_universal.ensure_universal(
+                ds_dir, self.ctx.is_main, self.ctx.distributed
+            )
+        except ds_universal.UniversalUnsupported as exc:
+            return f"backbone weights only, its optimizer starts afresh ({exc})"
+        ds_universal.load_universal(self.engine, self.zero_stage, universal)
+        return f"ZeRO-{self.zero_stage} optimizer state re-partitioned from {folder.name}/universal"
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load full backbone weights; collective under ZeRO-3 (the partitioned parameters

@@ -138,9 +138,9 @@ class Checkpointing:
         elif same_engine and self.engine.name == "ddp":
             # DDP's optimizer state is replicated: any rank's copy fits any world size.
             self.engine.load_state_dict(trainer_state["engine"])
-        # DeepSpeed's own checkpoint (optimizer partitions) when the world size is unchanged;
-        # otherwise the weights loaded above stand and its optimizer starts afresh.
-        self.engine.load_extra(step_dir, same_world and same_engine)
+        # DeepSpeed's own checkpoint: its optimizer partitions, re-partitioned on another world
+        # size (trainer.ds_universal); what it says joins the resume line.
+        engine_note = self.engine.load_extra(step_dir, same_world)
         self.sched_backbone.load_state_dict(trainer_state["scheduler"])
         self.sched_fc.load_state_dict(fc_sched)
         self.step = int(meta["step"])
@@ -152,6 +152,8 @@ class Checkpointing:
         self.resume_note = _resume_note(
             saved_world, self.ctx.world_size, meta.get("batch_size"), self.config.train.batch_size
         )
+        if engine_note:
+            self.resume_note += f", {engine_note}"
         if same_world and meta.get("batch_size") == self.config.train.batch_size:
             # Exact: this rank's RNG streams and data position continue where they stopped.
             train_state.restore_rng(trainer_state["rng"])
