@@ -11,12 +11,16 @@ mirror). Callers skip with the reason returned by :func:`unavailable_reason`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+import psutil
 
 INSTALL_TIMEOUT_S = 900
 
@@ -179,10 +183,37 @@ class SlurmCluster:
         return state
 
     def stop(self) -> None:
+        """Cancel what is left (a failed test's job) and let Slurm end it (KillWait), then
+        end the daemons: SIGTERM, and SIGKILL for one still there 10 s later."""
         subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            queue = subprocess.run(
+                ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.env
+            )
+            if queue.returncode != 0 or not queue.stdout.strip():
+                break
+            time.sleep(1)
+        pids = []
         for pid_file in reversed(self.processes):
             try:
-                os.kill(int(pid_file.read_text().strip()), 15)
+                pids.append(int(pid_file.read_text().strip()))
             except (OSError, ValueError):
                 pass
-        time.sleep(1)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        for pid in pids:
+            while _alive(pid) and time.time() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -28,7 +28,11 @@ from evaluation.wandb_offline import find_run_log, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+# Each test waits on Slurm (a time limit, a requeue, KillWait): minutes, more on a loaded machine.
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=REASON or ""),
+    pytest.mark.timeout(1800),
+]
 KILL_WAIT_S = 30  # the cluster's KillWait, Slurm's default
 
 
