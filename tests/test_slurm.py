@@ -177,6 +177,7 @@ def test_time_limit_then_resubmission_resumes_and_scancel_checkpoints(
     log = _log(tmp_path, name, job)
     assert state == "TIMEOUT", log
     assert "got TERM" in log and "not requeued" in log and "requeueing" not in log, log
+    assert "received SIGTERM" in log and "received SIGUSR1" not in log, log
     assert cluster.job_info(job)["Restarts"] == "0"
     first = _latest(run)
     first_step = json.loads((first / "meta.json").read_text())["step"]
@@ -191,6 +192,7 @@ def test_time_limit_then_resubmission_resumes_and_scancel_checkpoints(
     assert state == "CANCELLED", log
     assert min(_steps_seen(log, total)) >= first_step, log  # resumed, did not start over
     assert "got TERM" in log and "not requeued" in log and "requeueing" not in log, log
+    assert "received SIGTERM" in log and "received SIGUSR1" not in log, log
     info = cluster.job_info(job)
     assert info["Restarts"] == "0" and info["JobState"] == "CANCELLED", info
     last = _latest(run)
