@@ -7,6 +7,11 @@ counts a multiply-add as 2 FLOPs. Face-recognition papers and the insightface mo
 *multiply-adds* and call them "GFLOPs" (r50: 6.3G, r100: 12.1G); :func:`profile_backbone`
 reports both, and the docs table uses the insightface convention so the numbers compare.
 
+The same meta-device run measures what a training step keeps for backward
+(:func:`training_footprint`): the bytes of every tensor autograd saves in one forward pass at
+a given batch size, which is what the activations of a step cost (the memory planner,
+``trainer.memory_plan``, uses it).
+
 ``python -m backbones.profile`` prints the Markdown table kept in docs/backbones.md.
 """
 
@@ -24,7 +29,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from backbones.common import as_pair
 from backbones.registry import create_backbone, list_backbones, resolve_backbone_name
 
-__all__ = ["BackboneProfile", "count_flops", "format_table", "profile_backbone", "main"]
+__all__ = [
+    "BackboneProfile",
+    "TrainingFootprint",
+    "count_flops",
+    "format_table",
+    "profile_backbone",
+    "training_footprint",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,66 @@ def profile_backbone(
         flops=flops,
         embedding_size=int(out_features) if out_features is not None else -1,
         input_size=size,
+    )
+
+
+@dataclass(frozen=True)
+class TrainingFootprint:
+    """A backbone's parameters and what one training forward keeps for backward."""
+
+    params: int
+    trainable_params: int
+    activation_bytes: int
+    """Every distinct tensor autograd saves (inputs of convolutions, normalisations,
+    activations...), the parameters themselves not counted."""
+    largest_activation_bytes: int
+    """The largest of them: about the size of the gradients in flight during backward."""
+    activation_sizes: tuple[int, ...]
+    """Each saved tensor's bytes, largest first (``activation_bytes`` is their sum)."""
+
+
+def training_footprint(
+    name: str,
+    batch: int,
+    input_size: int | Sequence[int] = 112,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> TrainingFootprint:
+    """Parameters of ``name`` and the tensors it saves for backward in one training forward
+    of ``batch`` images.
+
+    The model runs in train mode on the meta device (shapes only: any batch size costs the
+    same, a second or two) under ``torch.autograd.graph.saved_tensors_hooks``, which sees
+    every tensor autograd keeps; tensors sharing a storage are counted once and the
+    parameters not at all. ``dtype`` is the activations' dtype: float32, or bfloat16 /
+    float16 for a run under autocast (the model is cast to it; autocast's weight copies are
+    the caller's to count). A real CPU forward saves the same tensors; its resident growth
+    is a few % more (temporaries).
+    """
+    size = as_pair(input_size, "input_size")
+    with torch.device("meta"):
+        model = create_backbone(name, input_size=size, **kwargs)
+    params = list(model.parameters())
+    model.to(dtype).train()
+    own = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in own:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    images = torch.zeros(batch, 3, *size, device="meta", dtype=dtype)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images)
+    sizes = tuple(sorted(saved.values(), reverse=True))
+    return TrainingFootprint(
+        params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        activation_bytes=sum(sizes),
+        largest_activation_bytes=sizes[0] if sizes else 0,
+        activation_sizes=sizes,
     )
 
 

@@ -43,7 +43,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="auto: continue from the run's latest complete checkpoint; or a checkpoint path",
     )
     p.add_argument(
-        "--dry-run", action="store_true", help="validate, print the resolved plan and exit"
+        "--dry-run",
+        action="store_true",
+        help="validate, print the resolved plan and the memory per rank, and exit",
+    )
+    _add_gpu_mem(p)
+
+
+def _add_gpu_mem(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu-mem",
+        default=None,
+        metavar="SIZE",
+        help="with --dry-run: memory per GPU (per rank's RSS on CPU), e.g. 80GB (10^9 bytes) "
+        "or 80GiB / 80G (2^30): does the run fit, the largest class count and sample rate "
+        "that do",
     )
 
 
@@ -199,7 +213,12 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         help="any other sbatch option, e.g. --sbatch-arg=--exclusive --sbatch-arg=--mem=64G",
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the script and the memory per rank (as # lines), submit nothing",
+    )
+    _add_gpu_mem(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,13 +38,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--node-rank {args.node_rank} outside [0, --nnodes {args.nnodes})")
     if args.nnodes > 1 and not args.rdzv:
         raise ConfigError("--nnodes > 1 needs --rdzv HOST:PORT (the first node's address)")
+    budget = _gpu_mem(args)
     config = load_config(args.config, overrides)  # fails here, before any process starts
     world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
     plan = plan_run(config, world, pack_facts(config).as_dict())
     check_run_inputs(config)  # data.val and --resume, read as the trainer will read them
     if args.dry_run:
+        from trainer.memory_report import memory_report, run_device
+
         print(dump_config(config))
         print(format_plan(plan))
+        print(memory_report(config, world, plan["pack"], run_device(config), budget))
         return 0
     if launch_env.under_launcher() or (config.dist.nproc == 1 and args.nnodes == 1):
         from launcher.worker import run_worker
@@ -54,6 +58,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_worker(config, keep_group=launch_env.under_launcher())
         return 0
     return _spawn_torchrun(args, overrides, config)
+
+
+def _gpu_mem(args: argparse.Namespace) -> int | None:
+    """``--gpu-mem`` in bytes (None: not given); it needs ``--dry-run``."""
+    from trainer.config import ConfigError
+    from trainer.memory_plan import parse_size
+
+    if args.gpu_mem is None:
+        return None
+    if not args.dry_run:
+        raise ConfigError("--gpu-mem: only with --dry-run (it prints what fits)")
+    return parse_size(args.gpu_mem)
 
 
 def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Config) -> int:
@@ -134,9 +150,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     check_job_shape(args.nodes, args.gpus_per_node)
     check_sbatch_args(args.sbatch_args)
+    budget = _gpu_mem(args)
     config = load_config(args.config, args.overrides)
     nproc = args.gpus_per_node or config.dist.nproc
-    plan_run(config, nproc * args.nodes, pack_facts(config).as_dict())  # fail early
+    pack = pack_facts(config).as_dict()
+    plan_run(config, nproc * args.nodes, pack)  # fail early
     check_run_inputs(config)
     job = JobOptions(
         nodes=args.nodes,
@@ -151,7 +169,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     script = render_sbatch(args.config, args.overrides, config, job)
     if args.dry_run:
+        from trainer.memory_report import memory_report
+
         print(script)
+        device = "cuda" if args.gpus_per_node and config.dist.device != "cpu" else "cpu"
+        report = memory_report(config, nproc * args.nodes, pack, device, budget)
+        print("\n".join(f"# {line}" for line in report.splitlines()))  # the script stays valid
         return 0
     job_id = submit(script, config.run_dir.resolve())
     print(f"facetrain: submitted job {job_id}; log {config.run_dir.resolve()}/slurm-{job_id}.out")

@@ -147,11 +147,12 @@ class PartialFC(nn.Module):
         k = self.num_subcenters
         if margin.uses_classifier:
             init = init_class_centers(
-                start * k, count * k, embedding_size, seed=seed, std=float(init_std)
-            )
+                start * k, count * k, embedding_size, seed=seed, std=float(init_std),
+                dtype=storage_dtype,
+            )  # fmt: skip
         else:
             init = torch.empty(0, embedding_size)
-        init = init.to(device=device, dtype=storage_dtype)  # rounded to nearest
+        init = init.to(device=device, dtype=storage_dtype)  # drawn in float32, rounded to nearest
         self.weight = nn.Parameter(init)  # [C_r*K, D]
         spec = ShardSpec(
             num_classes=num_classes,
@@ -373,7 +374,10 @@ class PartialFC(nn.Module):
             cos, ctx.target_cos = normalized_cosine(x_hat, w, ctx.rows, ctx.cols, mm_dtype)
             if head.needs_weight_norms:
                 ctx.weight_norms = torch.linalg.vector_norm(w, dim=1)  # [S]
-            ctx.target_centers_fn = lambda: F.normalize(w[ctx.cols], dim=1, eps=NORM_EPS)
+            # The functions must not refer to ctx: a cycle (ctx -> function -> ctx) would keep
+            # this step's rows and cosines alive until Python's cyclic GC ran, steps later.
+            cols = ctx.cols
+            ctx.target_centers_fn = lambda: F.normalize(w[cols], dim=1, eps=NORM_EPS)
             ctx.sampled_centers_fn = lambda: F.normalize(w, dim=1, eps=NORM_EPS)
         ctx.cos = cos  # [N, S]
         if head.needs_bias:

@@ -38,20 +38,23 @@ def init_class_centers(
     seed: int = 0,
     std: float = 0.01,
     block_rows: int = INIT_BLOCK_ROWS,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Initial rows ``[start, start + count)`` of the class-centre matrix -> [count, D] float32.
+    """Initial rows ``[start, start + count)`` of the class-centre matrix -> [count, D] ``dtype``.
 
     Values are normal(0, std), generated on CPU block by block: block b (rows
     ``[b*block_rows, (b+1)*block_rows)``) comes from its own generator seeded by ``(seed, b)``.
     A rank therefore only generates the blocks overlapping its shard (memory
     O((count + block_rows) * D) instead of O(num_classes * D)) and still gets exactly the rows a
-    single process would hold.
+    single process would hold. Each block is drawn in float32 and written into the ``dtype``
+    result (bfloat16 / float16: rounded to nearest, as ``.to(dtype)`` of the float32 matrix),
+    so a 16-bit shard never has a float32 copy beside it.
     """
     if count < 0 or start < 0:
         raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    out = torch.empty(count, embedding_size, dtype=torch.float32)  # [count, D]
+    out = torch.empty(count, embedding_size, dtype=dtype)  # [count, D]
     if count == 0:
         return out
     stop = start + count

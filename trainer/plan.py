@@ -14,6 +14,7 @@ from typing import Any
 from dataio.layout import PackFacts, read_pack_facts
 from partialfc import class_range
 from trainer.config import Config, ConfigError
+from trainer.memory_plan import sampled_rows
 
 
 def pack_facts(config: Config) -> PackFacts:
@@ -38,7 +39,8 @@ def check_facts(config: Config, facts: dict[str, Any]) -> None:
 
 
 def plan_run(config: Config, world_size: int, facts: dict[str, Any]) -> dict[str, Any]:
-    """Steps, classifier rows and a memory estimate per rank for ``world_size`` ranks."""
+    """Steps and classifier rows per rank for ``world_size`` ranks (the memory per rank:
+    :mod:`trainer.memory_plan`)."""
     check_facts(config, facts)
     tcfg = config.train
     per_step = tcfg.batch_size * world_size * tcfg.grad_accum_steps
@@ -49,15 +51,10 @@ def plan_run(config: Config, world_size: int, facts: dict[str, Any]) -> dict[str
             f"{facts['num_images']} images of the pack"
         )
     total = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    num_classes, dim = facts["num_classes"], config.model.embedding_size
+    num_classes = facts["num_classes"]
     rows = [class_range(num_classes, r, world_size)[1] for r in range(world_size)]
     max_rows = max(rows)
-    sampled = max(1, round(config.partialfc.sample_rate * max_rows))
-    # Classifier: weight + gradient + optimizer state (1 tensor for SGD momentum, 2 for AdamW).
-    opt_tensors = 1 if config.optimizer.name == "sgd" else 2
-    classifier_bytes = max_rows * dim * 4 * (2 + opt_tensors)
-    # Logits of the gathered batch against the sampled rows, fp32, with softmax and gradient.
-    logits_bytes = tcfg.batch_size * world_size * sampled * 4 * 3
+    sampled = sampled_rows(max_rows, config.partialfc.sample_rate, tcfg.batch_size * world_size)
     return {
         "world_size": world_size,
         "pack": facts,
@@ -67,8 +64,6 @@ def plan_run(config: Config, world_size: int, facts: dict[str, Any]) -> dict[str
         "warmup_steps": config.schedule.resolve_warmup(steps_per_epoch),
         "classifier_rows_per_rank": {"min": min(rows), "max": max_rows},
         "sampled_rows_per_rank": sampled,
-        "classifier_memory_per_rank_gib": round(classifier_bytes / 2**30, 3),
-        "logits_memory_per_rank_gib": round(logits_bytes / 2**30, 3),
     }
 
 
@@ -82,7 +77,5 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{p['warmup_steps']} warmup",
         f"classifier/rank  : {p['classifier_rows_per_rank']['min']}-"
         f"{p['classifier_rows_per_rank']['max']} rows, {p['sampled_rows_per_rank']} sampled",
-        f"memory/rank (est): classifier {p['classifier_memory_per_rank_gib']:.3f} GiB "
-        f"(weight+grad+optimizer), logits {p['logits_memory_per_rank_gib']:.3f} GiB",
     ]
     return "\n".join(lines)
