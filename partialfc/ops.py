@@ -89,15 +89,20 @@ class _NormalizedCosine(torch.autograd.Function):
         mm_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out_dtype = x_hat.dtype
-        norms = torch.linalg.vector_norm(w.to(out_dtype), dim=1)  # [S]
+        norms = torch.linalg.vector_norm(w, dim=1, dtype=out_dtype)  # [S]
         inv = norms.clamp_min(NORM_EPS).reciprocal_()  # [S]
-        w_mm = w.to(mm_dtype)  # w itself unless the product runs in a narrower dtype
+        w_mm = w.to(mm_dtype)  # w itself unless the product runs in another dtype
         x_mm = x_hat.to(mm_dtype)
         cos = (x_mm @ w_mm.T).to(out_dtype).mul_(inv)  # [N, S]
         # The targets' cosines exactly in the output dtype, whatever the product's.
         target_cos = (x_hat[rows] * w[cols].to(out_dtype)).sum(dim=1) * inv[cols]  # [R]
+        # Rows stored narrower than the product (bf16 / fp16 centres computed in float32)
+        # are kept as they are and widened again block by block in backward: the widened
+        # copy [S, D] lives only through this forward.
+        ctx.widen = w.dtype != mm_dtype and w.element_size() < w_mm.element_size()
+        kept = w if ctx.widen else w_mm
         # d|w|/dw is zero where the norm was clamped (as for F.normalize's clamp_min).
-        ctx.save_for_backward(x_mm, w_mm, inv, norms >= NORM_EPS, cos, rows, cols)
+        ctx.save_for_backward(x_mm, kept, inv, norms >= NORM_EPS, cos, rows, cols)
         return cos, target_cos
 
     @staticmethod
@@ -109,15 +114,55 @@ class _NormalizedCosine(torch.autograd.Function):
         # The target cosines are entries of cos computed exactly: their gradient joins it.
         g = grad_cos * inv  # [N, S], G / |w| column by column (new tensor)
         g.index_put_((rows, cols), grad_target * inv[cols], accumulate=True)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        # d cos_ij / d w_j = x_i / |w_j| - cos_ij w_j / |w_j|^2
+        radial = (g * cos).sum(dim=0).mul_(inv).mul_(unclamped) if need_w else None  # [S]
+        if ctx.widen:
+            grad_x, grad_w = _narrow_rows_backward(g, x_mm, w_mm, radial, need_x, need_w)
+            grad_x = None if grad_x is None else grad_x.to(cos.dtype)
+            return grad_x, grad_w, None, None, None
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             grad_x = (g.to(x_mm.dtype) @ w_mm).to(cos.dtype)  # [N, D]
-        if ctx.needs_input_grad[1]:
-            # d cos_ij / d w_j = x_i / |w_j| - cos_ij w_j / |w_j|^2
-            radial = (g * cos).sum(dim=0).mul_(inv).mul_(unclamped)  # [S]
+        if need_w:
             grad_w = (g.to(x_mm.dtype).T @ x_mm).to(cos.dtype)  # [S, D]
             grad_w.addcmul_(w_mm.to(cos.dtype), radial[:, None], value=-1.0)
         return grad_x, grad_w, None, None, None
+
+
+WIDEN_BLOCK_ELEMENTS = 1 << 22
+"""Elements of narrow rows widened at a time in ``normalized_cosine``'s backward (16 MB of
+float32): a few blocks' temporaries instead of two float32 copies of the rows [S, D]."""
+
+
+def _narrow_rows_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    radial: torch.Tensor | None,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``normalized_cosine``'s gradients for rows ``w`` [S, D] stored narrower than the
+    product's dtype (``x``'s), block of rows by block: each block is widened, used, and its
+    gradient written into a ``w``-dtype tensor, which is what autograd would have rounded the
+    float32 gradient to. The same formulas as the wide path; grad_x sums its blocks'
+    products in order (rounding differs from one product by float32 round-off)."""
+    grad_x = torch.zeros_like(x) if need_x else None  # [N, D]
+    grad_w = torch.empty_like(w) if need_w else None  # [S, D], w's dtype
+    g = g.to(x.dtype)
+    step = max(1, WIDEN_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for lo in range(0, w.shape[0], step):
+        hi = min(w.shape[0], lo + step)
+        w_block = w[lo:hi].to(x.dtype)  # [s, D]
+        g_block = g[:, lo:hi]  # [N, s]
+        if grad_x is not None:
+            grad_x.addmm_(g_block, w_block)
+        if grad_w is not None:
+            block = g_block.T @ x  # [s, D]
+            block.addcmul_(w_block, radial[lo:hi, None], value=-1.0)
+            grad_w[lo:hi] = block
+    return grad_x, grad_w
 
 
 def normalized_cosine(

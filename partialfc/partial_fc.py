@@ -364,8 +364,9 @@ class PartialFC(nn.Module):
         row_index = index
         if index is not None and k > 1:  # the K sub-centre rows of each sampled class
             row_index = (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
-        w = self.weight if index is None else self._gather(self.weight, row_index)  # [S*K, D]
-        w = w.to(x_hat.dtype)
+        # [S*K, D] in the storage dtype: normalized_cosine widens 16-bit rows itself.
+        w = self.weight if index is None else self._gather(self.weight, row_index)
+        wide = x_hat.dtype
         if k > 1:
             cos, _ = normalized_cosine(x_hat, w, ctx.rows[:0], ctx.cols[:0], mm_dtype)
             cos = head.pool(cos)  # type: ignore[attr-defined]  # [N, S]
@@ -373,12 +374,12 @@ class PartialFC(nn.Module):
         else:  # the targets' cosines exact in the output dtype (the margin needs them)
             cos, ctx.target_cos = normalized_cosine(x_hat, w, ctx.rows, ctx.cols, mm_dtype)
             if head.needs_weight_norms:
-                ctx.weight_norms = torch.linalg.vector_norm(w, dim=1)  # [S]
+                ctx.weight_norms = torch.linalg.vector_norm(w, dim=1, dtype=wide)  # [S]
             # The functions must not refer to ctx: a cycle (ctx -> function -> ctx) would keep
             # this step's rows and cosines alive until Python's cyclic GC ran, steps later.
             cols = ctx.cols
-            ctx.target_centers_fn = lambda: F.normalize(w[cols], dim=1, eps=NORM_EPS)
-            ctx.sampled_centers_fn = lambda: F.normalize(w, dim=1, eps=NORM_EPS)
+            ctx.target_centers_fn = lambda: F.normalize(w[cols].to(wide), dim=1, eps=NORM_EPS)
+            ctx.sampled_centers_fn = lambda: F.normalize(w.to(wide), dim=1, eps=NORM_EPS)
         ctx.cos = cos  # [N, S]
         if head.needs_bias:
             bias = head.bias  # type: ignore[attr-defined]

@@ -65,3 +65,28 @@ def test_no_gradient_asked() -> None:
     cos, _ = normalized_cosine(x, w, rows, cols)
     cos.sum().backward()
     assert x.grad is None and w.grad is not None
+
+
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+def test_narrow_rows_equal_their_widened_copy(narrow: torch.dtype, monkeypatch) -> None:
+    """16-bit rows (bf16 / fp16 class centres) are widened block by block in backward, not
+    kept as a float32 copy: the cosines equal those of the widened rows exactly, the rows'
+    gradient is the float32 one rounded to the rows' dtype, the embeddings' gradient equals
+    it to float32 round-off. Small blocks, so that several (and a ragged last one) run."""
+    monkeypatch.setattr("partialfc.ops.WIDEN_BLOCK_ELEMENTS", 3 * 8)  # 3 rows a block
+    x, w, rows, cols = _inputs(9, 13, 8, torch.float32, seed=2)
+    w = w.to(narrow)
+    w[4] = 0.0
+    up = torch.randn(9, 13, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for rows_in in (w.clone(), w.float()):  # narrow, then its widened copy
+        xi = x.clone().requires_grad_(True)
+        wi = rows_in.requires_grad_(True)
+        cos, t = normalized_cosine(xi, wi, rows, cols)
+        (cos * up).sum().add(t.sum() * 0.5).backward()
+        grads.append((cos.detach(), t.detach(), xi.grad, wi.grad))
+    (cos_n, t_n, gx_n, gw_n), (cos_w, t_w, gx_w, gw_w) = grads
+    assert cos_n.dtype == torch.float32 and gw_n.dtype == narrow
+    assert torch.equal(cos_n, cos_w) and torch.equal(t_n, t_w)
+    torch.testing.assert_close(gw_n, gw_w.to(narrow), rtol=0, atol=0)
+    torch.testing.assert_close(gx_n, gx_w, rtol=1e-6, atol=1e-6)
