@@ -7,12 +7,12 @@ The model adds up what one rank holds at the peak of a training step (bytes):
   ``partialfc.storage_dtype``; per-class tensors of the head (a bias, center loss's centres)
   in float32, with optimizer state for the trainable ones.
 - **classifier step**: the step's working memory, by backend. Plain core, at its
-  backward's peak: the sampled rows in float32 ``[S * K, D]`` (a float32 copy of a 16-bit
-  shard at rate 1; none for a float32 shard at rate 1, which is used as it is), their float32
-  gradient, and ``PLAIN_LOGIT_BUFFERS`` float32 ``[N, S]`` tensors (cosines, logits, softmax
-  and the backward's temporaries). cpu_fused: one ``[S, D]`` buffer (rows, then their
-  gradient) and one ``[N, S]`` buffer, reused across steps. Both: the sampling keys
-  ``[C_r]``, the gathered batch ``[N, D]`` and small temporaries (``STEP_OVERHEAD_BYTES``).
+  backward's peak: the sampled rows ``[S * K, D]`` in the storage dtype (none at rate 1: the
+  shard is used as it is) and their gradient in the same dtype, and ``PLAIN_LOGIT_BUFFERS``
+  float32 ``[N, S]`` tensors (cosines, logits, softmax and the backward's temporaries).
+  cpu_fused: one ``[S, D]`` buffer (rows, then their gradient) and one ``[N, S]`` buffer,
+  reused across steps. Both: the sampling keys ``[C_r]``, the gathered batch ``[N, D]`` and
+  small temporaries (``STEP_OVERHEAD_BYTES``).
 - **backbone**: float32 parameters, gradients and optimizer state (SGD momentum, AdamW's
   two moments); DDP adds its gradient buckets (a second copy of the gradients) when W > 1;
   DeepSpeed keeps 16-bit parameters and gradients and a float32 master copy under bf16 /
@@ -178,9 +178,10 @@ def _classifier_step(config: Config, facts: MemoryFacts, c_r: int, s: int, n: in
         work = 4 * rows + (6 * rows if low else 0)
         in_grad = s == c_r and not low and 4 * n <= 3 * d
         return common + work + (0 if in_grad else 4 * n * s * k)
-    # Plain core: at the backward's peak the rows in float32 (gathered; a float32 copy of a
-    # 16-bit shard at rate 1; none for a float32 shard at rate 1) and their float32 gradient.
-    work = 4 * rows * (1 if s == c_r and sb == 4 else 2)
+    # Plain core: at the backward's peak the gathered rows (none at rate 1: the shard is used
+    # as it is) and their gradient, both in the storage dtype (16-bit rows are widened to
+    # float32 block by block only).
+    work = sb * rows * (1 if s == c_r else 2)
     logits = 4 * n * s * (k + PLAIN_LOGIT_BUFFERS - 1)
     return common + work + logits
 
