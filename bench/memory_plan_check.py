@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import partialfc_bench as pb  # noqa: E402  (the sibling bench's measuring helpers)
+import _measure as measure  # noqa: E402  (the benches' measuring helpers)
 
-REPO = pb.REPO
+REPO = measure.REPO
 GIB = 2**30
 IMAGES, LABELS = 256, 64
 GOAL = 0.15
@@ -116,7 +116,7 @@ def _config_text(cfg: dict[str, Any], pack: Path, out: Path, steps: int) -> list
 
 def _run_ranks(sets: list[str], world: int, log: Path) -> list[int]:
     """``facetrain train`` as ``world`` ranks started here; each rank's peak RSS (bytes)."""
-    port = pb._free_port()
+    port = measure.free_port()
     cmd = [sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "demo_cpu.yaml")]
     for item in sets:
         cmd += ["--set", item]
@@ -168,7 +168,7 @@ def _check(cfg: dict[str, Any], steps: int, tmp: Path) -> dict[str, Any]:
             return {**cfg, "status": f"skipped: no {cfg['val']} (make demo)"}
         sets += [f"data.val=[{REPO / cfg['val']}]", "train.eval_at_start=true"]
     plan, facts = _plan(sets, cfg["world"])
-    avail = pb._available_bytes()
+    avail = measure.available_bytes()
     if avail and cfg["world"] * plan.total > 0.8 * avail:
         return {**cfg, "status": f"skipped: needs ~{cfg['world'] * plan.total / GIB:.1f} GiB"}
     start = time.perf_counter()

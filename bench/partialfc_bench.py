@@ -31,7 +31,6 @@ import json
 import math
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -39,8 +38,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-GIB = 1024**3
+from _measure import (  # bench/ is sys.path[0] when a bench runs
+    GIB,
+    REPO,
+    BareGemms,
+    available_bytes,
+    free_port,
+    median,
+    proc_status,
+    reset_peak_rss,
+    timed,
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -80,42 +88,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- memory
-def _proc_status(key: str) -> int:
-    """A ``/proc/self/status`` size field in bytes (0 where unavailable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM); False where not supported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _available_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # ----------------------------------------------------------------------------- estimates
 def _state_bytes(rows: int, dim: int, optimizer: str, grad_rows: int) -> int:
     """Shard weights + optimizer state + gradient, float32."""
@@ -143,44 +115,6 @@ def _need_dense(classes: int, dim: int, n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- workers
-class _BareGemms:
-    """The three matrix products of the sampled problem into preallocated outputs.
-
-    ``[N, D] x [D, S]`` (logits), ``[N, S] x [S, D]`` (embedding gradient) and
-    ``[S, N] x [N, D]`` (centre gradient): what any implementation must compute. The
-    logits buffer doubles as the gradient operand (values do not change the time), and at
-    sample_rate 1 the shard itself is the ``[S, D]`` operand. Buffers are allocated by
-    ``prepare`` (untimed) and dropped by ``release``, so they never coexist with a step's.
-    """
-
-    def __init__(self, n: int, d: int, rows: Any) -> None:
-        self.n, self.d, self.w = n, d, rows
-        self.bufs: tuple[Any, ...] | None = None
-
-    def prepare(self) -> None:
-        import torch
-
-        s = self.w.shape[0]
-        self.bufs = (
-            torch.randn(self.n, self.d),
-            torch.ones(self.n, s),
-            torch.empty(self.n, self.d),
-            torch.ones(s, self.d),
-        )
-
-    def release(self) -> None:
-        self.bufs = None
-
-    def __call__(self) -> None:
-        import torch
-
-        assert self.bufs is not None
-        x, out, gx, gw = self.bufs
-        torch.mm(x, self.w.T, out=out)
-        torch.mm(out, self.w, out=gx)
-        torch.mm(out.T, x, out=gw)
-
-
 def _run_steps(
     pfc: Any, opt: Any, emb: Any, labels: Any, cfg: dict[str, Any], barrier: Any
 ) -> tuple[list[float], dict[str, Any]]:
@@ -197,21 +131,12 @@ def _run_steps(
 
     for _ in range(cfg["warmup"]):
         step()
-    times = [_timed(step, barrier) for _ in range(cfg["steps"])]
+    times = [timed(step, barrier) for _ in range(cfg["steps"])]
     return times, stats
 
 
-def _timed(fn: Any, barrier: Any) -> float:
-    """Seconds of ``fn()`` on every rank, from a common start to the last rank's end."""
-    barrier()
-    t0 = time.perf_counter()
-    fn()
-    barrier()
-    return time.perf_counter() - t0
-
-
 def _paired_times(
-    pfc: Any, opt: Any, emb: Any, labels: Any, bare: _BareGemms, pairs: int, barrier: Any
+    pfc: Any, opt: Any, emb: Any, labels: Any, bare: BareGemms, pairs: int, barrier: Any
 ) -> tuple[list[float], list[float]]:
     """Alternate one full step and one set of bare products, so that both see the same load
     on a shared machine; returns (step seconds, bare seconds), pair by pair."""
@@ -221,7 +146,7 @@ def _paired_times(
         steps.append(_run_steps(pfc, opt, emb, labels, cfg, barrier)[0][0])
         opt.zero_grad(set_to_none=True)
         bare.prepare()
-        bares.append(_timed(bare, barrier))
+        bares.append(timed(bare, barrier))
         bare.release()
     return steps, bares
 
@@ -277,8 +202,8 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
         emb.grad = None
         dist.barrier()
         gc.collect()
-        base_rss = _proc_status("VmRSS")
-        peak_reset = _reset_peak_rss()
+        base_rss = proc_status("VmRSS")
+        peak_reset = reset_peak_rss()
         pfc = build_partial_fc(
             cfg["backend"],
             build_margin(cfg["head"]),
@@ -293,7 +218,7 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
         opt = _optimizer(pfc, cfg)
         times, stats = _run_steps(pfc, opt, emb, labels, cfg, dist.barrier)
         peak = (
-            _proc_status("VmHWM")
+            proc_status("VmHWM")
             if peak_reset
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         )
@@ -302,7 +227,7 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
         grad_rows = c_r if cfg["update"] == "dense" else s
         opt.zero_grad(set_to_none=True)
         rows = pfc.weight.detach() if s == c_r else torch.randn(s, d)
-        bare = _BareGemms(b * world, d, rows)
+        bare = BareGemms(b * world, d, rows)
         bare.prepare()
         bare()  # warm-up
         bare.release()
@@ -316,9 +241,9 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
             "rank": rank,
             "num_local": c_r,
             "num_sampled": s,
-            "step_s": _median(step_times),
+            "step_s": median(step_times),
             "step_s_all": times + step_times,
-            "bare_gemm_s": _median(bare_times),
+            "bare_gemm_s": median(bare_times),
             "bare_gemm_s_all": bare_times,
             "time_ratio_paired": ratios[len(ratios) // 2],
             "peak_bytes": peak - base_rss,
@@ -330,11 +255,6 @@ def _rank_worker(rank: int, cfg: dict[str, Any], port: int, out_dir: str) -> Non
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def _dense_steps(init: Any, head: Any, x: Any, labels: Any, cfg: dict[str, Any]) -> list[float]:
@@ -378,10 +298,10 @@ def _dense_worker(cfg: dict[str, Any], out_path: str) -> None:
     _dense_steps(torch.randn(8, d), head, x, labels % 8, {**cfg, "warmup": 1, "steps": 1})
     x.grad = None
     gc.collect()
-    base_rss = _proc_status("VmRSS")
-    peak_reset = _reset_peak_rss()
+    base_rss = proc_status("VmRSS")
+    peak_reset = reset_peak_rss()
     times = _dense_steps(init_class_centers(0, c, d, seed=0), head, x, labels, cfg)
-    peak = _proc_status("VmHWM") if peak_reset else 0
+    peak = proc_status("VmHWM") if peak_reset else 0
     Path(out_path).write_text(
         json.dumps(
             {
@@ -397,7 +317,7 @@ def _dense_worker(cfg: dict[str, Any], out_path: str) -> None:
 def _run_sharded(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    need, avail = _need_sharded(cfg), _available_bytes()
+    need, avail = _need_sharded(cfg), available_bytes()
     if avail and need > 0.92 * avail:
         return {
             **cfg,
@@ -405,7 +325,7 @@ def _run_sharded(cfg: dict[str, Any]) -> dict[str, Any]:
         }
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.spawn(_rank_worker, args=(cfg, _free_port(), tmp), nprocs=cfg["world"], join=True)
+            mp.spawn(_rank_worker, args=(cfg, free_port(), tmp), nprocs=cfg["world"], join=True)
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:  # e.g. OOM kill
             first = str(exc).strip().splitlines()[0]
             return {**cfg, "status": f"failed: {first} (out of memory?)"}
@@ -433,7 +353,7 @@ def _run_dense(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
     need = _need_dense(cfg["classes"], cfg["dim"], cfg["batch"] * cfg["world"])
-    avail = _available_bytes()
+    avail = available_bytes()
     if avail and need > 0.92 * avail:
         return {
             **cfg,

@@ -13,7 +13,7 @@ builds the three implementations in turn, with the head and optimizer a user get
 
 and times full steps (forward, backward, optimizer step) on a fixed batch of ``--batch``
 embeddings per rank, each step followed by the bare matrix products of the same sampled
-problem (see ``partialfc_bench._BareGemms``). The implementations take turns for
+problem (see ``_measure.BareGemms``). The implementations take turns for
 ``--rounds`` rounds (one warm-up step, then timed pairs each turn; a module is rebuilt per
 turn so that only one lives at a time), so every implementation sees the same load of a
 shared machine. Reported per implementation: the median step time, the median of its
@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import partialfc_bench as pb  # noqa: E402  (the sibling bench's measuring helpers)
+import _measure as measure  # noqa: E402  (the benches' measuring helpers)
 
-REPO = pb.REPO
+REPO = measure.REPO
 IMPLS = ("plain", "fast", "arcface_torch")
 STORAGE = {"plain_bf16": "bf16", "plain_fp16": "fp16"}
 """Further implementations ``--impls`` may name: the plain core with 16-bit class centres."""
@@ -172,13 +172,13 @@ def _memory(cfg: dict[str, Any], rank: int, emb: Any, labels: Any) -> dict[str, 
     del tiny
     emb.grad = None
     gc.collect()
-    base = pb._proc_status("VmRSS")
-    if not pb._reset_peak_rss():
+    base = measure.proc_status("VmRSS")
+    if not measure.reset_peak_rss():
         raise RuntimeError("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
     impl = _Impl(cfg["impl"], cfg, rank)
     for _ in range(2):
         impl.step(emb, labels)
-    peak = pb._proc_status("VmHWM")
+    peak = measure.proc_status("VmHWM")
     return {"peak_bytes": peak - base, "state_bytes": impl.state_bytes(), "rows": impl.num_local}
 
 
@@ -200,12 +200,12 @@ def _timings(cfg: dict[str, Any], rank: int, emb: Any, labels: Any, barrier: Any
                 if s_r == impl.num_local
                 else torch.randn(s_r, cfg["dim"])
             )
-            bare = pb._BareGemms(cfg["batch"] * cfg["world"], cfg["dim"], rows)
+            bare = measure.BareGemms(cfg["batch"] * cfg["world"], cfg["dim"], rows)
             for _ in range(cfg["pairs"]):
-                t_step = pb._timed(lambda impl=impl: impl.step(emb, labels), barrier)
+                t_step = measure.timed(lambda impl=impl: impl.step(emb, labels), barrier)
                 impl.opt.zero_grad(set_to_none=True)
                 bare.prepare()
-                t_bare = pb._timed(bare, barrier)
+                t_bare = measure.timed(bare, barrier)
                 bare.release()
                 steps[name].append(t_step)
                 ratios[name].append(t_step / t_bare)
@@ -219,7 +219,7 @@ def _spawn(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
-            _rank_worker, args=(cfg, pb._free_port(), out), nprocs=cfg["world"],
+            _rank_worker, args=(cfg, measure.free_port(), out), nprocs=cfg["world"],
             start_method="spawn",
         )  # fmt: skip
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cfg["world"])]
@@ -257,13 +257,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
             if ranks is not None:  # every rank times the same steps: rank 0's figures
                 anchor = "arcface_torch" if "arcface_torch" in args.impls else args.impls[0]
-                anchor_step = pb._median(ranks[0]["steps"][anchor])
+                anchor_step = measure.median(ranks[0]["steps"][anchor])
                 for name, entry in row["impls"].items():
-                    step = pb._median(ranks[0]["steps"][name])
+                    step = measure.median(ranks[0]["steps"][name])
                     entry.update(
                         step_s=step,
                         step_s_all=ranks[0]["steps"][name],
-                        x_gemm=pb._median(ranks[0]["ratios"][name]),
+                        x_gemm=measure.median(ranks[0]["ratios"][name]),
                         x_anchor=step / anchor_step,
                     )
                 row["anchor"] = anchor
@@ -288,7 +288,7 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             ratios = f"{r['x_gemm']:>7.2f} {r['x_anchor']:>8.2f}" if timed else f"{'-':>7} {'-':>8}"
             print(
                 f"{row['classes']:>9} {row['rate']:>5} {name:>14} {step} {ratios} "
-                f"{r['peak_bytes'] / pb.GIB:>9.2f} {r['x_state']:>8.2f} "
+                f"{r['peak_bytes'] / measure.GIB:>9.2f} {r['x_state']:>8.2f} "
                 f"{r['state_bytes_per_identity']:>10,.0f}"
             )
 
