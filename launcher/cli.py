@@ -18,6 +18,17 @@ import os
 import sys
 
 
+def _positive_int(text: str) -> int:
+    """An argument that counts something (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML config file (see configs/)")
@@ -106,8 +117,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode threads")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.add_argument("--grid", default=None, metavar="PNG", help="save a sheet of sample images")
-    p.add_argument("--grid-rows", type=int, default=8, help="identities on the sheet (rows)")
-    p.add_argument("--grid-cols", type=int, default=8, help="images of each identity")
+    p.add_argument(
+        "--grid-rows", type=_positive_int, default=8, help="identities on the sheet (rows)"
+    )
+    p.add_argument("--grid-cols", type=_positive_int, default=8, help="images of each identity")
     p.add_argument("--seed", type=int, default=0, help="which identities and images are drawn")
 
 

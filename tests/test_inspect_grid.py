@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from _packs import corrupt_record, write_test_pack
 from PIL import Image
 
@@ -71,3 +72,12 @@ def test_inspect_grid_writes_each_image_with_its_label(tmp_path, capsys) -> None
         if pos is not None
     }
     assert len(captions) == len(LABELS)
+
+
+def test_grid_size_flags_are_named_when_wrong(tmp_path, capsys) -> None:
+    for flag, value in (("--grid-rows", "0"), ("--grid-cols", "-2"), ("--grid-rows", "x")):
+        args = ["inspect", str(tmp_path), "--grid", str(tmp_path / "g.png"), flag, value]
+        with pytest.raises(SystemExit) as stop:
+            cli.main(args)
+        assert stop.value.code == 2
+        assert f"argument {flag}: expected a positive integer" in capsys.readouterr().err
