@@ -108,9 +108,12 @@ def init_process_group(
 ) -> None:
     """Join the job's process group (MASTER_ADDR/MASTER_PORT come from the launcher).
 
-    Under torchrun the store's keys are prefixed with the restart attempt: after an elastic
-    restart the agent's store still holds the previous attempt's gloo addresses, and a new
-    worker reading those would fail to connect to peers that no longer exist.
+    Under torchrun, when the workers share the agent's store, its keys are prefixed with the
+    restart attempt: after a restart the agent's store still holds the previous attempt's
+    gloo addresses, and a new worker reading those would fail to connect to peers that no
+    longer exist. Without it (an elastic job, ``launcher.elastic.AGENT_ENV``) rank 0 hosts a
+    fresh store each round, and no prefix is needed: none would fit, as a node that joined
+    later counts its restarts from 0.
 
     ``one_rank_group``: a single process (no job group) gets a group of its own, on an
     in-memory store (DeepSpeed refuses to start without a process group).
@@ -136,7 +139,9 @@ def init_process_group(
             timeout=timeout,
             multi_tenant=not agent_store,
         )
-        store = dist.PrefixStore(f"facetrain/attempt_{restart_count(env)}", base)
+        store = base
+        if agent_store:
+            store = dist.PrefixStore(f"facetrain/attempt_{restart_count(env)}", base)
         dist.init_process_group(
             backend=ctx.backend,
             store=store,

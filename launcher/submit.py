@@ -114,6 +114,10 @@ def render_sbatch(
     ):
         if value:
             directives.append(f"--{flag}={value}")
+    if config.dist.elastic is not None:
+        # A node lost must not end the job (Slurm's default) nor its step (srun's
+        # --kill-on-bad-exit): the other nodes' agents restart their workers without it.
+        directives.append("--no-kill")
     directives += job.sbatch_args
     exports = [
         f"export WANDB_MODE={shlex.quote(config.wandb.mode)}",
@@ -131,6 +135,7 @@ def render_sbatch(
         "python": shlex.quote(sys.executable),
         "config": shlex.quote(str(Path(config_path).resolve())),
         "nproc": nproc,
+        "kill_on_bad_exit": int(config.dist.elastic is None),
         "overrides": " ".join(f"--set {shlex.quote(o)}" for o in overrides),
     }
     return string.Template(TEMPLATE.read_text()).substitute(values)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.elastic import check_elastic_args
     from launcher.preflight import check_run_inputs
     from trainer.config import ConfigError, dump_config, load_config
     from trainer.plan import format_plan, pack_facts, plan_run
@@ -40,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--nnodes > 1 needs --rdzv HOST:PORT (the first node's address)")
     budget = _gpu_mem(args)
     config = load_config(args.config, overrides)  # fails here, before any process starts
+    check_elastic_args(config, args.nnodes, args.rdzv)
     world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
     plan = plan_run(config, world, pack_facts(config).as_dict())
     check_run_inputs(config)  # data.val and --resume, read as the trainer will read them
@@ -50,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(format_plan(plan))
         print(memory_report(config, world, plan["pack"], run_device(config), budget))
         return 0
-    if launch_env.under_launcher() or (config.dist.nproc == 1 and args.nnodes == 1):
+    alone = config.dist.nproc == 1 and args.nnodes == 1 and config.dist.elastic is None
+    if launch_env.under_launcher() or alone:
         from launcher.worker import run_worker
 
         # One rank of srun / torchrun / deepspeed leaves its process group to the process
@@ -83,9 +86,13 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     SIGTERM by killing the workers' process groups (their DataLoader workers too) 30 s later
     at most, and die of SIGUSR1, while the workers save their checkpoint.
     """
+    from launcher.elastic import AGENT_ENV, rendezvous_args
+
     nproc = config.dist.nproc
     cmd = [sys.executable, "-m", "torch.distributed.run"]
-    if args.nnodes == 1:
+    if config.dist.elastic is not None:
+        cmd += rendezvous_args(config.dist.elastic, args.node_rank, args.rdzv, config.run.name)
+    elif args.nnodes == 1:
         cmd.append("--standalone")
     else:
         cmd += [
@@ -106,6 +113,9 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     for item in overrides:
         cmd += ["--set", item]
     where = f" (node {args.node_rank} of {args.nnodes})" if args.nnodes > 1 else ""
+    if config.dist.elastic is not None:
+        span = f"{config.dist.elastic.min_nodes}..{config.dist.elastic.max_nodes}"
+        where = f" (node {args.node_rank}, elastic: {span} nodes at {args.rdzv})"
     print(f"facetrain: starting {nproc} processes under torchrun{where}", flush=True)
     # A session of its own: a signal sent to this process's group (srun and slurmstepd signal
     # whole groups) must not kill the agent; the workers get it from `forward` instead.
@@ -115,6 +125,8 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     env = dict(os.environ)
     if nproc > 1:  # what torchrun would set, less its banner about it on every start
         env.setdefault("OMP_NUM_THREADS", "1")
+    if config.dist.elastic is not None:
+        env.update(AGENT_ENV)
     agent = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def forward(signum: int, _frame: object) -> None:
@@ -143,6 +155,7 @@ def _workers(pid: int) -> list[int]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.elastic import check_elastic_nodes
     from launcher.preflight import check_job_shape, check_run_inputs
     from launcher.submit import JobOptions, check_sbatch_args, render_sbatch, submit
     from trainer.config import load_config
@@ -152,6 +165,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_sbatch_args(args.sbatch_args)
     budget = _gpu_mem(args)
     config = load_config(args.config, args.overrides)
+    check_elastic_nodes(config, args.nodes, "--nodes")
     nproc = args.gpus_per_node or config.dist.nproc
     pack = pack_facts(config).as_dict()
     plan_run(config, nproc * args.nodes, pack)  # fail early

@@ -17,6 +17,7 @@ from typing import Any
 from launcher import env as launch_env
 from trainer.config import Config, load_config
 from trainer.loop import StopFlag, Trainer
+from trainer.resume import continue_run
 from trainer.run_log import run_counts
 
 # What Slurm (--signal=B:USR1@T), torchrun's agent and `kill` send before stopping a job.
@@ -84,15 +85,18 @@ def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
     exception"), failing a complete torchrun or Slurm job. After an error the group is
     always destroyed.
     """
-    if config.run.resume is None and launch_env.restart_count() > 0:
-        # torchrun restarted us after a failure: continue from the latest checkpoint.
-        config = config.model_copy(update={"run": config.run.model_copy(update={"resume": "auto"})})
+    if launch_env.restart_count() > 0 or config.dist.elastic is not None:
+        # torchrun restarted us after a failure, or an elastic job's nodes changed (a
+        # restart its count leaves out): continue from the run's latest checkpoint.
+        config = continue_run(config)
     ctx = launch_env.dist_context_from_env(config.dist.device, config.dist.backend)
     if config.dist.engine == "deepspeed":
         launch_env.prepare_deepspeed(ctx)
     stop = StopFlag()
     install_stop_handlers(stop)
-    launch_env.init_process_group(ctx, one_rank_group=config.dist.engine == "deepspeed")
+    launch_env.init_process_group(
+        ctx, config.dist.timeout_s, one_rank_group=config.dist.engine == "deepspeed"
+    )
     try:
         summary = Trainer(config, ctx, stop).fit()
         # Leave together: a rank that tears its process group down while rank 0 is still

@@ -71,6 +71,16 @@ def tmp_dir_for(run_dir: Path, step: int) -> Path:
     return run_dir / f"step-{step}.tmp"
 
 
+def fresh_tmp_dir(run_dir: Path, step: int) -> Path:
+    """Rank 0: an empty ``step-N.tmp`` to write into. A job killed while saving step N (an
+    elastic job's lost node) leaves its files there, shards of its own world size among them,
+    which must not end up in the checkpoint of the job that saves step N next."""
+    tmp = tmp_dir_for(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def finalize(run_dir: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
     """Rank 0, after every rank wrote its files into the .tmp folder: publish the checkpoint."""
     tmp = tmp_dir_for(run_dir, step)

@@ -40,6 +40,7 @@ from trainer.reporting import Reporting
 from trainer.resume import Checkpointing
 from trainer.run_log import Pace, RunLog
 from trainer.run_status import RunStatus
+from trainer.sample_record import SampleRecord
 from trainer.step import Stepping
 
 
@@ -120,6 +121,7 @@ class Trainer(Checkpointing, Stepping, Reporting):
             skip_corrupt=config.data.skip_corrupt,
             pixels="uint8",  # normalised on ctx.device by to_model_input
             dali=DaliOptions(cache_dir=config.cache_dir),  # the index: never in the pack
+            with_keys=tcfg.record_samples,
         )
         self.loader = build_loader(
             config.data.loader,
@@ -129,6 +131,7 @@ class Trainer(Checkpointing, Stepping, Reporting):
             world_size=ctx.world_size,
             device=ctx.device,
         )
+        self.samples = SampleRecord(self.run_dir, ctx.rank, ctx.world_size, tcfg.record_samples)
         self.accum = tcfg.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch < 1:
@@ -232,6 +235,7 @@ class Trainer(Checkpointing, Stepping, Reporting):
             raise
         finally:
             self.run_log.close()
+            self.samples.close()
             if wandb_run is not None:
                 wandb_run.finish()
         return summary

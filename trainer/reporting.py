@@ -17,7 +17,7 @@ from trainer.run_log import (
     run_counts,
     step_line,
 )
-from trainer.run_status import RunStatus, write_config
+from trainer.run_status import RunStatus, read_status, write_config
 
 __all__ = ["Reporting"]
 
@@ -48,7 +48,7 @@ class Reporting:
         """After resuming: a resumed job says so first, then what this job runs; the resolved
         config goes to ``config.yaml``; run.json says running."""
         if self.resumed_from is not None:
-            self.run_log.message(self.resumed_line())
+            self.run_log.message(self._restart_line(self.resumed_line()))
         if self.ctx.is_main:
             config_file = write_config(self.run_dir, dump_config(self.config))
             world, batch = self.ctx.world_size, self.config.train.batch_size
@@ -65,6 +65,22 @@ class Reporting:
             wandb_id=self.wandb_id,
             best_accuracy=self.best_accuracy,
         )
+
+    def _restart_line(self, resumed: str) -> str:
+        """The resumed line of an elastic job's restart: ``node lost: world size 2 -> 1,
+        resumed from step-4 (...); steps 5..7 run again`` (or ``node joined``, ``workers
+        restarted``): the previous job's world size and the steps it ran past the checkpoint
+        come from its run.json, read before this job rewrites it."""
+        before = read_status(self.run_dir)
+        if self.config.dist.elastic is None or "world_size" not in before:
+            return resumed
+        old, new = int(before["world_size"]), self.ctx.world_size
+        what = "node lost" if new < old else "node joined" if new > old else "workers restarted"
+        line = f"{what}: world size {old} -> {new}, {resumed}"
+        reached = int(before.get("step") or 0)
+        if reached > self.step:
+            line += f"; steps {self.step + 1}..{reached} run again"
+        return line
 
     def _report_step(self, metrics: dict[str, Any], eta: float, steps: int) -> None:
         """A progress line (after ``steps`` more steps): training.log, the console (a line,

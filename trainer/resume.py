@@ -12,9 +12,18 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer import state as train_state
-from trainer.config import dump_config
+from trainer.config import Config, dump_config
 
-__all__ = ["Checkpointing"]
+__all__ = ["Checkpointing", "continue_run"]
+
+
+def continue_run(config: Config) -> Config:
+    """The config of a restarted job (torchrun restarted its workers, or an elastic job's
+    nodes changed): ``run.resume: auto`` when the run folder holds a checkpoint -- the run
+    goes on from its latest one, not from where it first started -- else as configured."""
+    if config.run.resume == "auto" or not ckpt.step_dirs(config.run_dir):
+        return config
+    return config.model_copy(update={"run": config.run.model_copy(update={"resume": "auto"})})
 
 
 def _resume_note(saved_world: int, world: int, saved_batch: int | None, batch: int) -> str:
@@ -39,7 +48,7 @@ class Checkpointing:
         """Every rank writes its part into step-N.tmp; rank 0 publishes it."""
         tmp = ckpt.tmp_dir_for(self.run_dir, self.step)
         if self.ctx.is_main:
-            tmp.mkdir(parents=True, exist_ok=True)
+            ckpt.fresh_tmp_dir(self.run_dir, self.step)
         self._barrier()
         r = self.ctx.rank
         pfc = self.partial_fc

@@ -29,7 +29,15 @@ from typing import Any
 from trainer import checkpoint as ckpt
 from trainer.run_log import LOG_FILE
 
-__all__ = ["CONFIG_FILE", "STATUS_FILE", "RunInfo", "RunStatus", "is_run_dir", "read_run"]
+__all__ = [
+    "CONFIG_FILE",
+    "STATUS_FILE",
+    "RunInfo",
+    "RunStatus",
+    "is_run_dir",
+    "read_run",
+    "read_status",
+]
 
 STATUS_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -98,6 +106,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The run folder's ``run.json`` as written ({} when missing or unreadable)."""
+    return _read_json(run_dir / STATUS_FILE)
 
 
 def _latest_checkpoint(run_dir: Path) -> dict[str, Any]:

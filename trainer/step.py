@@ -29,6 +29,7 @@ class Stepping:
     config: Any
     ctx: Any
     accum: int
+    samples: Any  # trainer.sample_record.SampleRecord
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         precision = self.config.train.precision
@@ -45,7 +46,7 @@ class Stepping:
             self._loader_positioned = False
             for batch in self.loader:
                 self.batch_in_epoch += 1
-                yield batch
+                yield self.samples.take(self.step + 1, self.epoch, batch)  # train.record_samples
             self.epoch += 1
             self.batch_in_epoch = 0
 
