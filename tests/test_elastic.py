@@ -49,10 +49,13 @@ ELASTIC = (
 )
 
 
-def _agent(tiny_dataset: Path, out: Path, port: int, node: int) -> subprocess.Popen[str]:
-    """A `facetrain train` agent of node ``node``; its console goes to a file (a pipe that
-    nobody reads while it runs could fill up and stall it)."""
-    cmd = _args(tiny_dataset, out, "job", *ELASTIC, "--nnodes", "2", "--node-rank", str(node))
+def _agent(
+    tiny_dataset: Path, out: Path, port: int, node: int, nproc: int = 1
+) -> subprocess.Popen[str]:
+    """A `facetrain train` agent of node ``node`` with ``nproc`` ranks; its console goes to a
+    file (a pipe that nobody reads while it runs could fill up and stall it)."""
+    cmd = _args(tiny_dataset, out, "job", *ELASTIC, f"dist.nproc={nproc}", "--nnodes", "2")
+    cmd += ["--node-rank", str(node)]
     console = open(out / f"node{node}-{time.monotonic_ns()}.out", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [*cmd, "--rdzv", f"127.0.0.1:{port}"],
@@ -109,12 +112,10 @@ def cleanup():
             _kill_tree(proc)
 
 
-def _worker(launcher: subprocess.Popen[str]) -> psutil.Process:
-    """The launcher's training process (under its torchrun agent)."""
+def _workers(launcher: subprocess.Popen[str]) -> list[psutil.Process]:
+    """The launcher's training processes (under its torchrun agent)."""
     tree = psutil.Process(launcher.pid).children(recursive=True)
-    workers = [p for p in tree if "launcher.worker" in p.cmdline()[:4]]  # not the agent
-    assert len(workers) == 1, [p.cmdline() for p in tree]
-    return workers[0]
+    return [p for p in tree if "launcher.worker" in p.cmdline()[:4]]  # not the agent
 
 
 def _sigterm_pending(proc: psutil.Process) -> bool:
@@ -131,43 +132,78 @@ def _epoch_counts(lines: list[dict]) -> dict[int, collections.Counter]:
     return counts
 
 
-@pytest.mark.usefixtures("cleanup")
-def test_lost_node_shrinks_the_job_and_a_returning_node_grows_it(
-    tiny_dataset: Path, tmp_path: Path
-) -> None:
+def _two_nodes(tiny_dataset: Path, out: Path, nproc: int) -> tuple[subprocess.Popen[str], ...]:
+    """Nodes 0 and 1 of one job (``out/job``), ``nproc`` ranks each; and the port."""
     from _dist import free_port
 
-    run = tmp_path / "job"
     port = free_port()
     # Node 1 first: node 0 hosts the rendezvous, node 1's agent waits for it to appear.
-    node1 = _agent(tiny_dataset, tmp_path, port, 1)
+    node1 = _agent(tiny_dataset, out, port, 1, nproc)
     time.sleep(2)
-    node0 = _agent(tiny_dataset, tmp_path, port, 0)
+    return _agent(tiny_dataset, out, port, 0, nproc), node1, port
 
-    # 1. Both train; kill node 1's whole tree once a checkpoint exists and training has gone
-    # on past it (run.json is updated every step: train.log_every=1).
+
+def _lose_node1(
+    run: Path, node0: subprocess.Popen[str], node1: subprocess.Popen[str], world: int
+) -> int:
+    """Kill node 1's whole tree once a checkpoint exists and training at world size ``world``
+    has gone on past it (run.json says the step: train.log_every=1); node 0's ranks fail, its
+    agent restarts them alone and they resume. Returns the step they resumed from."""
+
     def past_a_checkpoint() -> bool:
         status = _status(run)
         latest = run / "latest"
         return (
-            status.get("world_size") == 2
+            status.get("world_size") == world
             and latest.exists()
             and status.get("step", 0) > int(latest.read_text().strip().split("-")[1]) + 1
         )
 
-    _wait_for("checkpoint at world size 2", past_a_checkpoint, [node0, node1])
+    _wait_for(f"checkpoint at world size {world}", past_a_checkpoint, [node0, node1])
     _kill_tree(node1)
-
-    # 2. Node 0's worker fails, its agent restarts it alone: it resumes at world size 1.
     log = run / "training.log"
-    lost = re.compile(r"node lost: world size 2 -> 1, resumed from step-(\d+) \(world size 2")
-    _wait_for("restart at world size 1", lambda: lost.search(log.read_text()), [node0])
-    lost_at = int(lost.search(log.read_text()).group(1))
+    lost = re.compile(
+        rf"node lost: world size {world} -> {world // 2}, resumed from step-(\d+) "
+        rf"\(world size {world} -> {world // 2}, classifier re-sharded\)"
+    )
+    _wait_for(f"restart at world size {world // 2}", lambda: lost.search(log.read_text()), [node0])
+    return int(lost.search(log.read_text()).group(1))
+
+
+def _files(run: Path) -> dict[tuple[int, int, int], list[dict]]:
+    """train.record_samples of a run: (start step, world size, rank) -> its lines."""
+    return {(f["start_step"], f["world_size"], f["rank"]): f["lines"] for f in read_samples(run)}
+
+
+def _audit(files: dict, again: list[dict], num_images: int) -> None:
+    """Every image of the pack once in each epoch, once the batches run ``again`` are taken
+    out; at most once in the last epoch (cut short by the step count)."""
+    seen = _epoch_counts([line for lines in files.values() for line in lines])
+    for epoch, count in _epoch_counts(again).items():
+        seen[epoch].subtract(count)
+    every = collections.Counter(set().union(*seen.values()))  # each image of the pack once
+    assert len(every) == num_images
+    last = max(seen)
+    for epoch in range(last):
+        assert seen[epoch] == every, f"epoch {epoch}: {seen[epoch] - every} {every - seen[epoch]}"
+    assert set(seen[last].values()) <= {0, 1}, f"epoch {last}: {seen[last]}"
+
+
+@pytest.mark.usefixtures("cleanup")
+def test_lost_node_shrinks_the_job_and_a_returning_node_grows_it(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "job"
+    node0, node1, port = _two_nodes(tiny_dataset, tmp_path, nproc=1)
+    # 1.-2. Node 1 is lost: node 0's worker fails, its agent restarts it alone: it resumes
+    # at world size 1.
+    lost_at = _lose_node1(run, node0, node1, world=2)
+    log = run / "training.log"
 
     # 3. The node comes back: the job checkpoints and goes on at world size 2. The worker
     # waits (SIGSTOP) until its agent has seen the new node and asked it to stop (SIGTERM
     # pending), so that the job is still running when the new agent is up, however slow.
-    worker = _worker(node0)
+    (worker,) = _workers(node0)
     worker.suspend()
     node1 = _agent(tiny_dataset, tmp_path, port, 1)
     _wait_for("the agent's stop request", lambda: _sigterm_pending(worker), [node0, node1])
@@ -208,7 +244,7 @@ def test_lost_node_shrinks_the_job_and_a_returning_node_grows_it(
     # past step-lost_at, and at the grow-back, the images between the world size 2 batch the
     # job restarts at and step-grown_at's position (one world size 1 batch when it stopped
     # after an odd number of them: a start mid-batch of the new world size is not kept).
-    files = {(f["start_step"], f["world_size"], f["rank"]): f["lines"] for f in read_samples(run)}
+    files = _files(run)
     assert set(files) == {(0, 2, 0), (0, 2, 1), (lost_at, 1, 0), (grown_at, 2, 0), (grown_at, 2, 1)}
     shrunk = [line for line in files[(lost_at, 1, 0)] if line["step"] <= grown_at]
     assert [line["step"] for line in shrunk] == list(range(lost_at + 1, grown_at + 1))
@@ -216,25 +252,36 @@ def test_lost_node_shrinks_the_job_and_a_returning_node_grows_it(
     again = [line for r in (0, 1) for line in files[(0, 2, r)] if line["step"] > lost_at]
     again += [line for line in files[(lost_at, 1, 0)] if line["step"] > grown_at]
     again += shrunk[len(shrunk) - odd :]
-    seen = _epoch_counts([line for lines in files.values() for line in lines])
-    for epoch, count in _epoch_counts(again).items():
-        seen[epoch].subtract(count)
-    every = collections.Counter(set().union(*seen.values()))  # each image of the pack once
-    assert len(every) == meta["derived"]["num_images"]
-    last = max(seen)
-    for epoch in range(last):
-        assert seen[epoch] == every, f"epoch {epoch}: {seen[epoch] - every} {every - seen[epoch]}"
-    assert set(seen[last].values()) <= {0, 1}, f"epoch {last}: {seen[last]}"
+    _audit(files, again, meta["derived"]["num_images"])
     print(f"lost at step {lost_at}, grown at {grown_at}: {len(again)} batches run again")
 
     # The reference ran the same batches after step-lost_at.
-    ref_files = {
-        (f["start_step"], f["world_size"], f["rank"]): f["lines"]
-        for f in read_samples(tmp_path / "ref")
-    }
-    assert ref_files == {(lost_at, 1, 0): shrunk} | {
+    assert _files(tmp_path / "ref") == {(lost_at, 1, 0): shrunk} | {
         key: lines for key, lines in files.items() if key[0] == grown_at
     }
+
+
+@pytest.mark.usefixtures("cleanup")
+def test_lost_node_of_two_ranks(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Nodes of two ranks each: world size 4 -> 2, the classifier's 4 shards re-sharded onto
+    2; the same as resuming the checkpoint at world size 2 by hand."""
+    run = tmp_path / "job"
+    node0, node1, _ = _two_nodes(tiny_dataset, tmp_path, nproc=2)
+    lost_at = _lose_node1(run, node0, node1, world=4)
+    assert node0.wait(timeout=900) == 0, _output(node0)
+    meta = json.loads((run / f"step-{STEPS}" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+
+    ref = ("train.record_samples=true", f"train.max_steps={STEPS}", "dist.nproc=2")
+    _train(tiny_dataset, tmp_path, "ref", *ref, "--resume", str(run / f"step-{lost_at}"))
+    _assert_identical(
+        _state(tmp_path / "ref" / f"step-{STEPS}", 2), _state(run / f"step-{STEPS}", 2)
+    )
+    files = _files(run)
+    assert set(files) == {(0, 4, r) for r in range(4)} | {(lost_at, 2, r) for r in (0, 1)}
+    again = [line for r in range(4) for line in files[(0, 4, r)] if line["step"] > lost_at]
+    _audit(files, again, meta["derived"]["num_images"])
+    assert _files(tmp_path / "ref") == {k: v for k, v in files.items() if k[0] == lost_at}
 
 
 @pytest.mark.parametrize(
