@@ -137,9 +137,10 @@ def _two_nodes(tiny_dataset: Path, out: Path, nproc: int) -> tuple[subprocess.Po
     from _dist import free_port
 
     port = free_port()
-    # Node 1 first: node 0 hosts the rendezvous, node 1's agent waits for it to appear.
+    # Node 1's agent first: it waits for node 0's rendezvous to appear and joins it at once,
+    # well within last_call_s, however long node 0 takes to start (a loaded machine).
     node1 = _agent(tiny_dataset, out, port, 1, nproc)
-    time.sleep(2)
+    _wait_for("node 1's agent", lambda: psutil.Process(node1.pid).children(), [node1])
     return _agent(tiny_dataset, out, port, 0, nproc), node1, port
 
 
