@@ -31,6 +31,7 @@ from trainer.sample_record import read_samples
 # Several multi-process runs on a loaded 2-core machine (see test_resume).
 pytestmark = pytest.mark.timeout(1800)
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 STEPS = 60
 STARTED: list[subprocess.Popen[str]] = []  # agents, ended by `cleanup` whatever happens
 ELASTIC = (
@@ -363,3 +364,39 @@ def test_an_elastic_slurm_job_outlives_a_lost_node(
     assert "#SBATCH --no-kill" in script and "srun --kill-on-bad-exit=0" in script
     fixed = _script(tiny_dataset, capsys, "--gpus-per-node", "0")
     assert "--no-kill" not in fixed and "srun --kill-on-bad-exit=1" in fixed
+
+
+def test_an_elastic_worker_continues_the_run_with_the_configured_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker of an elastic job resumes the run folder's latest checkpoint -- also a
+    node's first start, whose restart count is 0 (a node that joins later) -- and joins the
+    process group with dist.timeout_s."""
+    from launcher import worker
+    from trainer.config import load_config
+
+    seen: dict[str, object] = {}
+
+    class FakeTrainer:
+        def __init__(self, config, *_args: object) -> None:
+            seen["resume"] = config.run.resume
+
+        def fit(self) -> dict:
+            return {"stopped": "received SIGTERM", "checkpoint": "ckpt"}
+
+    def init_process_group(_ctx, timeout_s: float = 1800.0, **_kwargs: object) -> None:
+        seen["timeout_s"] = timeout_s
+
+    monkeypatch.setattr(worker, "Trainer", FakeTrainer)
+    monkeypatch.setattr(worker, "install_stop_handlers", lambda _stop: None, raising=False)
+    monkeypatch.setattr(worker.launch_env, "init_process_group", init_process_group)
+    monkeypatch.setattr(worker.launch_env, "barrier", lambda: None)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    (tmp_path / "run" / "step-4").mkdir(parents=True)
+    (tmp_path / "run" / "step-4" / "meta.json").write_text("{}")
+    sets = [f"run.output_dir={tmp_path}", "run.name=run", "dist.timeout_s=42"]
+    elastic = ["dist.elastic.max_nodes=2", "dist.max_restarts=1"]
+    worker.run_worker(load_config(DEMO_CONFIG, sets))
+    assert seen == {"resume": None, "timeout_s": 42.0}
+    worker.run_worker(load_config(DEMO_CONFIG, sets + elastic))
+    assert seen == {"resume": "auto", "timeout_s": 42.0}
