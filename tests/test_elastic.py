@@ -218,7 +218,10 @@ def test_lost_node_shrinks_the_job_and_a_returning_node_grows_it(
     )
     assert grown, text
     grown_at = int(grown.group(1))
-    assert lost_at < grown_at < STEPS
+    assert lost_at < grown_at < STEPS, (
+        "the job did not grow back mid-run: the rank, resumed (SIGCONT) with its agent's "
+        f"SIGTERM pending, must stop at its next step and checkpoint\n{text}"
+    )
     meta = json.loads((run / f"step-{STEPS}" / "meta.json").read_text())
     assert meta["world_size"] == 2
 
