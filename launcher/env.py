@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,22 @@ def prepare_deepspeed(ctx: DistContext, environ: MutableMapping[str, str] | None
     env = os.environ if environ is None else environ
     env.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
     env.setdefault("LOCAL_RANK", str(ctx.local_rank))
+
+
+INDUCTOR_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
+USER_INDUCTOR_CACHE = os.path.join("~", ".cache", "facetrain", "inductor")
+
+
+def compile_cache_dir(environ: MutableMapping[str, str] | None = None) -> Path:
+    """Where torch.compile (train.compile) keeps its compiled kernels -- inductor's FX graph
+    and AOT autograd caches -- so a second start or a resume loads them instead of compiling
+    again: ``TORCHINDUCTOR_CACHE_DIR`` when set, else ``~/.cache/facetrain/inductor``, set in
+    the environment for this process (and the compile workers it starts). Not torch's
+    default: that is under the system temp dir, which clusters and reboots clear."""
+    env = os.environ if environ is None else environ
+    if not env.get(INDUCTOR_CACHE_VAR):
+        env[INDUCTOR_CACHE_VAR] = os.path.expanduser(USER_INDUCTOR_CACHE)
+    return Path(env[INDUCTOR_CACHE_VAR])
 
 
 def init_process_group(

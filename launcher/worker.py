@@ -92,6 +92,8 @@ def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
     ctx = launch_env.dist_context_from_env(config.dist.device, config.dist.backend)
     if config.dist.engine == "deepspeed":
         launch_env.prepare_deepspeed(ctx)
+    if config.train.compile:
+        launch_env.compile_cache_dir()  # compiled kernels reused by the next start
     stop = StopFlag()
     install_stop_handlers(stop)
     launch_env.init_process_group(

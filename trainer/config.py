@@ -170,7 +170,15 @@ class TrainConfig(_Section):
     clip_grad_norm: float | None = Field(5.0, gt=0.0)
     """Clip the backbone's gradient norm; null: no clipping."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of backbone and logits (softmax stays fp32). fp16 needs CUDA."""
+    """Autocast precision of backbone and logits (softmax stays fp32); weights, gradients and
+    optimizer state stay fp32. fp16 needs CUDA; bf16 runs on the CPU too (oneDNN)."""
+    compile: bool | Literal["max-autotune"] = False
+    """torch.compile (inductor) the backbone's training forward and backward, under DDP or
+    DeepSpeed: true, or "max-autotune" (also tunes convolution / matmul kernels: a longer
+    first compile); false: eager. Kernels are cached across runs and restarts."""
+    channels_last: bool = False
+    """Backbone weights and images in channels-last memory order (NHWC), the layout oneDNN
+    and cuDNN convolutions prefer; the same model and numbers to float tolerance."""
     max_nonfinite_steps: int = Field(10, ge=1)
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped)."""
     histogram_every: int = Field(100, ge=0)
@@ -310,6 +318,14 @@ class Config(_Section):
             raise ValueError("dist.backend: nccl needs dist.device cuda (or auto on a GPU machine)")
         if self.train.precision == "fp16" and self.dist.device == "cpu":
             raise ValueError("train.precision: fp16 needs CUDA; use bf16 on the CPU")
+        deepspeed_16bit = self.dist.engine == "deepspeed" and self.train.precision != "fp32"
+        if self.train.compile and deepspeed_16bit:
+            # DeepSpeed casts the module to 16 bits; compiled under autocast, a matmul then
+            # meets float32 and bf16 operands (torch 2.13, DeepSpeed 0.19.8, on the CPU).
+            raise ValueError(
+                f"train.compile: with dist.engine deepspeed only at train.precision fp32 "
+                f"(not {self.train.precision}); use dist.engine ddp to compile a 16-bit step"
+            )
         if self.partialfc.backend == "cpu_fused" and self.dist.device == "cuda":
             raise ValueError("partialfc.backend: cpu_fused runs on the CPU; use plain or auto")
         if self.partialfc.backend == "cpu_fused" and self.partialfc.storage_dtype != "fp32":

@@ -11,6 +11,11 @@ because the two share loss scaling:
   gradients are divided by that scale here and its step is skipped when DeepSpeed reports an
   overflow.
 
+With ``train.compile`` the training call is compiled (``trainer.compiling``): DDP's wrapper,
+or DeepSpeed's module through DeepSpeed's ``compile``; ``engine.module`` is the plain module
+either way. ``train.channels_last`` turns every input batch channels-last, and under DDP the
+weights too.
+
 One optimizer step = ``accum`` micro-batches; the caller divides each micro-batch loss by
 ``accum`` and calls ``backward(loss, last_micro)``, then ``step(...)`` once.
 
@@ -30,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import ds_universal
+from trainer import compiling, ds_universal
 from trainer.config import Config
 from trainer.context import DistContext
 
@@ -98,13 +103,17 @@ class DDPEngine:
         ctx: DistContext,
         config: Config,
     ) -> None:
-        self.module = backbone
+        self.module = compiling.to_memory_format(backbone, config.train.channels_last)
         self.ctx = ctx
         self.optimizer = optimizer
-        self.model: nn.Module = backbone
+        self.ddp: DistributedDataParallel | None = None
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.model = DistributedDataParallel(backbone, device_ids=ids)
+            self.ddp = DistributedDataParallel(backbone, device_ids=ids)
+        # Compiled around DDP (torch's documented order: DDP's buckets split the graph, so
+        # gradient all-reduces still overlap the backward); the module itself stays plain.
+        self.model: nn.Module = compiling.compiled(self.ddp or backbone, config.train.compile)
+        self.input_format = compiling.memory_format(config.train.channels_last)
         # fp16 autocast needs loss scaling; one scaler covers both optimizers. The config
         # allows fp16 on CUDA only; the device string is the only GPU-specific part.
         fp16 = config.train.precision == "fp16"
@@ -112,12 +121,12 @@ class DDPEngine:
         self.clip = config.train.clip_grad_norm
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.model(images.contiguous(memory_format=self.input_format))
 
     def micro_context(self, last_micro: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
-        if isinstance(self.model, DistributedDataParallel) and not last_micro:
-            return self.model.no_sync()
+        if self.ddp is not None and not last_micro:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
@@ -217,6 +226,14 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=backbone, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
+        mode = compiling.compile_mode(tcfg.compile)
+        if mode is not None:
+            # DeepSpeed's own API, which compiles its module in place (nn.Module.compile):
+            # state_dict keys stay plain; evaluation runs it eager (trainer.evaluate).
+            self.engine.compile(backend="inductor", compile_kwargs={"mode": mode, "dynamic": False})
+        # Channels-last images only: DeepSpeed broadcasts every parameter viewed as bytes,
+        # which needs a unit last stride (channels-last weights fail in deepspeed.initialize).
+        self.input_format = compiling.memory_format(tcfg.channels_last)
         self.module = self.engine.module
         self.ctx = ctx
         self.model = self.engine
@@ -225,7 +242,7 @@ class DeepSpeedEngine:
         self.fp16 = tcfg.precision == "fp16"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.engine(images)
+        return self.engine(images.contiguous(memory_format=self.input_format))
 
     def micro_context(self, last_micro: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself

@@ -16,6 +16,7 @@ from dataio.verification_bin import VerificationSet, load_bin
 from evaluation.roc import tar_at_far
 from evaluation.verification import extract_embeddings, kfold_verification, pair_roc
 from partialfc import all_gather_no_grad
+from trainer import compiling
 from trainer.config import Config
 from trainer.context import DistContext
 
@@ -80,14 +81,15 @@ def evaluate_sets(
         first = [batches * r // world for r in range(world + 1)]  # rank r's first batch
         cuts = [min(n, batch * b) for b in first]
         mine = s.images[cuts[rank] : cuts[rank + 1]]
-        if len(mine):
-            emb = extract_embeddings(backbone, mine, batch, ctx.device)
-        else:  # fewer batches than ranks
-            emb = np.zeros((0, config.model.embedding_size), np.float32)
-        if collective_forward and first[rank + 1] - first[rank] < math.ceil(batches / world):
-            # Ranks hold ceil or floor of batches / world; one with fewer embeds one more
-            # (discarded) so that every rank runs as many (collective) forwards.
-            extract_embeddings(backbone, s.images[:batch], batch, ctx.device)
+        with compiling.eager():  # a compiled backbone (train.compile) evaluates eager
+            if len(mine):
+                emb = extract_embeddings(backbone, mine, batch, ctx.device)
+            else:  # fewer batches than ranks
+                emb = np.zeros((0, config.model.embedding_size), np.float32)
+            if collective_forward and first[rank + 1] - first[rank] < math.ceil(batches / world):
+                # Ranks hold ceil or floor of batches / world; one with fewer embeds one more
+                # (discarded) so that every rank runs as many (collective) forwards.
+                extract_embeddings(backbone, s.images[:batch], batch, ctx.device)
         emb_t = torch.from_numpy(emb).to(ctx.device)
         if distributed:
             sizes = [cuts[r + 1] - cuts[r] for r in range(world)]
