@@ -143,6 +143,12 @@ class DaliLoader:
         """Corrupt records skipped so far: left out at open plus found while reading."""
         return len(self.pack.bad_keys) + self._runtime_skipped
 
+    @property
+    def num_skipped_at_open(self) -> int:
+        """Of :attr:`num_skipped`, the records left out when the pack was opened: every rank
+        opens the whole pack, so every rank counts these."""
+        return len(self.pack.bad_keys)
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start ``epoch``; skip its first ``start_batch`` batches (they were consumed)."""
         self._epoch = check_int("epoch", epoch)

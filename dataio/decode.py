@@ -9,14 +9,17 @@ file and key everywhere.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dataio.layout import PackError
+from dataio.layout import IDX_NAME, PROPERTY_NAME, REC_NAME, PackError, PackFacts
 from dataio.pack import FacePack
+from dataio.record_reader import RecordReader
+from dataio.recordio import RecordIOError, unpack_record
 
 
 def decode_image(data: bytes, what: str) -> np.ndarray:
@@ -119,3 +122,43 @@ def _decode_jpeg_into(data: bytes, out: np.ndarray, flip: bool) -> bool:
         return False
     torch.from_numpy(out.reshape(h, w * 3)).copy_(torch.from_numpy(bgr.reshape(h, w * 3)).flip(1))
     return True
+
+
+def _stored_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from an encoded image's header (nothing decoded); None if unreadable."""
+    try:
+        return tuple(simplejpeg.decode_jpeg_header(data)[:2])  # type: ignore[return-value]
+    except ValueError:
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def check_stored_size(pack_dir: str | os.PathLike[str], facts: PackFacts) -> None:
+    """The pack's first image record has the size its ``property`` states, or PackError.
+
+    Cheap (one record read, its image header parsed) where a wrong ``property`` would
+    otherwise fail every record inside the loaders. A first record that cannot be read or
+    decoded is left to them: they name it, or skip it with ``data.skip_corrupt``.
+    """
+    pack_dir = os.fspath(pack_dir)
+    rec = os.path.join(pack_dir, REC_NAME)
+    try:
+        with RecordReader(rec, os.path.join(pack_dir, IDX_NAME), skip_bad_offsets=True) as reader:
+            # Images are keys 1.. after a header (key 0), else every key.
+            key = 1 if facts.layout == "header" else min(reader.keys, default=None)
+            if key is None or key not in reader:
+                return
+            _, payload = unpack_record(reader.read(key))
+    except RecordIOError:
+        return
+    size = _stored_size(payload)
+    if size is not None and size != tuple(facts.image_size):
+        h, w = facts.image_size
+        raise PackError(
+            f"{os.path.join(pack_dir, PROPERTY_NAME)}: says {h}x{w} images but {rec}: key "
+            f"{key} is {size[0]}x{size[1]}"
+        )

@@ -160,8 +160,9 @@ def read_pack_facts(pack_dir: str | os.PathLike[str], skip_corrupt: bool = False
 
     Reads ``property``, the index and record key 0 only. With a header the images are keys
     ``1 .. first_identity_key-1`` (past :data:`FLOAT32_EXACT` the header may be rounded, so
-    the index count less the header and one identity record per class is used); without one
-    every indexed record is an image. A ``RecBuilder`` image count must agree with the index.
+    the index count less the header and one identity record per class is used), and the
+    header's identity records must be as many as ``property``'s classes; without one every
+    indexed record is an image. A ``RecBuilder`` image count must agree with the index.
     :class:`dataio.pack.FacePack` reads the same layout and checks every record; the image
     count here includes records it would skip (``skip_corrupt``: a damaged key 0 is such an
     image, as there).
@@ -185,10 +186,15 @@ def read_pack_facts(pack_dir: str | os.PathLike[str], skip_corrupt: bool = False
     if header is None:
         layout, num_images = "headerless", num_records
     else:
-        first_identity = header[0]
+        first_identity, end = header
         exact = first_identity < FLOAT32_EXACT
         layout = "header"
         num_images = first_identity - 1 if exact else num_records - 1 - prop.num_classes
+        if end < FLOAT32_EXACT and end - first_identity != prop.num_classes:
+            raise PackError(
+                f"{prop_path}: says {prop.num_classes} classes but the header (key "
+                f"{HEADER_KEY} of {rec}) lists {end - first_identity} identity records"
+            )
     if num_images < 1:
         raise PackError(
             f"{idx}: {num_records} indexed records cannot hold the header, {prop.num_classes} "

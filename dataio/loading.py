@@ -188,6 +188,9 @@ class TrainLoader(Protocol):
     @property
     def num_skipped(self) -> int: ...
 
+    @property
+    def num_skipped_at_open(self) -> int: ...
+
 
 LoaderBuilder = Callable[..., TrainLoader]
 """``builder(pack_dir, config: LoaderConfig, *, rank, world_size, device) -> TrainLoader``."""

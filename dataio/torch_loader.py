@@ -38,6 +38,7 @@ from common.checks import check_int
 from dataio.batch_buffers import BatchBuffers
 from dataio.loader_config import LoaderConfig
 from dataio.loading import position_state, register_loader, resolve_position, steps_per_epoch
+from dataio.pack import PackError
 from dataio.pack_dataset import PackDataset
 from dataio.shard_sampler import ShardSampler
 
@@ -68,7 +69,13 @@ class _Batches(Dataset[tuple[torch.Tensor, ...]]):
         pass_id, indices = task
         ds = self.dataset
         out, slot = self.buffers.acquire(ds.batch_shape(len(indices)), ds.dtype, pass_id)
-        x, y, k = ds.load_batch(indices, out=out)
+        try:
+            x, y, k = ds.load_batch(indices, out=out)
+        except PackError as e:
+            # Sent as a value, raised by the loader as it is: the DataLoader would raise a
+            # new PackError whose message is this worker's whole traceback.
+            self.buffers.release(slot)
+            return e, None, None, -1
         return x, y.numpy(), k.numpy(), slot
 
 
@@ -177,6 +184,8 @@ class PackLoader(DataLoader):
         batches = super().__iter__()
         self._buffers.release_stale(self._pass[0], self._handed_out)
         for x, labels, keys, slot in batches:
+            if isinstance(x, PackError):
+                raise x  # names the file and the record key (see _Batches.__getitem__)
             self._release_dropped()
             y, k = torch.as_tensor(labels), torch.as_tensor(keys)
             if x.is_pinned():  # a pinned copy: the buffer itself is no longer referenced
@@ -209,6 +218,12 @@ class PackLoader(DataLoader):
     def num_skipped(self) -> int:
         """Corrupt records skipped so far (``skip_corrupt``), in all worker processes."""
         return self.pack_dataset.num_skipped
+
+    @property
+    def num_skipped_at_open(self) -> int:
+        """Of :attr:`num_skipped`, the records left out when the pack was opened: every rank
+        opens the whole pack, so every rank counts these."""
+        return len(self.pack_dataset.pack.bad_keys)
 
     def state_dict(self) -> dict[str, Any]:
         """Position within the epoch: ``batch`` = batches of ``epoch`` already yielded."""

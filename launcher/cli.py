@@ -278,26 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = getattr(importlib.import_module(_COMMANDS[args.command]), f"cmd_{args.command}")
 
-    from evaluation.onnx_export import OnnxParityError
-    from launcher.submit import SubmitError
-    from trainer.checkpoint import CheckpointError
+    from launcher import failure
 
-    # ValueError covers the project's input errors (ConfigError, PackError, RecordIOError,
-    # VerificationBinError, AlignmentError, EmbeddingError, IJBError, UsageError) and the
-    # argument checks of every package: each message names the key, file or argument, so a
-    # traceback would add nothing for the user.
-    user_errors = (
-        ValueError,
-        OnnxParityError,
-        CheckpointError,
-        SubmitError,
-        FileNotFoundError,
-    )
+    # The project's input errors (ConfigError, PackError, RecordIOError, VerificationBinError,
+    # AlignmentError, EmbeddingError, IJBError, UsageError, ...; launcher.failure.user_errors):
+    # each message names the key, file or argument, so a traceback would add nothing.
     try:
         return command(args)
-    except user_errors as exc:
-        print(f"facetrain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except failure.user_errors() as exc:
+        print(failure.error_line(args.command, exc), file=sys.stderr)
+        return failure.EXIT_CODE
 
 
 def entry() -> None:

@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from launcher import env as launch_env
+from launcher import failure
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -89,7 +90,8 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     from launcher.elastic import AGENT_ENV, rendezvous_args
 
     nproc = config.dist.nproc
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    # torchrun, which leaves a rank's failure told in one line to us (launcher.failure)
+    cmd = [sys.executable, "-m", "launcher.agent"]
     if config.dist.elastic is not None:
         cmd += rendezvous_args(config.dist.elastic, args.node_rank, args.rdzv, config.run.name)
     elif args.nnodes == 1:
@@ -127,6 +129,8 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
         env.setdefault("OMP_NUM_THREADS", "1")
     if config.dist.elastic is not None:
         env.update(AGENT_ENV)
+    told = failure.new_failure_file()
+    env[failure.FAILURE_ENV] = str(told)
     agent = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def forward(signum: int, _frame: object) -> None:
@@ -137,7 +141,7 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     for sig in stops:
         signal.signal(sig, forward)
     try:
-        return agent.wait()
+        return failure.outcome(agent.wait(), told)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from launcher import env as launch_env
+from launcher import failure
 from trainer.config import Config, load_config
 from trainer.loop import StopFlag, Trainer
 from trainer.resume import continue_run
@@ -113,7 +114,9 @@ def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
                 )
             else:
                 print(format_summary(summary), flush=True)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, failure.user_errors()):
+            failure.tell(exc)  # before the group goes: the other ranks' errors follow from it
         launch_env.destroy_process_group()
         raise
     if not keep_group:
@@ -152,5 +155,19 @@ def main(argv: list[str] | None = None, keep_group: bool = False) -> int:
     return 0
 
 
+def rank_main() -> int:
+    """A rank started by torchrun or srun: :func:`main`; a user error is told in one line,
+    and an error that follows from another rank's told failure (a collective whose peer has
+    gone) is not told again (:mod:`launcher.failure`)."""
+    try:
+        return main(keep_group=True)
+    except failure.user_errors() as exc:
+        return failure.report(exc)
+    except Exception:
+        if failure.told():
+            return failure.EXIT_CODE
+        raise
+
+
 if __name__ == "__main__":
-    exit_process(main(keep_group=True))
+    exit_process(rank_main())

@@ -169,7 +169,7 @@ def write_recbuilder_pack(
     return PackInfo(out, classes, len(labels), size)
 
 
-CORRUPTIONS = ("magic", "label", "length", "jpeg", "truncate", "offset")
+CORRUPTIONS = ("magic", "label", "negative", "length", "jpeg", "truncate", "offset")
 """Faults :func:`corrupt_record` can plant."""
 
 
@@ -178,10 +178,11 @@ def corrupt_record(pack_dir: str | os.PathLike[str], key: int, kind: str) -> Non
 
     ``magic``: a flipped byte in the record's magic number. ``label``: the IRHeader's scalar
     label set to ``label + 1`` (disagrees with the identity record, or leaves ``[0, C)`` in a
-    headerless pack when it was the last class). ``length``: the frame claims 4 KiB more bytes
-    than the record has. ``jpeg``: the image bytes after the JPEG start marker zeroed (same
-    length, undecodable). ``truncate``: the ``.rec`` file cut in the middle of the record (and
-    everything after it removed). ``offset``: the index points the key past the end of file.
+    headerless pack when it was the last class). ``negative``: that label set to -1.
+    ``length``: the frame claims 4 KiB more bytes than the record has. ``jpeg``: the image
+    bytes after the JPEG start marker zeroed (same length, undecodable). ``truncate``: the
+    ``.rec`` file cut in the middle of the record (and everything after it removed).
+    ``offset``: the index points the key past the end of file.
     """
     from dataio.record_reader import read_index
 
@@ -196,6 +197,8 @@ def corrupt_record(pack_dir: str | os.PathLike[str], key: int, kind: str) -> Non
     elif kind == "label":
         value = np.frombuffer(bytes(data[off + 12 : off + 16]), dtype="<f4")[0]
         data[off + 12 : off + 16] = np.float32(value + 1).tobytes()
+    elif kind == "negative":
+        data[off + 12 : off + 16] = np.float32(-1).tobytes()
     elif kind == "length":
         lrec = int.from_bytes(data[off + 4 : off + 8], "little")
         data[off + 4 : off + 8] = (lrec + 4096).to_bytes(4, "little")

@@ -330,9 +330,19 @@ class Trainer(Checkpointing, Stepping, Reporting):
         }
         if self.grad_norm is not None:
             out["train/grad_norm"] = float(self.grad_norm)
-        if self.loader.num_skipped:
-            out["data/skipped_records"] = self.loader.num_skipped
+        if self.config.data.skip_corrupt:  # the same on every rank: the sum is collective
+            out["data/skipped_records"] = self._skipped_records()
         return {**out, **step_metrics(stats)}
+
+    def _skipped_records(self) -> int:
+        """Corrupt records skipped so far by every rank's loader: those left out when the
+        pack was opened once (every rank opens the whole pack), those met while reading
+        summed over the ranks."""
+        at_open = self.loader.num_skipped_at_open
+        read = torch.tensor([self.loader.num_skipped - at_open], device=self.ctx.device)
+        if self.ctx.distributed and dist.is_initialized():
+            dist.all_reduce(read)
+        return at_open + int(read.item())
 
     # ------------------------------------------------------------------- eval / save / export
     def evaluate(self, wandb_run: WandbRun) -> dict[str, dict[str, float]]:

@@ -1,9 +1,9 @@
 """The run plan `facetrain train --dry-run` prints: what a config will do on a given world
 size, computed from the config and the pack's own facts without starting any process.
 
-Pack facts are read cheaply (``property``, the ``.idx`` and record key 0, in any of the
-layouts of :mod:`dataio.layout`), so a plan for a 5.8M-image pack takes a second and needs no
-decoding.
+Pack facts are read cheaply (``property``, the ``.idx``, record key 0 and the first image's
+header, in any of the layouts of :mod:`dataio.layout`), so a plan for a 5.8M-image pack takes a
+second and decodes no image.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dataio.decode import check_stored_size
 from dataio.layout import PackFacts, read_pack_facts
 from partialfc import class_range
 from trainer.config import Config, ConfigError
@@ -19,8 +20,10 @@ from trainer.memory_plan import sampled_rows
 
 def pack_facts(config: Config) -> PackFacts:
     """The training pack's facts (:func:`dataio.layout.read_pack_facts`: any layout, with
-    ``data.skip_corrupt``), checked against the config (:func:`check_facts`)."""
+    ``data.skip_corrupt``; the first image's size checked against them), checked against the
+    config (:func:`check_facts`)."""
     facts = read_pack_facts(config.data.train, skip_corrupt=config.data.skip_corrupt)
+    check_stored_size(config.data.train, facts)  # the first image against property
     check_facts(config, facts.as_dict())
     return facts
 

@@ -113,5 +113,6 @@ class Reporting:
             line += f"; checkpoint {Path(summary['checkpoint']).name}"
         if "train" in summary:
             line += f"; {run_counts(summary['train'])}"
-        self.run_log.message(line)
+        # A failure's line on the console is the launcher's (launcher.failure) or a traceback.
+        self.run_log.message(line, console=state != "failed")
         self.status.update(state=state, reason=reason, step=self.step)

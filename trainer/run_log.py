@@ -220,15 +220,16 @@ class RunLog:
         # On a terminal the bar shows the step lines; without `progress` none are shown.
         show_steps = progress and not self.tty
         console.addFilter(lambda record: show_steps or not getattr(record, "step_line", False))
+        console.addFilter(lambda record: not getattr(record, "log_only", False))
         for handler in (to_file, console):
             handler.setFormatter(_FORMAT)
             self.logger.addHandler(handler)
             self._handlers.append(handler)
 
-    def message(self, text: str) -> None:
-        """A line for the log and the console."""
+    def message(self, text: str, console: bool = True) -> None:
+        """A line for the log and (``console``) the console."""
         if self.enabled:
-            self.logger.info(text)
+            self.logger.info(text, extra={"log_only": not console})
 
     def start_bar(self, total_steps: int, step: int) -> None:
         """On a terminal with ``progress``: the bar, from ``step``, before the first step."""
