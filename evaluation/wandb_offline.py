@@ -4,7 +4,8 @@ service: for tests that check the logged keys and steps, and for plots of logged
 The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then
 32 KiB blocks of records, each with a 7-byte header (crc32 uint32, length uint16, type uint8:
 1 full, 2 first, 3 middle, 4 last fragment); a block tail shorter than 7 bytes is zero
-padding. Each joined record is a serialized ``wandb_internal_pb2.Record`` protobuf.
+padding. Each joined record is a serialized ``wandb_internal_pb2.Record`` protobuf. The log of
+a job killed while writing ends at its last complete record.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def iter_records(path: str | Path) -> Iterator[bytes]:
             break
         start = pos + _RECORD_HEADER.size
         chunk = data[start : start + length]
-        if len(chunk) < length:
-            raise WandbLogError(f"{path}: record at byte {pos} is truncated")
+        if len(chunk) < length:  # cut short: its writer was killed while writing it
+            break
         pos = start + length
         if kind == _FULL:
             yield chunk
@@ -117,7 +118,8 @@ def find_run_logs(run_dir: str | Path) -> list[Path]:
 def read_run_history(run_dir: str | Path) -> list[dict[str, Any]]:
     """The logged rows of the newest wandb run under a run folder, its resumed parts joined.
 
-    A part that resumed from a checkpoint logs again the steps after that checkpoint: the
+    A part resumed from a checkpoint logs no step the run already has
+    (``trainer.wandb_rows``); where a part does (logs of earlier versions), the
     earlier parts' rows from the later part's first step on are dropped (they were redone).
     """
     rows: list[dict[str, Any]] = []

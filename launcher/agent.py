@@ -5,6 +5,9 @@ The one difference: once a rank has told its failure (:mod:`launcher.failure`), 
 report of it -- its log lines about the failed worker and the ones it stops, and the
 ``ChildFailedError`` summary with the agent's traceback -- is left out; the launcher prints
 the rank's one line instead. Every other failure is reported as torchrun reports it.
+
+It also dies with its launcher and passes SIGTERM / SIGUSR1 to the ranks instead of letting
+torchrun act on them (:mod:`launcher.lifeline`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import sys
 
 from launcher import failure
+from launcher.lifeline import agent_lifeline
 
 
 class _QuietAfterToldFailure(logging.Filter):
@@ -47,4 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # First of all: die with the launcher, and take the stop signals (launcher.lifeline).
+    stop_signals = agent_lifeline()
     sys.exit(main())

@@ -11,19 +11,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from launcher import env as launch_env
 from launcher import failure
+from launcher.lifeline import LAUNCHER_PID_ENV, StopSignals
+from launcher.run_lock import hold_run_lock
+from trainer.stop import StopFlag
 
 if TYPE_CHECKING:
     from trainer.config import Config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Stop signals (launcher.lifeline) and the run folder's lock (launcher.run_lock) are
+    taken for the whole command; the signals first, before torch starts a thread that would
+    not block them (this module imports torch only after)."""
+    with StopSignals(StopFlag()) as signals, contextlib.ExitStack() as held:
+        return _train(args, signals, held)
+
+
+def _train(args: argparse.Namespace, signals: StopSignals, held: contextlib.ExitStack) -> int:
+    from launcher import env as launch_env  # torch, and its threads: after StopSignals
     from launcher.elastic import check_elastic_args
     from launcher.preflight import check_run_inputs
     from trainer.config import ConfigError, dump_config, load_config
@@ -53,15 +63,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(format_plan(plan))
         print(memory_report(config, world, plan["pack"], run_device(config), budget))
         return 0
+    if _node_zero(args):  # one holder per run, whatever the nodes and world size
+        note = held.enter_context(hold_run_lock(config.run_dir))
+        if note:
+            print(f"facetrain: {config.run_dir}: {note}", flush=True)
+    if signals.flag.is_set():
+        print(f"facetrain: {signals.flag.reason} before the run started; nothing to checkpoint")
+        return 0
     alone = config.dist.nproc == 1 and args.nnodes == 1 and config.dist.elastic is None
     if launch_env.under_launcher() or alone:
         from launcher.worker import run_worker
 
         # One rank of srun / torchrun / deepspeed leaves its process group to the process
         # exit (see entry); a single process run in-process tears it down.
-        run_worker(config, keep_group=launch_env.under_launcher())
+        run_worker(config, keep_group=launch_env.under_launcher(), stop=signals.flag)
         return 0
-    return _spawn_torchrun(args, overrides, config)
+    return _spawn_torchrun(args, overrides, config, signals)
+
+
+def _node_zero(args: argparse.Namespace) -> bool:
+    """Whether this process starts the run on node rank 0 (it holds the run folder's lock):
+    global rank 0 under a launcher of the user's, else the launcher of node rank 0."""
+    from launcher import env as launch_env
+
+    if launch_env.under_launcher():
+        return os.environ["RANK"] == "0"
+    return args.node_rank == 0
 
 
 def _gpu_mem(args: argparse.Namespace) -> int | None:
@@ -76,16 +103,18 @@ def _gpu_mem(args: argparse.Namespace) -> int | None:
     return parse_size(args.gpu_mem)
 
 
-def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Config) -> int:
+def _spawn_torchrun(
+    args: argparse.Namespace, overrides: list[str], config: Config, signals: StopSignals
+) -> int:
     """Start ``dist.nproc`` workers on this node under torchrun's elastic agent: standalone
     on one node, or one agent per node meeting at the ``--rdzv`` endpoint (c10d).
 
-    SIGTERM / SIGUSR1 sent to this process are passed on to the workers (each finishes its
-    step, checkpoints and exits 0), not to the agent, which would kill them.
-    The agent itself ignores both: Slurm (``scancel``, the time limit, a signal to a job
-    step) signals every process of the job, the agent included, and torchrun would answer
-    SIGTERM by killing the workers' process groups (their DataLoader workers too) 30 s later
-    at most, and die of SIGUSR1, while the workers save their checkpoint.
+    SIGTERM / SIGUSR1 sent to this process are passed on to the agent (``signals``), which
+    passes them to the workers (each finishes its step, checkpoints and exits 0) and never
+    lets torchrun act on them: Slurm (``scancel``, the time limit, a signal to a job step)
+    signals every process of the job, the agent included, and torchrun would answer SIGTERM
+    by killing the workers' process groups 30 s later at most, and die of SIGUSR1, while the
+    workers save their checkpoint. The agent dies with this process (launcher.lifeline).
     """
     from launcher.elastic import AGENT_ENV, rendezvous_args
 
@@ -107,7 +136,7 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     cmd += [
         f"--nproc-per-node={nproc}",
         f"--max-restarts={config.dist.max_restarts}",
-        "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",  # SIGTERM, SIGUSR1: ignored (below)
+        "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",  # SIGTERM, SIGUSR1: launcher.lifeline
         "-m",
         "launcher.worker",
         args.config,
@@ -120,11 +149,10 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
         where = f" (node {args.node_rank}, elastic: {span} nodes at {args.rdzv})"
     print(f"facetrain: starting {nproc} processes under torchrun{where}", flush=True)
     # A session of its own: a signal sent to this process's group (srun and slurmstepd signal
-    # whole groups) must not kill the agent; the workers get it from `forward` instead.
-    # The agent inherits SIG_IGN for the stop signals (it handles only those named above).
-    stops = (signal.SIGTERM, signal.SIGUSR1)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
+    # whole groups) must not kill the agent; it gets the stop signals from `signals` instead
+    # (blocked until it takes them: the mask is inherited).
     env = dict(os.environ)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the agent dies with this process
     if nproc > 1:  # what torchrun would set, less its banner about it on every start
         env.setdefault("OMP_NUM_THREADS", "1")
     if config.dist.elastic is not None:
@@ -132,30 +160,8 @@ def _spawn_torchrun(args: argparse.Namespace, overrides: list[str], config: Conf
     told = failure.new_failure_file()
     env[failure.FAILURE_ENV] = str(told)
     agent = subprocess.Popen(cmd, start_new_session=True, env=env)
-
-    def forward(signum: int, _frame: object) -> None:
-        for pid in _workers(agent.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    for sig in stops:
-        signal.signal(sig, forward)
-    try:
-        return failure.outcome(agent.wait(), told)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _workers(pid: int) -> list[int]:
-    """The training workers: the torchrun agent's direct children (not their DataLoader
-    workers, which a SIGUSR1 would kill)."""
-    import psutil
-
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=False)]
-    except psutil.NoSuchProcess:
-        return []
+    signals.relay_to(agent.pid)
+    return failure.outcome(agent.wait(), told)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -10,19 +10,17 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
 from typing import Any
 
 from launcher import env as launch_env
 from launcher import failure
+from launcher.lifeline import rank_lifeline
 from trainer.config import Config, load_config
-from trainer.loop import StopFlag, Trainer
+from trainer.loop import Trainer
 from trainer.resume import continue_run
 from trainer.run_log import run_counts
-
-# What Slurm (--signal=B:USR1@T), torchrun's agent and `kill` send before stopping a job.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from trainer.stop import StopFlag
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -66,18 +64,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def install_stop_handlers(stop: StopFlag) -> None:
-    """SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit cleanly (no traceback)."""
-
-    def handler(signum: int, _frame: Any) -> None:
-        stop.set(f"received {signal.Signals(signum).name}")
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
-
-
-def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
+def run_worker(
+    config: Config, keep_group: bool = False, stop: StopFlag | None = None
+) -> dict[str, Any]:
     """Train on this process's rank; rank 0 prints the summary.
+
+    ``stop``: raised by the caller's stop signals (``launcher.lifeline``): the run stops
+    cleanly, with a checkpoint if it trained since the last one.
 
     ``keep_group=True``: after a successful run the process group is left as it is, for a
     caller that ends the process right away with ``exit_process`` (a launcher's rank):
@@ -95,8 +88,7 @@ def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
         launch_env.prepare_deepspeed(ctx)
     if config.train.compile:
         launch_env.compile_cache_dir()  # compiled kernels reused by the next start
-    stop = StopFlag()
-    install_stop_handlers(stop)
+    stop = stop or StopFlag()
     launch_env.init_process_group(
         ctx, config.dist.timeout_s, one_rank_group=config.dist.engine == "deepspeed"
     )
@@ -107,11 +99,11 @@ def run_worker(config: Config, keep_group: bool = False) -> dict[str, Any]:
         launch_env.barrier()
         if ctx.is_main:
             if "stopped" in summary:
-                print(
-                    f"facetrain: {summary['stopped']}; checkpoint {summary['checkpoint']}; "
-                    "resume with --resume auto",
-                    flush=True,
-                )
+                saved = summary.get("checkpoint")  # none: stopped before it trained a step
+                then = "nothing to checkpoint"
+                if saved:
+                    then = f"checkpoint {saved}; resume with --resume auto"
+                print(f"facetrain: {summary['stopped']}; {then}", flush=True)
             else:
                 print(format_summary(summary), flush=True)
     except BaseException as exc:
@@ -140,9 +132,12 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None, keep_group: bool = False) -> int:
-    """``python -m launcher.worker CONFIG [--set K=V ...] [--resume R]``; ``keep_group``:
-    see ``run_worker`` (the module's ``__main__`` sets it and ends the process itself)."""
+def main(
+    argv: list[str] | None = None, keep_group: bool = False, stop: StopFlag | None = None
+) -> int:
+    """``python -m launcher.worker CONFIG [--set K=V ...] [--resume R]``; ``keep_group``,
+    ``stop``: see ``run_worker`` (the module's ``__main__`` sets them and ends the process
+    itself)."""
     parser = argparse.ArgumentParser(prog="launcher.worker")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -151,16 +146,16 @@ def main(argv: list[str] | None = None, keep_group: bool = False) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
-    run_worker(load_config(args.config, overrides), keep_group=keep_group)
+    run_worker(load_config(args.config, overrides), keep_group=keep_group, stop=stop)
     return 0
 
 
-def rank_main() -> int:
+def rank_main(stop: StopFlag | None = None) -> int:
     """A rank started by torchrun or srun: :func:`main`; a user error is told in one line,
     and an error that follows from another rank's told failure (a collective whose peer has
     gone) is not told again (:mod:`launcher.failure`)."""
     try:
-        return main(keep_group=True)
+        return main(keep_group=True, stop=stop)
     except failure.user_errors() as exc:
         return failure.report(exc)
     except Exception:
@@ -170,4 +165,4 @@ def rank_main() -> int:
 
 
 if __name__ == "__main__":
-    exit_process(rank_main())
+    exit_process(rank_main(rank_lifeline()))  # rank_lifeline: launcher.lifeline

@@ -141,7 +141,6 @@ def test_worker_tears_the_group_down_only_when_asked_or_after_an_error(
             return {"stopped": "received SIGTERM", "checkpoint": "ckpt"}
 
     monkeypatch.setattr(worker, "Trainer", FakeTrainer)
-    monkeypatch.setattr(worker, "install_stop_handlers", lambda _stop: None)
     for name in ("init_process_group", "barrier", "destroy_process_group"):
         monkeypatch.setattr(worker.launch_env, name, lambda *_a, _n=name, **_k: calls.append(_n))
     config = load_config(REPO / "configs" / "demo_cpu.yaml", [])
@@ -167,7 +166,9 @@ def test_a_launchers_rank_ends_through_exit_process_only_from_the_console_entry(
     from launcher import cli, worker
 
     ran: list[bool] = []  # keep_group of each run: a real run leaves its group alive then
-    monkeypatch.setattr(worker, "run_worker", lambda _cfg, keep_group=False: ran.append(keep_group))
+    monkeypatch.setattr(
+        worker, "run_worker", lambda _cfg, keep_group=False, stop=None: ran.append(keep_group)
+    )
     monkeypatch.setattr("launcher.env.has_process_group", lambda: bool(ran) and ran[-1])
 
     def fake_exit(code: int) -> None:

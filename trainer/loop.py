@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import random
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +41,7 @@ from trainer.run_log import Pace, RunLog
 from trainer.run_status import RunStatus
 from trainer.sample_record import SampleRecord
 from trainer.step import Stepping
-
-
-class StopFlag:
-    """Set (e.g. by a SIGTERM/SIGUSR1 handler the launcher installs) to ask for a clean stop:
-    the trainer finishes the current step, saves a checkpoint and returns."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason = ""
-
-    def set(self, reason: str = "stop requested") -> None:
-        self.reason = reason
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
+from trainer.stop import StopFlag
 
 
 def _seed_everything(seed: int, rank: int) -> None:
@@ -182,7 +166,8 @@ class Trainer(Checkpointing, Stepping, Reporting):
         """Train to ``total_steps``; evaluate, checkpoint and export; return the summary.
 
         If the stop flag is raised (preemption signal), finish the step, save a checkpoint
-        and return early with ``summary["stopped"]`` set.
+        and return early with ``summary["stopped"]`` set; raised before the first step, it
+        returns at once (nothing trained: no checkpoint).
         """
         cfg, ctx = self.config, self.ctx
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +179,12 @@ class Trainer(Checkpointing, Stepping, Reporting):
             self._report_start()  # a resumed job says so first
             if self.resumed_from is not None:
                 summary["resumed_from"] = str(self.resumed_from)
+            if self._stop_requested():  # before the first step: nothing new to save
+                summary["stopped"] = f"{self.stop.reason} before the first step"
+                if self.resumed_from is not None:
+                    summary["checkpoint"] = str(self.resumed_from)
+                self._report_end("stopped", summary, summary["stopped"])
+                return summary
             wandb_run = WandbRun(
                 cfg.wandb,
                 self.run_dir,
@@ -201,6 +192,7 @@ class Trainer(Checkpointing, Stepping, Reporting):
                 {**cfg.model_dump(mode="json"), "derived": self.derived()},
                 enabled=ctx.is_main,
                 run_id=self.wandb_id,
+                step=self.step,
             )
             self.wandb_id = wandb_run.id
             self.status.update(wandb_id=self.wandb_id)

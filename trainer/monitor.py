@@ -8,6 +8,7 @@ from typing import Any
 
 from partialfc import StepStats
 from trainer.config import WandbConfig
+from trainer.wandb_rows import ROWS_FILE, RowRecord, last_logged_step
 
 
 def step_metrics(stats: StepStats | None) -> dict[str, float]:
@@ -50,6 +51,11 @@ class WandbRun:
     """A thin wrapper over a wandb run with an explicit step; a no-op when disabled.
 
     The API key, if any, comes from the environment (WANDB_API_KEY), never from the config.
+
+    A resumed training job continues the wandb run (``run_id``) from its checkpoint at
+    ``step``; every step of the run is logged exactly once (``trainer.wandb_rows``: the rows
+    a killed job's log lost up to the checkpoint are logged again, the steps the run already
+    has are not).
     """
 
     def __init__(
@@ -60,14 +66,19 @@ class WandbRun:
         config: dict[str, Any],
         enabled: bool,
         run_id: str | None = None,
+        step: int = 0,
     ) -> None:
         self.run = None
         self.path: str | None = None
+        self.rows = RowRecord(run_dir / ROWS_FILE)
+        self.logged_up_to = -1  # the last step the run has: not logged again
         if not enabled or cfg.mode == "disabled":
             return
         import wandb  # heavy import, only on the logging rank
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        if run_id:
+            self.logged_up_to = last_logged_step(run_dir, run_id)
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -82,13 +93,19 @@ class WandbRun:
             settings=wandb.Settings(console="off", silent=True),
         )
         self.path = str(Path(self.run.dir).parent)
+        self.logged_up_to = max(self.logged_up_to, self.run.starting_step - 1)
+        for row_step, metrics in self.rows.start(step if run_id else None, self.logged_up_to):
+            self._call(lambda run, m=metrics, s=row_step: run.log(m, step=s))
+            self.logged_up_to = max(self.logged_up_to, row_step)
 
     @property
     def id(self) -> str | None:
         return None if self.run is None else self.run.id
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.run is not None:
+        """Log ``metrics`` at ``step`` (and keep the row), unless the run has that step."""
+        if self.run is not None and step > self.logged_up_to:
+            self.rows.append(step, metrics)
             self._call(lambda run: run.log(metrics, step=step))
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -96,6 +113,7 @@ class WandbRun:
             self._call(lambda run: run.summary.update(values))
 
     def finish(self) -> None:
+        self.rows.close()
         if self.run is not None:
             self._call(lambda run: run.finish())
             self.run = None
