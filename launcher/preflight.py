@@ -2,10 +2,10 @@
 
 The config's validation (trainer.config) covers keys, types and registered names; what it
 cannot see is on disk: the verification sets of ``data.val``, the checkpoint of
-``--resume`` and the weights of ``model.init_from``. Each check reads what the trainer will
-read and fails with a :class:`PreflightError` naming the key and the path, which
-``facetrain`` prints as one line (exit status 2) -- instead of a traceback from every rank
-after torchrun has started.
+``--resume``, the weights of ``model.init_from``, whether the run folder can be written.
+Each check reads (or writes) what the trainer will, and fails with a :class:`PreflightError`
+naming the key and the path, which ``facetrain`` prints as one line (exit status 2) --
+instead of a traceback from every rank after torchrun has started.
 """
 
 from __future__ import annotations
@@ -89,9 +89,32 @@ def check_init_from(config: Config) -> None:
         raise PreflightError(f"model.init_from: {exc}") from exc
 
 
+def check_output_dir(config: Config) -> None:
+    """The run folder (``run.output_dir``/``run.name``) can be written: the folder itself if
+    it exists, else the nearest folder above it (the run creates the rest). Tried by creating
+    a file there: a permission check alone says yes to root on a read-only mount."""
+    import tempfile
+
+    run_dir = config.run_dir
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(f"run.output_dir: {existing} is not a folder (run folder {run_dir})")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise PreflightError(
+            f"run.output_dir: cannot write the run folder {run_dir}: {existing}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+
+
 def check_run_inputs(config: Config) -> None:
     """The files of ``data.val``, ``run.resume`` (``--resume``) and ``model.init_from`` that
-    a run will read."""
+    a run will read, and the run folder it will write."""
+    check_output_dir(config)
     for path in config.data.val:
         check_verification_bin(path, "data.val")
     resume = config.run.resume

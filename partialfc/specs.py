@@ -32,6 +32,8 @@ from pydantic import (
     model_serializer,
 )
 
+from common.config_model import StrictModel
+
 __all__ = [
     "DEFAULT_EPS",
     "AuxLossConfig",
@@ -62,16 +64,12 @@ anyway.
 _T = TypeVar("_T")
 
 
-class SpecModel(BaseModel):
-    """Base of every head and aux-loss config: unknown keys fail, NaN/inf fail, each
-    attribute docstring becomes the field's description (shown by ``facetrain heads``)."""
+class SpecModel(StrictModel):
+    """Base of every head and aux-loss config: unknown keys fail, NaN/inf fail
+    (:class:`common.config_model.StrictModel`), each attribute docstring becomes the field's
+    description (shown by ``facetrain heads``)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        validate_assignment=True,
-        allow_inf_nan=False,
-        use_attribute_docstrings=True,
-    )
+    model_config = ConfigDict(**StrictModel.model_config, use_attribute_docstrings=True)
 
 
 class AuxLossConfig(SpecModel):

@@ -49,3 +49,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def no_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any start of training, a job submission or a model load is a test failure (for checks
+    that must come before any of them)."""
+
+    def started(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a process, job or model was started before the check")
+
+    monkeypatch.setattr("launcher.train_commands._spawn_torchrun", started)
+    monkeypatch.setattr("launcher.worker.run_worker", started)
+    monkeypatch.setattr("launcher.submit.submit", started)
+    monkeypatch.setattr("launcher.tools.make_embedder", started)

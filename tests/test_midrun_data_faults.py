@@ -15,7 +15,7 @@ from _runs import LABELS, SIZE, first_batch_keys, run_train, write_run_pack
 
 from dataio.layout import PROPERTY_NAME
 from dataio.pack import PackError
-from launcher import cli, train_commands
+from launcher import cli
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -123,15 +123,6 @@ def test_skip_corrupt_skips_and_counts_on_every_rank(
     rows = read_run_history(tmp_path / "skip")
     counts = [row["data/skipped_records"] for row in rows if "data/skipped_records" in row]
     assert counts == [3, 3], counts
-
-
-@pytest.fixture
-def no_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    def started(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("a process was started before the check")
-
-    monkeypatch.setattr(train_commands, "_spawn_torchrun", started)
-    monkeypatch.setattr("launcher.worker.run_worker", started)
 
 
 @pytest.mark.parametrize(

@@ -12,23 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import cli, train_commands
+from launcher import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_cpu.yaml")
-
-
-@pytest.fixture
-def no_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any start of training, a job submission or a model load is a test failure."""
-
-    def started(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("a process, job or model was started before the check")
-
-    monkeypatch.setattr(train_commands, "_spawn_torchrun", started)
-    monkeypatch.setattr("launcher.worker.run_worker", started)
-    monkeypatch.setattr("launcher.submit.submit", started)
-    monkeypatch.setattr("launcher.tools.make_embedder", started)
 
 
 def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

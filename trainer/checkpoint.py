@@ -32,6 +32,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk): its step-N.tmp folder is removed, the
+    last complete checkpoint is as it was; the message names both."""
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_bytes(data)
@@ -39,9 +44,21 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file, so a reader never sees half a file."""
+    """torch.save through a temporary file, so a reader never sees half a file.
+
+    Written through a Python file: a failed write raises its OSError (ENOSPC: no space left),
+    where torch.save to a path raises a RuntimeError that names neither the cause nor the
+    file ("unexpected pos 1344 vs 1238")."""
     tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as exc:
+        # After a failed write torch's zip writer fails again as it closes: the OSError that
+        # started it is the error.
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
     os.replace(tmp, path)
 
 

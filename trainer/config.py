@@ -15,14 +15,13 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from common.config_model import StrictModel
 from partialfc.config import PartialFCConfig
 from trainer.config_errors import did_you_mean, format_validation_errors
 
@@ -31,8 +30,8 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and the key."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Section(StrictModel):
+    """Base of every section (common.config_model: unknown keys and non-finite floats fail)."""
 
 
 class RunConfig(_Section):

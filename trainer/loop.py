@@ -33,6 +33,7 @@ from trainer.engine import build_engine
 from trainer.evaluate import evaluate_sets, load_eval_sets, track_best
 from trainer.init_from import apply_init_from
 from trainer.monitor import WandbRun, angle_histogram, flatten_metrics, step_metrics
+from trainer.nonfinite import ForwardBuffers
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plan import pack_facts
 from trainer.reporting import Reporting
@@ -146,6 +147,7 @@ class Trainer(Checkpointing, Stepping, Reporting):
         # DDP or DeepSpeed around the backbone; it also steps the classifier (loss scaling).
         self.engine = build_engine(self.backbone, self.opt_backbone, ctx, config)
         self.backbone = self.engine.module
+        self.forward_buffers = ForwardBuffers(self.backbone, self.partial_fc)  # trainer.step
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed

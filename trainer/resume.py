@@ -4,6 +4,8 @@ classifier shard and the random state hold)."""
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import torch.distributed as dist
 from trainer import checkpoint as ckpt
 from trainer import state as train_state
 from trainer.config import Config, dump_config
+from trainer.nonfinite import first_nonfinite
+from trainer.step import TrainingError
 
 __all__ = ["Checkpointing", "continue_run"]
 
@@ -45,52 +49,131 @@ class Checkpointing:
     run_dir: Path
 
     def save_checkpoint(self) -> Path:
-        """Every rank writes its part into step-N.tmp; rank 0 publishes it."""
+        """Every rank writes its part into step-N.tmp; rank 0 publishes it.
+
+        State that is not finite is refused before anything is written (TrainingError). A
+        write that fails -- a full disk -- removes step-N.tmp and raises, on every rank, one
+        CheckpointWriteError naming the step, the cause and the last complete checkpoint,
+        which stays as it was.
+        """
+        self._refuse_nonfinite()
         tmp = ckpt.tmp_dir_for(self.run_dir, self.step)
-        if self.ctx.is_main:
-            ckpt.fresh_tmp_dir(self.run_dir, self.step)
-        self._barrier()
-        r = self.ctx.rank
-        pfc = self.partial_fc
-        payload = train_state.classifier_payload(pfc, self.opt_fc, pfc.class_start, pfc.num_local)
-        payload["scheduler"] = self.sched_fc.state_dict()
-        ckpt.save_torch(payload, tmp / f"classifier-rank{r}.pt")
-        ckpt.save_torch(
-            {
-                "engine": self.engine.state_dict(),
-                "scheduler": self.sched_backbone.state_dict(),
-                "rng": train_state.capture_rng(),
-                "sample_generator": pfc.sample_generator.get_state(),
-                "loader": self.loader.state_dict(),
-            },
-            tmp / f"trainer-rank{r}.pt",
-        )
-        self.engine.save_extra(tmp)  # collective (DeepSpeed partitions)
+        failed: OSError | None = None
+        try:
+            if self.ctx.is_main:
+                ckpt.fresh_tmp_dir(self.run_dir, self.step)
+        except OSError as exc:
+            failed = exc
+        self._settle(tmp, failed)
+        try:
+            self.engine.save_extra(tmp)  # collective (DeepSpeed partitions)
+        except OSError as exc:  # inside a collective: the other ranks fail in it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.CheckpointWriteError(self._not_written(exc)) from exc
         backbone_state = self.engine.full_state_dict()  # collective under ZeRO-3
-        if self.ctx.is_main:
-            ckpt.save_torch(backbone_state, tmp / "backbone.pt")
-        self._barrier()
+        try:
+            r = self.ctx.rank
+            pfc = self.partial_fc
+            payload = train_state.classifier_payload(
+                pfc, self.opt_fc, pfc.class_start, pfc.num_local
+            )
+            payload["scheduler"] = self.sched_fc.state_dict()
+            ckpt.save_torch(payload, tmp / f"classifier-rank{r}.pt")
+            ckpt.save_torch(
+                {
+                    "engine": self.engine.state_dict(),
+                    "scheduler": self.sched_backbone.state_dict(),
+                    "rng": train_state.capture_rng(),
+                    "sample_generator": pfc.sample_generator.get_state(),
+                    "loader": self.loader.state_dict(),
+                },
+                tmp / f"trainer-rank{r}.pt",
+            )
+            if self.ctx.is_main:
+                ckpt.save_torch(backbone_state, tmp / "backbone.pt")
+        except OSError as exc:
+            failed = exc
+        self._settle(tmp, failed)
         final = self.run_dir / f"step-{self.step}"
-        if self.ctx.is_main:
-            meta = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.ctx.world_size,
-                "engine": self.engine.name,
-                "batch_size": self.config.train.batch_size,
-                "nonfinite_steps": self.nonfinite_total,
-                "wandb_id": self.wandb_id,
-                "best_accuracy": self.best_accuracy,
-                "train_seconds": round(self.pace.seconds_total(), 3),
-                "backbone": self.config.model.backbone,
-                "backbone_kwargs": self.backbone_kwargs,
-                "derived": self.derived(),
-                "config": dump_config(self.config),
-            }
-            final = ckpt.finalize(self.run_dir, self.step, meta, self.config.train.keep_checkpoints)
-        self._barrier()
+        try:
+            if self.ctx.is_main:
+                keep = self.config.train.keep_checkpoints
+                final = ckpt.finalize(self.run_dir, self.step, self._meta(), keep)
+        except OSError as exc:
+            failed = exc
+        self._settle(tmp, failed)
         return final
+
+    def _meta(self) -> dict[str, Any]:
+        """meta.json of the checkpoint of this step."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.ctx.world_size,
+            "engine": self.engine.name,
+            "batch_size": self.config.train.batch_size,
+            "nonfinite_steps": self.nonfinite_total,
+            "wandb_id": self.wandb_id,
+            "best_accuracy": self.best_accuracy,
+            "train_seconds": round(self.pace.seconds_total(), 3),
+            "backbone": self.config.model.backbone,
+            "backbone_kwargs": self.backbone_kwargs,
+            "derived": self.derived(),
+            "config": dump_config(self.config),
+        }
+
+    def _last_complete(self) -> str:
+        found = ckpt.step_dirs(self.run_dir)
+        if not found:
+            return "there is no complete checkpoint yet"
+        return f"the last complete checkpoint is {found[-1][1].name}"
+
+    def _not_written(self, exc: OSError) -> str:
+        """``checkpoint step-N not written: no space left on DIR; the last complete ...``."""
+        if exc.errno == errno.ENOSPC:
+            why = f"no space left on {self.run_dir}"
+        else:
+            why = f"{exc.strerror or exc}: {exc.filename or self.run_dir}"
+        return f"checkpoint step-{self.step} not written: {why}; {self._last_complete()}"
+
+    def _settle(self, tmp: Path, failed: OSError | None) -> None:
+        """A barrier that also tells every rank whether a rank's write failed; then rank 0
+        removes ``tmp`` (no rank writes into it any more) and every rank raises the same
+        CheckpointWriteError. A rank that failed skips its writes up to its next ``_settle``,
+        where its peers are."""
+        line = self._first_of_ranks(None if failed is None else self._not_written(failed))
+        if line is None:
+            return
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ckpt.CheckpointWriteError(line)
+
+    def _first_of_ranks(self, line: str | None) -> str | None:
+        """Collective: the lowest rank's non-empty ``line``, the same on every rank."""
+        if not (self.ctx.distributed and dist.is_initialized()):
+            return line
+        lines: list[str | None] = [None] * self.ctx.world_size
+        dist.all_gather_object(lines, line)
+        return next((x for x in lines if x), None)
+
+    def _refuse_nonfinite(self) -> None:
+        """TrainingError on every rank if a weight or buffer of any rank is not finite: a
+        checkpoint that ``--resume`` would load only to train on NaN."""
+        named = [
+            (f"{what}.{name}", tensor)
+            for what, module in (("backbone", self.backbone), ("classifier", self.partial_fc))
+            for name, tensor in (*module.named_parameters(), *module.named_buffers())
+        ]
+        bad = first_nonfinite(named)
+        line = self._first_of_ranks(
+            None if bad is None else f"{bad} is not finite on rank {self.ctx.rank}"
+        )
+        if line is not None:
+            raise TrainingError(
+                f"step {self.step}: {line}: checkpoint step-{self.step} not written; "
+                f"{self._last_complete()}; lower optimizer.lr (or check the data)"
+            )
 
     def _maybe_resume(self) -> None:
         """Load ``run.resume``: "auto" = the newest complete checkpoint of this run that every

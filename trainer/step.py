@@ -11,6 +11,7 @@ import torch
 
 from dataio.loading import to_model_input
 from partialfc import StepStats
+from trainer.nonfinite import ForwardBuffers
 from trainer.run_log import RunLog
 
 __all__ = ["Stepping", "TrainingError"]
@@ -29,6 +30,7 @@ class Stepping:
     config: Any
     ctx: Any
     accum: int
+    forward_buffers: ForwardBuffers
     samples: Any  # trainer.sample_record.SampleRecord
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -62,6 +64,7 @@ class Stepping:
         ctx, engine = self.ctx, self.engine
         engine.zero_grad()
         self.opt_fc.zero_grad(set_to_none=True)
+        self.forward_buffers.save()  # BatchNorm statistics: a skipped step gives them back
         total = torch.zeros((), device=ctx.device)
         stats: StepStats | None = None
         self.grad_norm = None
@@ -90,6 +93,7 @@ class Stepping:
                         next(batches)
                     engine.zero_grad()
                     self.opt_fc.zero_grad(set_to_none=True)
+                    self.forward_buffers.restore()
                     return loss.detach(), stats, False
                 engine.backward(loss / self.accum, last_micro)
             total += loss.detach() / self.accum
