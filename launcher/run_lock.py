@@ -39,7 +39,9 @@ def _holder(fd: int) -> str:
 @contextlib.contextmanager
 def hold_run_lock(run_dir: Path) -> Iterator[str | None]:
     """Hold ``run_dir``'s lock (the folder is made if missing) until the block ends; yields
-    a note when it took over a stale lock, else None. Raises :class:`RunFolderBusy`."""
+    a note when it took over a stale lock, or when the filesystem has no locks (an NFS
+    mounted without them: the run goes on, a second writer is not refused), else None.
+    Raises :class:`RunFolderBusy`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -52,6 +54,9 @@ def hold_run_lock(run_dir: Path) -> Iterator[str | None]:
                 f"{run_dir}: in use by {holder}, which is training in it ({path}): stop that "
                 "run first, or give this one another run.name"
             ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: no locks on this filesystem
+            yield f"no file locks here ({exc.strerror}): a second writer is not refused"
+            return
         stale = _holder(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode(), 0)

@@ -285,3 +285,18 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path: P
     (tmp_path / "r" / LOCK_FILE).write_text("elsewhere:4242\n")
     with hold_run_lock(tmp_path / "r") as note:
         assert note == "took over the stale lock of elsewhere:4242 (it ended without letting go)"
+
+
+def test_run_lock_on_a_filesystem_without_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NFS mounted without locks: the run goes on, and says a second writer is not refused."""
+    import errno
+    import fcntl
+
+    def no_locks(*_args: object) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with hold_run_lock(tmp_path / "r") as note:
+        assert note == "no file locks here (No locks available): a second writer is not refused"
