@@ -149,6 +149,29 @@ def test_sigterm_to_the_launcher_while_the_ranks_start(pack: Path, tmp_path: Pat
     assert not _checkpoints(run.dir)
 
 
+def test_sigterm_before_the_launcher_starts_anything(
+    pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process: SIGTERM while ``facetrain train`` checks its inputs: it starts nothing and
+    says so, exit 0."""
+    from launcher import cli, preflight, train_commands
+
+    def checks_then_signal(_config: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)  # the signal thread raises the flag
+
+    def started(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("started after a stop signal")
+
+    monkeypatch.setattr(preflight, "check_run_inputs", checks_then_signal)
+    monkeypatch.setattr(train_commands, "_spawn_torchrun", started)
+    argv = _command(pack, tmp_path)[3:]  # after `python -m launcher.cli`
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out == "facetrain: received SIGTERM before the run started; nothing to checkpoint\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
+
+
 def test_sigterm_to_the_agent_before_any_rank_exists(pack: Path, tmp_path: Path) -> None:
     """torchrun's agent gets SIGTERM before it started a rank: it stops there, exit 0."""
     run = Run(pack, tmp_path, "train.max_steps=60")
