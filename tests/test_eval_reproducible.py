@@ -47,6 +47,11 @@ ZERO3_STRICT = (
 )
 
 
+# What `make demo` adds on a CPU (the Makefile's DEMO_FAST): the backbone's weights trained
+# channels-last; evaluation during training must still give what `facetrain eval` gives.
+DEMO_FAST = ("train.precision=bf16", "train.channels_last=true")
+
+
 @pytest.mark.parametrize(
     "engine,world,settings",
     [
@@ -57,8 +62,9 @@ ZERO3_STRICT = (
         ("deepspeed", 2, ()),
         ("deepspeed", 3, ()),
         ("deepspeed", 3, (*ZERO3_STRICT, "eval.batch_size=256")),
+        ("ddp", 2, DEMO_FAST),
     ],
-    ids=["ddp1", "ddp2", "ddp3", "ds1", "ds2", "ds3", "zero3-uneven"],
+    ids=["ddp1", "ddp2", "ddp3", "ds1", "ds2", "ds3", "zero3-uneven", "ddp2-demo-fast"],
 )
 def test_training_figures_equal_eval_of_the_checkpoint(
     dataset: Path,
