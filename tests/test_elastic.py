@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_preflight import _one_line_error, no_start  # noqa: F401 (a fixture)
+from test_preflight import _one_line_error
 from test_preflight import _train as _train_argv
 from test_resume import _args, _assert_identical, _state, _train
 
