@@ -13,6 +13,9 @@ torchrun's report. How the line travels:
   (:func:`told`); the agent stops the rest, as it does after any failed worker.
 - The agent (:mod:`launcher.agent`) keeps torchrun's own report of a told failure to itself;
   the launcher prints the line and exits 2 (:func:`outcome`).
+- A told failure is final: ranks that torchrun restarts after it (``dist.max_restarts``,
+  an elastic job) end at once (:func:`launcher.worker.rank_main`), since a user error comes
+  back on every restart.
 
 Without the variable (a rank started by a torchrun or srun of the user's own) a failing rank
 prints its line on stderr itself.

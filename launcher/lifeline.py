@@ -59,6 +59,8 @@ LAUNCHER_PID_ENV = "FACETRAIN_LAUNCHER_PID"
 """Set by the launcher for its agent: the pid the agent must die with."""
 AGENT_PID_ENV = "FACETRAIN_AGENT_PID"
 """Set by the agent for its ranks: the pid they must die with."""
+STOP_ENV = "FACETRAIN_STOP"
+"""Set by the agent once it had a stop signal (its name): a rank it starts later stops too."""
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -172,12 +174,19 @@ def _to_ranks(signum: int) -> None:
     and started no rank that could (a rank forked meanwhile dies with it)."""
     import psutil
 
+    from launcher import failure
+
+    name = signal.Signals(signum).name
+    # Ranks that torchrun starts from now on (a restart, an elastic round under way) inherit
+    # the stop with the environment and stop before their first step.
+    os.environ[STOP_ENV] = name
     children = psutil.Process().children()
     ranks = [child.pid for child in children if _alive(child)]
     for pid in ranks:
         _kill(pid, signum)
     if not children:  # (ranks that have just ended: torchrun reports how)
-        name = signal.Signals(signum).name
+        if failure.told():  # they failed: the launcher tells how, with the agent's status
+            os._exit(failure.EXIT_CODE)
         print(f"facetrain: received {name} before the ranks started; nothing to checkpoint")
         sys.stdout.flush()
         os._exit(0)
@@ -196,4 +205,7 @@ def rank_lifeline() -> StopFlag:
     """A rank in a process of its own (``launcher.worker``), first thing: die with the agent
     that started it (if ours), and take the stop signals for the life of the process."""
     die_with_parent(AGENT_PID_ENV)
-    return StopSignals(StopFlag()).flag
+    flag = StopSignals(StopFlag()).flag
+    if os.environ.get(STOP_ENV):  # the agent had a stop signal before it started this rank
+        flag.set(f"received {os.environ[STOP_ENV]}")
+    return flag

@@ -120,4 +120,30 @@ def check_run_inputs(config: Config) -> None:
     resume = config.run.resume
     if resume is not None and resume != "auto":
         check_checkpoint(resume, "run.resume (--resume)")
+        check_rollback(config)
     check_init_from(config)
+
+
+def check_rollback(config: Config) -> None:
+    """``--resume`` of one of the run folder's own checkpoints while a later one is there, in
+    a job whose restarts continue the folder's latest checkpoint (``dist.max_restarts``,
+    ``dist.elastic``: :func:`trainer.resume.continue_run`): refused, since the first restart
+    (an elastic job: every start) would jump to the later checkpoint the user meant to leave."""
+    from trainer.checkpoint import resolve_checkpoint, step_dirs
+
+    elastic = config.dist.elastic is not None
+    if not elastic and config.dist.max_restarts == 0:
+        return
+    chosen = resolve_checkpoint(str(config.run.resume)).resolve()  # checked readable above
+    steps = step_dirs(config.run_dir)
+    if chosen.parent != config.run_dir.resolve() or not steps:
+        return
+    latest = steps[-1][1]
+    if latest.resolve() == chosen:
+        return
+    why = "dist.elastic" if elastic else f"dist.max_restarts={config.dist.max_restarts}"
+    raise PreflightError(
+        f"run.resume (--resume): {config.run.resume} is not the latest checkpoint of its run "
+        f"folder ({latest.name}); with {why} the job continues the folder's latest checkpoint "
+        f"when it restarts: resume into a new run.name (--set run.name=...) to go back"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -67,7 +68,9 @@ def _train(args: argparse.Namespace, signals: StopSignals, held: contextlib.Exit
         note = held.enter_context(hold_run_lock(config.run_dir))
         if note:
             print(f"facetrain: {config.run_dir}: {note}", flush=True)
-    if signals.flag.is_set():
+    if signals.flag.is_set() and not launch_env.under_launcher():
+        # (A rank of the user's torchrun / srun goes on to join its peers, which would wait
+        # for it: the flag stops them all together before the first step.)
         print(f"facetrain: {signals.flag.reason} before the run started; nothing to checkpoint")
         return 0
     alone = config.dist.nproc == 1 and args.nnodes == 1 and config.dist.elastic is None
@@ -161,7 +164,20 @@ def _spawn_torchrun(
     env[failure.FAILURE_ENV] = str(told)
     agent = subprocess.Popen(cmd, start_new_session=True, env=env)
     signals.relay_to(agent.pid)
-    return failure.outcome(agent.wait(), told)
+    return failure.outcome(_wait(agent), told)
+
+
+def _wait(agent: subprocess.Popen[bytes]) -> int:
+    """The agent's exit status. Ctrl-C reaches this process alone (the agent has a session of
+    its own): it stops the run as SIGTERM does -- each rank finishes its step and saves a
+    checkpoint -- and so does another Ctrl-C while the ranks stop."""
+    while True:
+        try:
+            return agent.wait()
+        except KeyboardInterrupt:
+            print("facetrain: interrupted: stopping the ranks (as on SIGTERM)", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(agent.pid, signal.SIGTERM)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

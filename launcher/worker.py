@@ -153,7 +153,13 @@ def main(
 def rank_main(stop: StopFlag | None = None) -> int:
     """A rank started by torchrun or srun: :func:`main`; a user error is told in one line,
     and an error that follows from another rank's told failure (a collective whose peer has
-    gone) is not told again (:mod:`launcher.failure`)."""
+    gone) is not told again (:mod:`launcher.failure`). A told failure is final: a rank that
+    torchrun restarts after one ends at once."""
+    if failure.told():
+        # torchrun restarted the ranks after a rank had told its failure: a user error (a
+        # corrupt record, a full disk, weights gone non-finite) comes back on every restart,
+        # so the run ends now, with that line (the restarts left end the same way, at once).
+        return failure.EXIT_CODE
     try:
         return main(keep_group=True, stop=stop)
     except failure.user_errors() as exc:

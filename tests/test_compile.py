@@ -231,5 +231,5 @@ def test_two_ranks_compile_once_and_resume_from_the_cache(
     out = _train(
         tiny_dataset, tmp_path, cache, "train.compile=true", "train.max_steps=4", "run.resume=auto"
     )
-    assert "resumed from step-2" in out or "step 4/4" in out
+    assert "resumed from step-2" in out, out
     assert _cache_entries(cache) == after_first

@@ -391,7 +391,6 @@ def test_an_elastic_worker_continues_the_run_with_the_configured_timeout(
         seen["timeout_s"] = timeout_s
 
     monkeypatch.setattr(worker, "Trainer", FakeTrainer)
-    monkeypatch.setattr(worker, "install_stop_handlers", lambda _stop: None, raising=False)
     monkeypatch.setattr(worker.launch_env, "init_process_group", init_process_group)
     monkeypatch.setattr(worker.launch_env, "barrier", lambda: None)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)

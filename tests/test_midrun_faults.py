@@ -195,3 +195,25 @@ def test_output_folder_that_cannot_be_written_is_one_line_before_launch(
     assert lines[0].startswith(
         f"facetrain train: error: run.output_dir: cannot write the run folder {out / 'demo_cpu'}"
     ), lines[0]
+
+
+def test_a_told_failure_is_final(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank that torchrun restarts after a rank told its failure (dist.max_restarts, an
+    elastic job) ends at once with the failure's exit status, training nothing."""
+    from launcher import failure, worker
+
+    told = tmp_path / "failure"
+    monkeypatch.setenv(failure.FAILURE_ENV, str(told))
+
+    started: list[bool] = []
+
+    def trains(**_kwargs: object) -> int:
+        started.append(True)
+        return 0
+
+    monkeypatch.setattr(worker, "main", trains)
+    told.write_text("facetrain train: error: train.rec: key 3: wrong magic\n")
+    assert worker.rank_main() == failure.EXIT_CODE
+    assert not started
+    told.unlink()  # nothing told: the rank trains
+    assert worker.rank_main() == 0 and started

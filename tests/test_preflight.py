@@ -132,3 +132,32 @@ def test_eval_of_a_file_that_is_no_bin_set_names_it(
     ):
         line = _one_line_error(["eval", str(tmp_path / "model.onnx"), "--bin", str(path)], capsys)
         assert str(path) in line and message in line, line
+
+
+@pytest.mark.parametrize("restarts", ["dist.max_restarts=1", "dist.elastic.max_nodes=2"])
+def test_going_back_in_a_run_folder_that_restarts_continue_is_refused(
+    tmp_path: Path, restarts: str
+) -> None:
+    """``--resume RUN/step-2`` while RUN/step-4 exists, in a job whose restarts (and, elastic,
+    whose every start) continue the folder's latest checkpoint: refused before launch, as the
+    first restart would jump to step-4; the latest checkpoint itself, a checkpoint of another
+    run, or a job without restarts are fine."""
+    from launcher.preflight import PreflightError, check_rollback
+    from trainer.config import load_config
+
+    for name in ("run", "other"):
+        for step in (2, 4):
+            (tmp_path / name / f"step-{step}").mkdir(parents=True)
+            (tmp_path / name / f"step-{step}" / "meta.json").write_text("{}")
+    sets = [f"run.output_dir={tmp_path}", "run.name=run", "dist.max_restarts=1", restarts]
+
+    def check(resume: Path, *extra: str) -> None:
+        check_rollback(load_config(DEMO, [*sets, f"run.resume={resume}", *extra]))
+
+    with pytest.raises(PreflightError, match=r"not the latest checkpoint of its run folder"):
+        check(tmp_path / "run" / "step-2")
+    check(tmp_path / "run" / "step-4")
+    check(tmp_path / "run")  # the folder: its latest checkpoint
+    check(tmp_path / "other" / "step-2")  # another run's: this folder is continued later
+    if restarts == "dist.max_restarts=1":
+        check(tmp_path / "run" / "step-2", "dist.max_restarts=0")
