@@ -38,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _measure import REPO, timed  # bench/ is sys.path[0] when a bench runs
+
 DEMO = REPO / "configs" / "demo_cpu.yaml"
 EAGER = ["train.compile=false", "train.channels_last=false", "train.precision=fp32"]
 OPTION_SETS = {
@@ -101,12 +102,13 @@ def _barrier() -> None:
 
 
 def _timed(trainer, batches, steps: int) -> float:
-    _barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer._one_step(batches)
-    _barrier()
-    return time.perf_counter() - start
+    """Seconds of ``steps`` training steps on every rank (from a common start)."""
+
+    def run() -> None:
+        for _ in range(steps):
+            trainer._one_step(batches)
+
+    return timed(run, _barrier)
 
 
 def worker(args: argparse.Namespace) -> None:
