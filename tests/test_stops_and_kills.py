@@ -54,6 +54,10 @@ def _command(pack: Path, out: Path, *extra: str) -> list[str]:
     )
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """A ``facetrain train`` process, its console in a file."""
 
@@ -62,7 +66,12 @@ class Run:
         self.console = out / f"console-{time.monotonic_ns()}.txt"
         with self.console.open("w") as sink:
             self.proc = subprocess.Popen(
-                _command(pack, out, *extra), stdout=sink, stderr=subprocess.STDOUT, cwd=out
+                _command(pack, out, *extra),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=out,
+                # As from a terminal: a shell's background job (CI) inherits SIGINT ignored.
+                preexec_fn=_sigint_default,
             )
 
     def agent(self) -> psutil.Process | None:
