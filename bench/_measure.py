@@ -3,6 +3,7 @@ step on every rank, and the bare matrix products of a sampled Partial FC problem
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -101,3 +102,11 @@ def median(values: list[float]) -> float:
     """The upper median (an element of ``values``)."""
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """A bench's JSON result at ``path`` (folders made), and a line saying where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")

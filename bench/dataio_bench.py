@@ -26,7 +26,6 @@ measured in the same repeat) and writes them with the per-repeat figures as JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,12 +33,12 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import simplejpeg
 import torch
+from _measure import write_result  # bench/ is sys.path[0] when a bench runs
 
 
 def make_pack(root: str, images: int, seed: int) -> str:
@@ -258,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "median": median,
         "runs": runs,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_result(args.json, result)
     return 0
 
 

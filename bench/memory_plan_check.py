@@ -26,7 +26,6 @@ Prints a table and writes JSON (default bench/results/memory_plan_check.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure as measure  # noqa: E402  (the benches' measuring helpers)
+from _measure import write_result  # noqa: E402
 
 REPO = measure.REPO
 GIB = 2**30
@@ -248,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": GOAL,
         "runs": rows,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.json, result)
     return 0
 
 

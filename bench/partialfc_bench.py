@@ -48,6 +48,7 @@ from _measure import (  # bench/ is sys.path[0] when a bench runs
     proc_status,
     reset_peak_rss,
     timed,
+    write_result,
 )
 
 
@@ -449,10 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "sharded": rows,
         "dense_baseline": dense,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_result(args.json, result)
     return 0
 
 
