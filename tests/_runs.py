@@ -54,6 +54,12 @@ def train_args(pack: Path, out: Path, name: str, *extra: str) -> list[str]:
         "dist.nproc": "2",
         "partialfc.backend": "plain",  # no one-time kernel build line on the console
     }
+    return train_command(sets, *extra)
+
+
+def train_command(sets: dict[str, str], *extra: str) -> list[str]:
+    """``facetrain train`` of the demo recipe with ``sets`` and ``extra`` as ``--set KEY=VALUE``
+    (an ``extra`` without ``=`` is passed as it is: ``--resume``, ``--nnodes 2``...)."""
     cmd = [sys.executable, "-m", "launcher.cli", "train", str(DEMO)]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]

@@ -7,15 +7,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo_cpu.yaml"
+from _runs import train_command
 
 # Several training runs per test, each a few processes: on a loaded 2-core machine one run
 # can take minutes, so the subprocess and per-test limits are generous (a hang still ends).
@@ -38,12 +35,7 @@ def _args(tiny_dataset: Path, out: Path, name: str, *extra: str) -> list[str]:
         "export.onnx": "false",
         "eval.pixel_baseline": "false",
     }
-    cmd = [sys.executable, "-m", "launcher.cli", "train", str(DEMO)]
-    for key, value in base.items():
-        cmd += ["--set", f"{key}={value}"]
-    for item in extra:
-        cmd += ["--set", item] if "=" in item else [item]
-    return cmd
+    return train_command(base, *extra)
 
 
 def _train(tiny_dataset: Path, out: Path, name: str, *extra: str) -> str:
