@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -101,13 +102,30 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    """A decoding worker ignores SIGTERM. Slurm (``scancel``, the time limit) sends it to
-    every process of a job, and the training process then finishes its step and saves a
-    checkpoint, drawing batches meanwhile; torch's own handler would end the worker and the
-    training process would fail on the lost worker instead. A worker still ends with the
-    training process (torch's watchdog), on its shutdown message, or by SIGKILL."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _sigterm_from_parent_only(_worker_id: int) -> None:
+    """A decoding worker ends on SIGTERM from its training process only.
+
+    Slurm (``scancel``, the time limit) sends SIGTERM to every process of a job, and the
+    training process then finishes its step and saves a checkpoint, drawing batches
+    meanwhile; torch's own handler would end the worker and the training process would fail
+    on the lost worker instead. But the training process's own SIGTERM must still end it:
+    multiprocessing, at interpreter exit, terminates its live daemonic children and then
+    joins them, so a worker that ignored every SIGTERM hung its parent's exit for good (a
+    loader still referenced there). A Python handler is not told who sent a signal:
+    ``sigwaitinfo`` is, in a thread of the worker's own with SIGTERM blocked everywhere else.
+    A worker still ends with the training process (torch's watchdog) and on its shutdown
+    message.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # inherited by later threads
+
+    def wait() -> None:
+        while signal.sigwaitinfo([signal.SIGTERM]).si_pid != parent:
+            pass
+        # The parent's terminate(). Not the inherited handler (a rank's stop handler): now.
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 class PackLoader(DataLoader):
@@ -144,7 +162,7 @@ class PackLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=_ignore_sigterm,
+            worker_init_fn=_sigterm_from_parent_only,
         )
         self.pack_dataset = dataset
         self.shard_sampler = sampler

@@ -6,7 +6,8 @@ import io
 import multiprocessing
 import os
 import pickle
-import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -212,11 +213,34 @@ def test_loader_workers_outlive_sigterm(tmp_path):
     next(batches)
     workers = [p for p in multiprocessing.active_children() if p not in others]
     assert len(workers) == 2
-    for worker in workers:
-        os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:  # from another process, as Slurm's
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
     time.sleep(1.0)
     assert all(w.is_alive() for w in workers)
     assert len(list(batches)) == 5  # the rest of the epoch: 6 batches of 4
+
+
+# A process that exits with a loader still referenced (its persistent workers alive).
+_EXIT_WITH_LIVE_WORKERS = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from _loaders import torch_loader
+loader = torch_loader(sys.argv[3], 0, 1, batch_size=4, seed=0, workers=2, flip=False)
+loader.set_epoch(0)
+batches = iter(loader)
+next(batches)
+"""
+
+
+def test_exit_with_live_workers_ends(tmp_path):
+    """At interpreter exit multiprocessing terminates its daemonic children and then joins
+    them: the workers end on their parent's SIGTERM (they ignored it, and the exit hung)."""
+    pack = make_pack(tmp_path / "p", n=24)
+    tests = os.path.dirname(__file__)
+    argv = [sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS, os.path.dirname(tests), tests]
+    # A limit only against a hang (a loaded machine can be slow to start torch).
+    proc = subprocess.run([*argv, str(pack)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_loader_ranks_split_the_data_with_equal_steps(tmp_path):
