@@ -26,14 +26,14 @@ $(DEMO_DATA)/val.bin: | $(STAMP)
 	$(VENV)/bin/facetrain synth --identities $(DEMO_IDS) --images-per-id $(DEMO_IMAGES) \
 	    --val-identities 200 --val-pairs 3000 --out $(DEMO_DATA)
 
-# The demo's step in bf16 with channels-last weights and images: ~2x the recipe's fp32 step on
-# a CPU with AVX512-BF16 or AMX (BENCHMARKS.md). The recipe itself stays fp32: the tests build
-# on it. `make demo DEMO_FAST=` runs it as it is (a CPU without bf16 units); add
-# `--set train.compile=true` for a compiled step (a compile on the first start).
-DEMO_FAST ?= --set train.precision=bf16 --set train.channels_last=true
+# The demo recipe trains in bf16 with channels-last tensors (train.precision / channels_last
+# in configs/demo_cpu.yaml: ~2x fp32 on a CPU with AVX512-BF16 or AMX, BENCHMARKS.md).
+# `make demo DEMO_SET="--set train.precision=fp32 --set train.channels_last=false"` on a CPU
+# without bf16 units; add `--set train.compile=true` for a compiled step.
+DEMO_SET ?=
 
 demo: $(STAMP) $(DEMO_DATA)/val.bin
-	$(VENV)/bin/facetrain train configs/demo_cpu.yaml $(DEMO_FAST)
+	$(VENV)/bin/facetrain train configs/demo_cpu.yaml $(DEMO_SET)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

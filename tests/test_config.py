@@ -31,6 +31,20 @@ def test_demo_config_loads_with_its_values() -> None:
     assert 0 < cfg.partialfc.sample_rate < 1
     assert cfg.dist.nproc == 2
     assert cfg.wandb.mode == "offline"
+    # The CPU step of the recipe: bf16 autocast, channels-last (issue 18), not compiled.
+    assert (cfg.train.precision, cfg.train.channels_last, cfg.train.compile) == (
+        "bf16",
+        True,
+        False,
+    )
+
+
+def test_deepspeed_16bit_on_the_cpu_is_refused_naming_the_key() -> None:
+    """DeepSpeed's bf16 weights beside its float32 BatchNorm buffers fail on the CPU (in the
+    first evaluation's forward): one line before launch instead."""
+    with pytest.raises(ConfigError, match=r"train\.precision: bf16 with dist\.engine deepspeed"):
+        load_config(DEMO, ["dist.engine=deepspeed"])
+    assert load_config(DEMO, ["dist.engine=deepspeed", "train.precision=fp32"]).train.precision
 
 
 def test_overrides_are_typed_and_nested() -> None:

@@ -47,8 +47,9 @@ ZERO3_STRICT = (
 )
 
 
-# What `make demo` adds on a CPU (the Makefile's DEMO_FAST): the backbone's weights trained
-# channels-last; evaluation during training must still give what `facetrain eval` gives.
+# The demo recipe's own CPU step (the runs here take tests/_runs.FP32_STEP otherwise): bf16
+# autocast, the backbone's weights channels-last; evaluation during training must still give
+# what `facetrain eval` gives.
 DEMO_FAST = ("train.precision=bf16", "train.channels_last=true")
 
 

@@ -325,6 +325,12 @@ class Config(_Section):
                 f"train.compile: with dist.engine deepspeed only at train.precision fp32 "
                 f"(not {self.train.precision}); use dist.engine ddp to compile a 16-bit step"
             )
+        if deepspeed_16bit and self.dist.device == "cpu":
+            # DeepSpeed 16-bit weights beside its float32 buffers: the CPU's BatchNorm refuses.
+            raise ValueError(
+                f"train.precision: {self.train.precision} with dist.engine deepspeed needs CUDA "
+                f"(on the CPU use fp32, or dist.engine ddp for a bf16 step)"
+            )
         if self.partialfc.backend == "cpu_fused" and self.dist.device == "cuda":
             raise ValueError("partialfc.backend: cpu_fused runs on the CPU; use plain or auto")
         if self.partialfc.backend == "cpu_fused" and self.partialfc.storage_dtype != "fp32":
