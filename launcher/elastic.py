@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainer.config import Config, ElasticConfig
+    from trainer.config import Config
+    from trainer.dist_config import ElasticConfig
 
 
 def check_elastic_nodes(config: Config, nodes: int, option: str) -> None:

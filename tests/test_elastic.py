@@ -316,7 +316,7 @@ def test_elastic_torchrun_options() -> None:
     """min..max nodes at a c10d rendezvous hosted by node 0 (two agents on one machine would
     both claim it otherwise), with the config's timeouts."""
     from launcher.elastic import rendezvous_args
-    from trainer.config import ElasticConfig
+    from trainer.dist_config import ElasticConfig
 
     elastic = ElasticConfig(min_nodes=1, max_nodes=3, last_call_s=4, keep_alive_s=2)
     args = rendezvous_args(elastic, 0, "10.0.0.1:29400", "run")

@@ -234,7 +234,7 @@ def test_readme_check_script_reports_a_stale_table(tmp_path: Path) -> None:
 def test_engines_register_under_their_config_names() -> None:
     import typing
 
-    from trainer.config import DistConfig
+    from trainer.dist_config import DistConfig
     from trainer.engine import DDPEngine, DeepSpeedEngine, engine_names, register_engine
 
     assert engine_names() == ["ddp", "deepspeed"]
