@@ -25,6 +25,7 @@ count. The replacement is a repeat of that image in the epoch, which the count m
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -102,8 +103,8 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def _sigterm_from_parent_only(_worker_id: int) -> None:
-    """A decoding worker ends on SIGTERM from its training process only.
+def _sigterm_from_trainer_only(trainer: int, _worker_id: int) -> None:
+    """A decoding worker ends on SIGTERM from its training process (pid ``trainer``) only.
 
     Slurm (``scancel``, the time limit) sends SIGTERM to every process of a job, and the
     training process then finishes its step and saves a checkpoint, drawing batches
@@ -116,16 +117,15 @@ def _sigterm_from_parent_only(_worker_id: int) -> None:
     A worker still ends with the training process (torch's watchdog) and on its shutdown
     message.
     """
-    parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # inherited by later threads
 
     def wait() -> None:
-        while signal.sigwaitinfo([signal.SIGTERM]).si_pid != parent:
+        while signal.sigwaitinfo([signal.SIGTERM]).si_pid != trainer:
             pass
-        # The parent's terminate(). Not the inherited handler (a rank's stop handler): now.
+        # The training process's terminate(); not the inherited handler (a rank's stop one).
         os._exit(128 + signal.SIGTERM)
 
-    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+    threading.Thread(target=wait, name="sigterm-from-trainer", daemon=True).start()
 
 
 class PackLoader(DataLoader):
@@ -162,7 +162,7 @@ class PackLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=_sigterm_from_parent_only,
+            worker_init_fn=functools.partial(_sigterm_from_trainer_only, os.getpid()),
         )
         self.pack_dataset = dataset
         self.shard_sampler = sampler
