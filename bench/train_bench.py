@@ -9,6 +9,8 @@ float normalisation, backbone under DDP, Partial FC, both optimizers, LR schedul
 model alone costs). Figures are medians over the rounds, ratios are against ``eager`` (train.
 compile false, contiguous, fp32) measured in the same rounds. "first step" is the option's
 first step: with compile, the compile (or the compile cache's load, on a second run).
+``--one-trainer`` holds one option's Trainer at a time, built again each round (a model too
+large for two at once: iresnet50 at W = 2 on 24 GB).
 
     .venv/bin/python bench/train_bench.py                     # the three models, all options
     .venv/bin/python bench/train_bench.py --models iresnet_nano --rounds 5 --steps 20
@@ -28,6 +30,7 @@ and writes JSON (default bench/results/train_bench.json).
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -81,6 +84,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="timed steps per phase and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the compile)")
+    p.add_argument(
+        "--one-trainer",
+        action="store_true",
+        help="hold one option's Trainer at a time, built again each round (memory)",
+    )
     p.add_argument("--demo", type=int, default=0, help="N alternated pairs of whole demo runs")
     p.add_argument(
         "--demo-variants",
@@ -134,29 +142,40 @@ def worker(args: argparse.Namespace) -> None:
         "train.max_steps=100000",  # the schedule never ends during the bench
     ]
     compile_cache_dir()
-    trainers, batches, cached, first = {}, {}, {}, {}
-    for option in options:
+    ctx = None
+
+    def build(option: str):
+        """A warmed-up Trainer of ``option``, its batches and one cached batch, the first
+        step's seconds."""
+        nonlocal ctx
         config = load_config(args.config, [*base, *option_overrides(option)])
-        if not trainers:
+        if ctx is None:
             ctx = dist_context_from_env(config.dist.device, config.dist.backend)
             init_process_group(ctx)
         trainer = Trainer(config, ctx)
         trainer.engine.model.train()
-        trainers[option] = trainer
-        batches[option] = trainer._batches()
-        first[option] = _timed(trainer, batches[option], 1)
-        _timed(trainer, batches[option], args.warmup - 1)
-        x, y = next(batches[option])
-        cached[option] = itertools.cycle([(to_model_input(x, ctx.device), y)])
-        _timed(trainer, cached[option], 1)
-    global_batch = args.batch * ctx.world_size
+        batches = trainer._batches()
+        first = _timed(trainer, batches, 1)
+        _timed(trainer, batches, args.warmup - 1)
+        x, y = next(batches)
+        cached = itertools.cycle([(to_model_input(x, ctx.device), y)])
+        _timed(trainer, cached, 1)
+        return trainer, batches, cached, first
+
+    # Every option's Trainer kept, or (--one-trainer) one at a time, built again each round.
+    built = {} if args.one_trainer else {option: build(option) for option in options}
+    first: dict[str, float] = {o: built[o][3] for o in built}
     e2e: dict[str, list[float]] = {o: [] for o in options}
     bare: dict[str, list[float]] = {o: [] for o in options}
     for _ in range(args.rounds):
         for option in options:
-            trainer = trainers[option]
-            e2e[option].append(steps * global_batch / _timed(trainer, batches[option], steps))
-            bare[option].append(steps * global_batch / _timed(trainer, cached[option], steps))
+            trainer, batches, cached, first_s = built.get(option) or build(option)
+            first.setdefault(option, first_s)
+            global_batch = args.batch * ctx.world_size
+            e2e[option].append(steps * global_batch / _timed(trainer, batches, steps))
+            bare[option].append(steps * global_batch / _timed(trainer, cached, steps))
+            del trainer, batches, cached
+            gc.collect()
     if ctx.is_main:
         rows = [
             {
@@ -180,6 +199,7 @@ def _torchrun(args: argparse.Namespace, extra: list[str]) -> int:
     argv = ["--config", args.config, "--options", args.options, "--batch", str(args.batch)]
     argv += ["--rounds", str(args.rounds), "--warmup", str(args.warmup)]
     argv += ["--steps", str(args.steps)] if args.steps else []
+    argv += ["--one-trainer"] if args.one_trainer else []
     argv += [x for item in args.overrides for x in ("--set", item)]
     cmd = [
         sys.executable,
