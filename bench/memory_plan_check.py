@@ -110,6 +110,10 @@ def _config_text(cfg: dict[str, Any], pack: Path, out: Path, steps: int) -> list
         f"dist.nproc={cfg['world']}",
         "wandb.mode=disabled",
         "export.onnx=false",
+        # The float32 contiguous step the table was measured with (the recipe's is bf16 +
+        # channels-last since 2026-12-07); a configuration's "sets" name anything else.
+        "train.precision=fp32",
+        "train.channels_last=false",
         *cfg.get("sets", []),
     ]
 

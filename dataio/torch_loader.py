@@ -25,7 +25,7 @@ count. The replacement is a repeat of that image in the epoch, which the count m
 
 from __future__ import annotations
 
-import functools
+import multiprocessing
 import os
 import signal
 import threading
@@ -103,8 +103,8 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def _sigterm_from_trainer_only(trainer: int, _worker_id: int) -> None:
-    """A decoding worker ends on SIGTERM from its training process (pid ``trainer``) only.
+def _sigterm_from_trainer_only(_worker_id: int) -> None:
+    """A decoding worker ends on SIGTERM from its training process only.
 
     Slurm (``scancel``, the time limit) sends SIGTERM to every process of a job, and the
     training process then finishes its step and saves a checkpoint, drawing batches
@@ -117,13 +117,18 @@ def _sigterm_from_trainer_only(trainer: int, _worker_id: int) -> None:
     A worker still ends with the training process (torch's watchdog) and on its shutdown
     message.
     """
+    # The process that started this worker (whichever the start method): the one whose
+    # terminate() must end it.
+    trainer = multiprocessing.parent_process().pid
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # inherited by later threads
 
     def wait() -> None:
         while signal.sigwaitinfo([signal.SIGTERM]).si_pid != trainer:
             pass
         # The training process's terminate(); not the inherited handler (a rank's stop one).
-        os._exit(128 + signal.SIGTERM)
+        # Status 0, as torch's own worker handler: torch's SIGCHLD check in the training
+        # process raises on a worker that exits non-zero ("exited unexpectedly").
+        os._exit(0)
 
     threading.Thread(target=wait, name="sigterm-from-trainer", daemon=True).start()
 
@@ -162,7 +167,7 @@ class PackLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=functools.partial(_sigterm_from_trainer_only, os.getpid()),
+            worker_init_fn=_sigterm_from_trainer_only,
         )
         self.pack_dataset = dataset
         self.shard_sampler = sampler

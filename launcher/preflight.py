@@ -124,6 +124,20 @@ def check_run_inputs(config: Config) -> None:
     check_init_from(config)
 
 
+def check_device(config: Config) -> None:
+    """What the training step needs of the device, once ``dist.device: auto`` is resolved on
+    this machine (the config's validation checks an explicit cpu)."""
+    from trainer.config import check_step_device
+    from trainer.memory_report import run_device
+
+    if config.dist.device != "auto":
+        return
+    try:
+        check_step_device(config.train, config.dist.engine, run_device(config))
+    except ValueError as exc:
+        raise PreflightError(f"{exc} (dist.device auto: this machine has no CUDA)") from exc
+
+
 def check_rollback(config: Config) -> None:
     """``--resume`` of one of the run folder's own checkpoints while a later one is there, in
     a job whose restarts continue the folder's latest checkpoint (``dist.max_restarts``,

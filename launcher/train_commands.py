@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, signals: StopSignals, held: contextlib.ExitStack) -> int:
     from launcher import env as launch_env  # torch, and its threads: after StopSignals
     from launcher.elastic import check_elastic_args
-    from launcher.preflight import check_run_inputs
+    from launcher.preflight import check_device, check_run_inputs
     from trainer.config import ConfigError, dump_config, load_config
     from trainer.plan import format_plan, pack_facts, plan_run
 
@@ -57,6 +57,7 @@ def _train(args: argparse.Namespace, signals: StopSignals, held: contextlib.Exit
     world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
     plan = plan_run(config, world, pack_facts(config).as_dict())
     check_run_inputs(config)  # data.val and --resume, read as the trainer will read them
+    check_device(config)  # not in submit: a job's nodes may have what this one lacks
     if args.dry_run:
         from trainer.memory_report import memory_report, run_device
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,19 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pack(tiny_dataset: Path) -> Path:
     return tiny_dataset / "train"
+
+
+@pytest.fixture(autouse=True)
+def _dali_garbage_collected_here():
+    """After each test, once DALI is loaded: the test's unreachable DALI pipelines are
+    collected in this process. Left to a later collection, one can run inside a torch
+    DataLoader worker just forked (multiprocessing's after-fork hooks allocate), where the
+    pipeline's __del__ waits for DALI threads that a forked child does not have: the worker
+    hangs and so does its test (seen in test_midrun_data_faults, a DALI case before a torch
+    one)."""
+    yield
+    if "nvidia.dali" in sys.modules:
+        gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -247,8 +247,6 @@ class Config(_Section):
     def _check_cross_fields(self) -> Config:
         if self.dist.backend == "nccl" and self.dist.device == "cpu":
             raise ValueError("dist.backend: nccl needs dist.device cuda (or auto on a GPU machine)")
-        if self.train.precision == "fp16" and self.dist.device == "cpu":
-            raise ValueError("train.precision: fp16 needs CUDA; use bf16 on the CPU")
         deepspeed_16bit = self.dist.engine == "deepspeed" and self.train.precision != "fp32"
         if self.train.compile and deepspeed_16bit:
             # DeepSpeed casts the module to 16 bits; compiled under autocast, a matmul then
@@ -257,12 +255,7 @@ class Config(_Section):
                 f"train.compile: with dist.engine deepspeed only at train.precision fp32 "
                 f"(not {self.train.precision}); use dist.engine ddp to compile a 16-bit step"
             )
-        if deepspeed_16bit and self.dist.device == "cpu":
-            # DeepSpeed 16-bit weights beside its float32 buffers: the CPU's BatchNorm refuses.
-            raise ValueError(
-                f"train.precision: {self.train.precision} with dist.engine deepspeed needs CUDA "
-                f"(on the CPU use fp32, or dist.engine ddp for a bf16 step)"
-            )
+        check_step_device(self.train, self.dist.engine, self.dist.device)
         if self.partialfc.backend == "cpu_fused" and self.dist.device == "cuda":
             raise ValueError("partialfc.backend: cpu_fused runs on the CPU; use plain or auto")
         if self.partialfc.backend == "cpu_fused" and self.partialfc.storage_dtype != "fp32":
@@ -279,6 +272,21 @@ class Config(_Section):
     @property
     def cache_dir(self) -> Path:
         return Path(self.data.cache_dir) if self.data.cache_dir else self.run_dir / "cache"
+
+
+def check_step_device(train: TrainConfig, engine: str, device: str) -> None:
+    """Raise ValueError, naming the key, for a step that needs CUDA on ``device`` "cpu" (the
+    config's dist.device; the launcher checks again once "auto" is resolved)."""
+    if device != "cpu":
+        return
+    if train.precision == "fp16":
+        raise ValueError("train.precision: fp16 needs CUDA; use bf16 on the CPU")
+    if engine == "deepspeed" and train.precision != "fp32":
+        # DeepSpeed 16-bit weights beside its float32 buffers: the CPU's BatchNorm refuses.
+        raise ValueError(
+            f"train.precision: {train.precision} with dist.engine deepspeed needs CUDA "
+            f"(on the CPU use fp32, or dist.engine ddp for a bf16 step)"
+        )
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
