@@ -57,7 +57,8 @@ def _train(args: argparse.Namespace, signals: StopSignals, held: contextlib.Exit
     world = launch_env.planned_world_size(config.dist.nproc, args.nnodes)
     plan = plan_run(config, world, pack_facts(config).as_dict())
     check_run_inputs(config)  # data.val and --resume, read as the trainer will read them
-    check_device(config)  # not in submit: a job's nodes may have what this one lacks
+    if not args.dry_run:  # a dry run (and submit) may plan for machines this one is not
+        check_device(config)
     if args.dry_run:
         from trainer.memory_report import memory_report, run_device
 
